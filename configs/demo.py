@@ -1,0 +1,30 @@
+r"""A small GaussianToken that trains on CPU in about ten minutes on the embedded demo photographs.
+
+The data are random crops of the real photographs bundled with scikit-image and scikit-learn (no download);
+a fixed set of held-out photos is used for evaluation. `:runlocal` is the tiny variant the tests and the
+README's first command use.
+
+  python -m gaussiantoken_jax.main --config=configs/demo.py --workdir=/tmp/gt_demo
+  python -m gaussiantoken_jax.main --config=configs/demo.py:runlocal --workdir=/tmp/gt_demo_local
+  python -m gaussiantoken_jax.main --config=configs/demo.py:baseline=vq --workdir=/tmp/vq_demo
+"""
+from gaussiantoken_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.data.update(dict(source="demo", image_size=32, augment="none"))
+  # The CIFAR architecture at a quarter of the width and one res block per level: ~1.6M generator params.
+  c.model.update(dict(ch=32, num_res_blocks=1, num_groups=16, num_gaussians=64, feature_dim=3,
+                      codebook_size=256))
+  c.discriminator.ndf = 16
+  c.batch_size = 32
+  c.total_steps = 1_500
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 500
+  c.num_eval_images = 64
+  for opt in (c.optimizer, c.disc_optimizer):
+    opt.update(dict(learning_rate=1e-3, warmup_steps=100))
+  c.loss.gan_start_step = 1_000
+  return config_lib.finalize(c, arg)

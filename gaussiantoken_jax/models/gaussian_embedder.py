@@ -1,0 +1,390 @@
+"""The Gaussian embedder: an encoder feature map -> K featured 2D Gaussians (reference section 2.5).
+
+Forward order (D' = `embed_dim`):
+  1. feature-map lifter: 1x1 projection + GroupNorm -> image tokens [B, h*w, D'], and a DETR sine position
+     embedding of the pixel centres;
+  2. Gaussian lifter: learnable anchors [K, 5 + D'] shared by the batch and frozen zero instance features;
+  3. deformable self-attention encoder over the image tokens (post-norm layers) -> memory;
+  4. `num_blocks` blocks of [cross_attn, ffn, refine]. Each embeds the current anchors with the shared
+     AnchorEncoder, lets the instance features attend to each other and (deformably) to the memory around the
+     anchors' centres, and refines the anchors: centre residually in logit space, everything else replaced;
+  5. output activations of the last refinement: means in (-1, 1), rotations in (0, pi), scales in
+     [scale_min, scale_max] feature pixels, features of size z (`feature_dim`).
+
+Anchor layout, everywhere from init on: [x, y (0:2) | rotation (2) | scale x, y (3:5) | feature (5:)], all in
+pre-activation (logit) space. The reference initialises the scale values in slots 2:4 and the zero rotation in
+slot 4 while every consumer reads the layout above (its rotation/scale slots are swapped for the first anchor
+embedding only); we initialise in the layout that is read.
+
+Initial parameters: the reference deep-copies one freshly built module per op, so the `num_blocks` blocks, the
+layers inside each cross-attention decoder and the self-attention encoder's layers all START IDENTICAL (and
+then train apart). Here each of those stacks is an `nn.scan` with `split_rngs={"params": False}`: parameters
+are stacked on a leading axis (blocks: [num_blocks, ...]; decoder layers: [num_blocks, num_decoder_layers,
+...]) and initialised from one draw, while each copy gets its own dropout draws.
+
+Only the last refinement's `to_features` head is built: the reference builds one per block but uses only the
+last, so our trainable parameter count is that of the parameters the reference actually uses (0.756M for
+K = 64, z = 3 against the reference's 0.790M with the two unused heads).
+
+Variable collections: "params", and "range_scheduler" {"scale_max", "scale_mean"}: the annealed upper end of
+the scale range and the running mean of the produced scales that drives it (see `GaussianEmbedder`).
+RNG stream: "dropout", used only when `train=True`.
+"""
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaussiantoken_jax.models.deformable_attention import DeformableAttention, check_float_array
+
+_XAVIER = nn.initializers.xavier_uniform()
+_NORM_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default
+_POSITION_TEMPERATURE = 10000.0
+_ANCHOR_LOGIT_EPS = 1e-4  # the anchor init draws logit(clip(U(0, 1), eps, 1 - eps))
+_MEAN_LOGIT_CLAMP = 9.21  # ~ logit(0.9999): keeps the means' sigmoid away from saturation
+
+
+@flax.struct.dataclass
+class Gaussians:
+  """K featured 2D Gaussians per image (the splat op's arguments).
+
+  Attributes:
+    means: [B, K, 2] centres in (-1, 1); index 0 is x (columns), index 1 is y (rows).
+    rotations: [B, K] angles in radians, in (0, pi).
+    scales: [B, K, 2] standard deviations along the Gaussian's own axes, in feature-map pixels.
+    features: [B, K, z] the vectors the Gaussians carry (quantized downstream).
+  """
+  means: jax.Array
+  rotations: jax.Array
+  scales: jax.Array
+  features: jax.Array
+
+
+def sine_position_embedding(height: int, width: int, dim: int) -> jax.Array:
+  """DETR's normalised sine position embedding of the pixel centres: [height, width, dim] float32.
+
+  Each axis gets dim/2 channels. A pixel's coordinate along an axis of length n is (i + 0.5) / (n + 1e-6) * 2pi
+  (DETR's cumsum - 0.5, normalised); channel pair (2j, 2j+1) holds (sin, cos) of it divided by
+  10000^(2j / (dim/2)). The channels are [y part | x part].
+  """
+  if dim % 4:
+    raise ValueError(f"sine_position_embedding: `dim` must be divisible by 4 (sin/cos pairs per axis), got {dim}.")
+  axis_dim = dim // 2
+  frequencies = _POSITION_TEMPERATURE ** (-2.0 * jnp.arange(axis_dim // 2, dtype=jnp.float32) / axis_dim)
+
+  def embed_axis(n: int) -> jax.Array:  # [n, axis_dim], sin and cos interleaved
+    coords = (jnp.arange(n, dtype=jnp.float32) + 0.5) / (n + 1e-6) * (2.0 * math.pi)
+    angles = coords[:, None] * frequencies
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(n, axis_dim)
+
+  pos_y = jnp.broadcast_to(embed_axis(height)[:, None, :], (height, width, axis_dim))
+  pos_x = jnp.broadcast_to(embed_axis(width)[None, :, :], (height, width, axis_dim))
+  return jnp.concatenate([pos_y, pos_x], axis=-1)
+
+
+def pixel_centres(height: int, width: int) -> jax.Array:
+  """Normalised (x, y) centres of the pixels in row-major order: [height * width, 2]."""
+  cols = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  rows = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+  return jnp.stack(jnp.meshgrid(cols, rows, indexing="xy"), axis=-1).reshape(height * width, 2)
+
+
+def anchor_init(key, shape, dtype=jnp.float32):
+  """Initial anchors [K, 5 + D']: random-uniform centres and scales in logit space, rotation 0, features N(0, 1)."""
+  num_anchors, anchor_dim = shape
+  key_xy, key_scale, key_feature = jax.random.split(key, 3)
+
+  def logit_uniform(k, n):
+    p = jnp.clip(jax.random.uniform(k, (num_anchors, n)), _ANCHOR_LOGIT_EPS, 1.0 - _ANCHOR_LOGIT_EPS)
+    return jnp.log(p) - jnp.log1p(-p)
+
+  anchors = jnp.concatenate([
+      logit_uniform(key_xy, 2),
+      jnp.zeros((num_anchors, 1)),
+      logit_uniform(key_scale, 2),
+      jax.random.normal(key_feature, (num_anchors, anchor_dim - 5)),
+  ], axis=-1)
+  return anchors.astype(dtype)
+
+
+def _identical_init_stack(layer_cls, length: int, num_broadcast_args: int):
+  """`length` copies of `layer_cls` applied in sequence, parameters stacked on axis 0 and initialised identically.
+
+  This reproduces the reference's deep copies of one freshly built module; the layer's `__call__` takes the
+  carry plus `num_broadcast_args` arguments shared by all copies and returns (carry, None).
+  """
+  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": False, "dropout": True},
+                 in_axes=(nn.broadcast,) * num_broadcast_args, length=length)
+
+
+class _ReluNormMLP(nn.Module):
+  """`num_layers` x [Linear -> ReLU -> LayerNorm], the AnchorEncoder's unit."""
+  features: int
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.num_layers):
+      x = nn.LayerNorm(epsilon=_NORM_EPS)(nn.relu(nn.Dense(self.features, kernel_init=_XAVIER)(x)))
+    return x
+
+
+class AnchorEncoder(nn.Module):
+  """Anchors [..., 5 + D'] -> embeddings [..., dim]: one MLP per anchor part, summed, then one more MLP."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, anchors):
+    parts = {"xy": anchors[..., 0:2], "rotation": anchors[..., 2:3], "scale": anchors[..., 3:5],
+             "feature": anchors[..., 5:]}
+    embedded = sum(_ReluNormMLP(self.dim, name=f"{name}_embed")(part) for name, part in parts.items())
+    return _ReluNormMLP(self.dim, name="output")(embedded)
+
+
+class _RefineTrunk(nn.Module):
+  """2 x [Linear -> ReLU -> Linear -> ReLU -> LayerNorm], shared shape of the refinement and feature heads."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(2):
+      x = nn.relu(nn.Dense(self.dim, kernel_init=_XAVIER)(x))
+      x = nn.relu(nn.Dense(self.dim, kernel_init=_XAVIER)(x))
+      x = nn.LayerNorm(epsilon=_NORM_EPS)(x)
+    return x
+
+
+class _ScaledHead(nn.Module):
+  """Trunk -> Linear(out_dim) -> learnable per-dimension scale (init 1)."""
+  dim: int
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.out_dim, kernel_init=_XAVIER)(_RefineTrunk(self.dim)(x))
+    return x * self.param("scale", nn.initializers.ones, (self.out_dim,))
+
+
+class _FeedForward(nn.Module):
+  """Post-norm residual MLP of a transformer layer: LN(x + Drop(Linear(Drop(ReLU(Linear(x))))))."""
+  dim: int
+  hidden_dim: int
+  dropout: float
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(self.hidden_dim, kernel_init=_XAVIER)(x))
+    h = nn.Dropout(self.dropout, deterministic=not self.train)(h)
+    h = nn.Dense(self.dim, kernel_init=_XAVIER)(h)
+    h = nn.Dropout(self.dropout, deterministic=not self.train)(h)
+    return nn.LayerNorm(epsilon=_NORM_EPS)(x + h)
+
+
+class _GaussianSelfAttention(nn.Module):
+  """Multi-head self-attention among the Gaussians (PyTorch nn.MultiheadAttention semantics).
+
+  The q/k/v projections are one [dim, 3 dim] xavier-uniform kernel as in PyTorch, so their initial scale
+  matches the reference's in_proj (a per-projection xavier would be sqrt(2) wider). Queries and keys see the
+  positional embedding, values do not. Dropout acts on the attention probabilities.
+  """
+  dim: int
+  num_heads: int
+  dropout: float
+  train: bool
+
+  @nn.compact
+  def __call__(self, query_key, value):
+    batch, length, _ = value.shape
+    head_dim = self.dim // self.num_heads
+    kernel = self.param("in_proj_kernel", _XAVIER, (self.dim, 3 * self.dim))
+    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * self.dim,))
+    q, k, v = (
+        (x @ kernel[:, i * self.dim:(i + 1) * self.dim] + bias[i * self.dim:(i + 1) * self.dim])
+        .reshape(batch, length, self.num_heads, head_dim)
+        for i, x in enumerate((query_key, query_key, value)))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+    probs = nn.Dropout(self.dropout, deterministic=not self.train)(jax.nn.softmax(logits, axis=-1))
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, self.dim)
+    return nn.Dense(self.dim, kernel_init=_XAVIER, name="out_proj")(out)
+
+
+class _EncoderLayer(nn.Module):
+  """Deformable self-attention over the image tokens + MLP, post-norm (Deformable-DETR encoder layer)."""
+  dim: int
+  num_heads: int
+  num_points: int
+  mlp_dim: int
+  dropout: float
+  spatial_shape: tuple[int, int]
+  train: bool
+
+  @nn.compact
+  def __call__(self, src, pos, reference_points):
+    attended = DeformableAttention(self.dim, self.num_heads, self.num_points, name="self_attn")(
+        src + pos, reference_points, src, self.spatial_shape)
+    src = nn.LayerNorm(epsilon=_NORM_EPS)(src + nn.Dropout(self.dropout, deterministic=not self.train)(attended))
+    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(src), None
+
+
+class _DecoderLayer(nn.Module):
+  """Self-attention among the Gaussians, deformable cross-attention into the memory, MLP; all post-norm."""
+  dim: int
+  num_heads: int
+  num_points: int
+  mlp_dim: int
+  dropout: float
+  spatial_shape: tuple[int, int]
+  train: bool
+
+  @nn.compact
+  def __call__(self, tgt, query_pos, reference_points, memory):
+    drop = nn.Dropout(self.dropout, deterministic=not self.train)
+    attended = _GaussianSelfAttention(self.dim, self.num_heads, self.dropout, self.train, name="self_attn")(
+        tgt + query_pos, tgt)
+    tgt = nn.LayerNorm(epsilon=_NORM_EPS)(tgt + drop(attended))
+    attended = DeformableAttention(self.dim, self.num_heads, self.num_points, name="cross_attn")(
+        tgt + query_pos, reference_points, memory, self.spatial_shape)
+    tgt = nn.LayerNorm(epsilon=_NORM_EPS)(tgt + drop(attended))
+    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(tgt), None
+
+
+class _AsymmetricFFN(nn.Module):
+  """LN, then Linear(2D -> D) plus a Linear -> ReLU -> Linear branch; no output norm, no dropout."""
+  dim: int
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(epsilon=_NORM_EPS)(x)
+    branch = nn.Dense(self.dim, kernel_init=_XAVIER)(nn.relu(nn.Dense(self.hidden_dim, kernel_init=_XAVIER)(x)))
+    return nn.Dense(self.dim, kernel_init=_XAVIER, name="identity_fc")(x) + branch
+
+
+class _Block(nn.Module):
+  """One embedder block: [cross_attn, ffn, refine] on carry (instance features [B, K, D], anchors [B, K, 5+D])."""
+  dim: int
+  num_heads: int
+  num_points: int
+  num_decoder_layers: int
+  mlp_dim: int
+  ffn_dim: int
+  dropout: float
+  spatial_shape: tuple[int, int]
+  train: bool
+
+  @nn.compact
+  def __call__(self, carry, memory, anchor_encoder_params):
+    instance, anchors = carry
+    # The AnchorEncoder is ONE module shared by all blocks, so it cannot live in this scanned (per-block
+    # parameters) module; its parameters come in as a broadcast argument instead.
+    anchor_embed = AnchorEncoder(self.dim, parent=None).apply({"params": anchor_encoder_params}, anchors)
+    reference_points = jax.nn.sigmoid(anchors[..., :2])
+
+    decoder = _identical_init_stack(_DecoderLayer, self.num_decoder_layers, num_broadcast_args=3)(
+        self.dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, self.spatial_shape, self.train,
+        name="cross_attn")
+    decoded, _ = decoder(instance, anchor_embed, reference_points, memory)
+    decoded = nn.Dropout(self.dropout, deterministic=not self.train)(decoded)
+    instance = _AsymmetricFFN(self.dim, self.ffn_dim, name="ffn")(jnp.concatenate([decoded, instance], axis=-1))
+
+    # Refinement: the centre moves residually in logit space; rotation, scale and feature are replaced.
+    update = _ScaledHead(self.dim, anchors.shape[-1], name="refine")(instance + anchor_embed)
+    anchors = jnp.concatenate([anchors[..., :2] + update[..., :2], update[..., 2:]], axis=-1)
+    return (instance, anchors), None
+
+
+class GaussianEmbedder(nn.Module):
+  """Encoder feature map [B, h, w, embed_dim] -> `Gaussians` (K per image, z-dimensional features).
+
+  Scale range schedule ("range_scheduler" collection): scales are scale_min + (scale_max - scale_min) *
+  sigmoid(.), with scale_max starting at `scale_max_init`. On a training call with the collection mutable,
+  AFTER computing this call's scales with the current scale_max:
+    scale_mean <- scale_ema_momentum * mean(scales) + (1 - scale_ema_momentum) * scale_mean
+    if scale_max > scale_max_final:
+      scale_max <- max(scale_max - scale_decay_rate * max(scale_mean - (scale_max + scale_min) / 2,
+                                                          scale_min_decay_gap), scale_max_final)
+  mean(scales) is over the whole (global) batch, where the reference's DDP replicas each used their own.
+  Unlike the reference, scale_mean is saved too, so a resumed run continues exactly.
+  """
+  num_gaussians: int
+  feature_dim: int
+  embed_dim: int = 64
+  num_heads: int = 4
+  num_points: int = 4
+  num_blocks: int = 3
+  num_encoder_layers: int = 2
+  num_decoder_layers: int = 2
+  mlp_dim: int = 256
+  ffn_dim: int = 256
+  dropout: float = 0.1
+  num_groups: int = 32
+  scale_min: float = 0.1
+  scale_max_init: float = 4.0
+  scale_max_final: float = 3.0
+  scale_ema_init: float = 2.05
+  scale_ema_momentum: float = 0.01
+  scale_decay_rate: float = 1e-3
+  scale_min_decay_gap: float = 0.01
+
+  @nn.compact
+  def __call__(self, feature_map: jax.Array, *, train: bool) -> Gaussians:
+    """feature_map [B, h, w, embed_dim] (any float dtype; float32 inside) -> Gaussians (float32)."""
+    check_float_array("GaussianEmbedder", "feature_map", feature_map, f"[B, h, w, {self.embed_dim}]", 4,
+                      last_dim=self.embed_dim)
+    batch, height, width, dim = feature_map.shape
+    anchor_dim = 5 + dim
+    spatial_shape = (height, width)
+
+    # 1. Feature-map lifter: 1x1 projection + GroupNorm -> tokens; sine embedding of the pixel centres.
+    src = nn.Dense(dim, kernel_init=_XAVIER, name="input_proj")(feature_map.astype(jnp.float32))
+    src = nn.GroupNorm(num_groups=self.num_groups, epsilon=_NORM_EPS, name="input_norm")(src)
+    src = src.reshape(batch, height * width, dim)
+    pos = sine_position_embedding(height, width, dim).reshape(1, height * width, dim)
+
+    # 2. Gaussian lifter: learnable anchors shared by the batch; the instance features are a constant zero.
+    anchors = self.param("anchors", anchor_init, (self.num_gaussians, anchor_dim))
+    anchors = jnp.broadcast_to(anchors, (batch, self.num_gaussians, anchor_dim))
+    instance = jnp.zeros((batch, self.num_gaussians, dim), jnp.float32)
+
+    # 3. Deformable self-attention encoder over the image tokens, reference points at the pixel centres.
+    encoder = _identical_init_stack(_EncoderLayer, self.num_encoder_layers, num_broadcast_args=2)(
+        dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, spatial_shape, train, name="encoder")
+    reference_points = jnp.broadcast_to(pixel_centres(height, width), (batch, height * width, 2))
+    memory, _ = encoder(src, pos, reference_points)
+
+    # 4. The blocks, with the shared AnchorEncoder's parameters held here (see _Block).
+    anchor_encoder_params = self.param(
+        "anchor_encoder",
+        lambda key: AnchorEncoder(dim, parent=None).init(key, jnp.zeros((1, anchor_dim), jnp.float32))["params"])
+    blocks = _identical_init_stack(_Block, self.num_blocks, num_broadcast_args=2)(
+        dim, self.num_heads, self.num_points, self.num_decoder_layers, self.mlp_dim, self.ffn_dim, self.dropout,
+        spatial_shape, train, name="blocks")
+    (_, anchors), _ = blocks((instance, anchors), memory, anchor_encoder_params)
+
+    # 5. Output activations of the last refinement.
+    means = 2.0 * jax.nn.sigmoid(jnp.clip(anchors[..., :2], -_MEAN_LOGIT_CLAMP, _MEAN_LOGIT_CLAMP)) - 1.0
+    rotations = jax.nn.sigmoid(anchors[..., 2]) * math.pi
+    scale_max = self.variable("range_scheduler", "scale_max", lambda: jnp.asarray(self.scale_max_init, jnp.float32))
+    scale_mean = self.variable("range_scheduler", "scale_mean",
+                               lambda: jnp.asarray(self.scale_ema_init, jnp.float32))
+    scales = self.scale_min + (scale_max.value - self.scale_min) * jax.nn.sigmoid(anchors[..., 3:5])
+    features = _ScaledHead(dim, self.feature_dim, name="to_features")(anchors[..., 5:])
+
+    if train and self.is_mutable_collection("range_scheduler") and not self.is_initializing():
+      self._update_scale_range(scale_max, scale_mean, jax.lax.stop_gradient(jnp.mean(scales)))
+    return Gaussians(means=means, rotations=rotations, scales=scales, features=features)
+
+  def _update_scale_range(self, scale_max, scale_mean, batch_mean_scale) -> None:
+    """One step of the reference's RangeScheduler (see the class docstring)."""
+    mean = self.scale_ema_momentum * batch_mean_scale + (1.0 - self.scale_ema_momentum) * scale_mean.value
+    current = scale_max.value
+    decrement = self.scale_decay_rate * jnp.maximum(mean - (current + self.scale_min) / 2.0,
+                                                    self.scale_min_decay_gap)
+    scale_mean.value = mean
+    scale_max.value = jnp.where(current > self.scale_max_final,
+                                jnp.maximum(current - decrement, self.scale_max_final), current)

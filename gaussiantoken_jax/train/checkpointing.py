@@ -1,0 +1,273 @@
+"""Checkpoints of a training run (Orbax) and a preemption guard for the training loop.
+
+Layout: `workdir/checkpoints/<step>/` with three Orbax items:
+  state   the train-state pytree (params, EMA params, optimizer states, ...), saved from and restored into
+          any sharding (`ocp.args.StandardSave` / `StandardRestore`);
+  data    optional: the input pipeline's position, as any `ocp.args` item the caller picks (e.g.
+          `grain.checkpoint.CheckpointSave(iterator)` or `ocp.args.JsonSave(dict)`);
+  config  the run's config as JSON, so a tokenizer can rebuild the model without the config file.
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices and the writing goes on
+in a background thread; `wait` blocks until it is on disk. Orbax writes each step into a temporary
+directory and renames it when complete (or, on object stores, writes a `commit_success.txt` last).
+
+A save cut short by a kill leaves either a temporary directory (Orbax ignores it; we let Orbax delete it at
+start-up) or, on file systems without atomic rename or after an interrupted copy, a step directory without
+the completion markers. Such a step is never restored, and at start-up it is renamed to `<step>.incomplete`
+(kept for inspection), because Orbax would otherwise count it as the latest step and refuse every later
+save with a smaller step number.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+CHECKPOINT_SUBDIR = "checkpoints"
+STATE, DATA, CONFIG = "state", "data", "config"
+# Written by Orbax as the last act of a save (since orbax-checkpoint 0.11 for every file system).
+_COMMIT_FILE = "commit_success.txt"
+# Orbax's per-step metadata; it gets a commit timestamp when the step is finalised.
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+def is_complete_step(step_dir: epath.PathLike) -> bool:
+  """Whether a step directory holds a finished Orbax save (commit file, or a commit timestamp)."""
+  step_dir = epath.Path(step_dir)
+  if (step_dir / _COMMIT_FILE).exists():
+    return True
+  metadata_file = step_dir / _STEP_METADATA_FILE
+  if not metadata_file.exists():
+    return False
+  try:
+    return json.loads(metadata_file.read_text()).get("commit_timestamp_nsecs") is not None
+  except (ValueError, AttributeError):
+    return False
+
+
+def _config_to_json_dict(config) -> dict[str, Any]:
+  """A JSON round trip of `config` (ConfigDict or mapping), so exactly what is saved is what is restored."""
+  if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict / FrozenConfigDict
+    return json.loads(config.to_json_best_effort())
+  if not isinstance(config, Mapping):
+    raise ValueError(f"`config` must be an ml_collections.ConfigDict or a mapping, got {type(config).__name__}.")
+  try:
+    return json.loads(json.dumps(dict(config)))
+  except TypeError as e:
+    raise ValueError(f"`config` must be JSON-serialisable: {e}") from e
+
+
+def _abstract_leaf(path, leaf):
+  """An array becomes its ShapeDtypeStruct; either way the leaf must say which sharding to restore into."""
+  if isinstance(leaf, jax.Array):
+    leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
+    raise ValueError(
+        f"`abstract_state` leaf {jax.tree_util.keystr(path)} must be a jax.Array or a jax.ShapeDtypeStruct with "
+        f"a sharding, got {leaf!r}.")
+  return leaf
+
+
+class Restored(NamedTuple):
+  """What `Checkpointer.restore` returns: the step, the state, and the data item (None if not asked for)."""
+  step: int
+  state: Any
+  data: Any
+
+
+class Checkpointer:
+  """A training run's checkpoints in `workdir/checkpoints`; every process of a run must create and call it.
+
+  Typical use in a training loop:
+
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+      step, state, _ = ckpt.restore(abstract_state, data=grain.checkpoint.CheckpointRestore(data_iter))
+    ...
+    ckpt.save(step, state, config=config, data=grain.checkpoint.CheckpointSave(data_iter))
+    ...
+    ckpt.close()  # waits for the last save
+
+  `read_only=True` (evaluation, the tokenizer) neither saves nor touches the directory.
+  """
+
+  def __init__(self, workdir: epath.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
+               read_only: bool = False):
+    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+      raise ValueError(f"`max_to_keep` must be a positive int or None (keep all), got {max_to_keep!r}.")
+    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    if read_only and not self.directory.exists():
+      raise FileNotFoundError(f"No checkpoint directory {self.directory}.")
+    if not read_only:
+      self._set_aside_incomplete_steps()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        # Temporary directories of saves that were cut short are garbage: let Orbax delete them.
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
+
+  def _set_aside_incomplete_steps(self) -> None:
+    """Renames step directories without completion markers to `<step>.incomplete` (process 0 renames)."""
+    if jax.process_index() == 0 and self.directory.exists():
+      for step_dir in self.directory.iterdir():
+        if step_dir.name.isdigit() and step_dir.is_dir() and not is_complete_step(step_dir):
+          target = self.directory / f"{step_dir.name}.incomplete"
+          if target.exists():
+            target = self.directory / f"{step_dir.name}.incomplete-{time.time_ns()}"
+          logging.warning("Checkpoint step %s is incomplete (a save cut short?); moving it to %s.", step_dir, target)
+          step_dir.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("gaussiantoken_jax.checkpointing.set_aside_incomplete_steps")
+
+  def all_steps(self) -> list[int]:
+    """The steps of all complete checkpoints on disk, in increasing order (a save in flight is not one)."""
+    return sorted(s for s in self._manager.all_steps() if is_complete_step(self.directory / str(s)))
+
+  def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, *, config=None, data: ocp.args.CheckpointArgs | None = None) -> bool:
+    """Starts saving `state` (and `config`, `data`) as `step`; returns False if Orbax skipped the step.
+
+    Orbax skips a step that is not newer than the latest checkpoint. `data` is any Orbax save-args item
+    (e.g. `grain.checkpoint.CheckpointSave(iterator)`), evaluated now, so the iterator may move on at once.
+    """
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+      raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
+    if data is not None and not isinstance(data, ocp.args.CheckpointArgs):
+      raise ValueError(f"`data` must be an orbax.checkpoint.args item (e.g. ocp.args.JsonSave(...) or "
+                       f"grain.checkpoint.CheckpointSave(iterator)), got {type(data).__name__}.")
+    items = {STATE: ocp.args.StandardSave(state)}
+    if config is not None:
+      items[CONFIG] = ocp.args.JsonSave(_config_to_json_dict(config))
+    if data is not None:
+      items[DATA] = data
+    return self._manager.save(int(step), args=ocp.args.Composite(**items))
+
+  def _resolve_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; there are {steps}.")
+    return step
+
+  def restore(self, abstract_state, *, step: int | None = None,
+              data: ocp.args.CheckpointArgs | None = None) -> Restored:
+    """Restores `step` (default: the latest complete one) into the shardings of `abstract_state`.
+
+    `abstract_state` is a pytree like the saved state whose leaves are `jax.ShapeDtypeStruct`s with a
+    `.sharding` (e.g. from `jax.eval_shape` plus `sharding.param_shardings`) or arrays, whose shape, dtype
+    and sharding are used. Each device reads only its own shards. `data` is the Orbax restore-args item
+    matching what `save` got (e.g. `grain.checkpoint.CheckpointRestore(iterator)`, which restores the
+    iterator in place).
+    """
+    step = self._resolve_step(step)
+    if data is not None and not isinstance(data, ocp.args.CheckpointArgs):
+      raise ValueError(f"`data` must be an orbax.checkpoint.args restore item (e.g. ocp.args.JsonRestore() or "
+                       f"grain.checkpoint.CheckpointRestore(iterator)), got {type(data).__name__}.")
+    abstract_state = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data is not None:
+      items[DATA] = data
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step=step, state=restored[STATE], data=restored[DATA] if data is not None else None)
+
+  def restore_config(self, step: int | None = None) -> dict[str, Any]:
+    """The config saved with `step` (default: the latest complete one), as a plain dict."""
+    step = self._resolve_step(step)
+    if not (self.directory / str(step) / CONFIG).exists():
+      raise FileNotFoundError(f"Checkpoint step {step} in {self.directory} was saved without a config.")
+    return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+  def wait(self) -> None:
+    """Blocks until every save started so far is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases Orbax's background resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (preemption, `scancel`, `kill`) into a request to stop at the next step boundary.
+
+  The signal handler only sets a flag: it runs between two Python bytecodes of the main thread, where
+  saving a checkpoint or touching devices is unsafe. The loop asks `should_stop(step)` after each step and,
+  when it says True, saves a checkpoint and returns.
+
+  With several processes, all of them must stop at the same step, or the ones that go on would hang in
+  the next collective. So `should_stop` all-gathers the flags (`multihost_utils.process_allgather`) and
+  stops everyone when any process was signalled. The all-gather waits for the devices, so it is done only
+  every `sync_every_steps` steps (pass the logging interval, where the loop fetches metrics anyway). JAX's
+  own `reached_preemption_sync_point` is not used: it needs `jax.distributed`'s preemption service,
+  which catches SIGTERM itself, and does not exist in a single process (CPU tests, one-GPU runs).
+  With one process the flag is read directly, every step, at no cost. Create the guard after
+  `jax.distributed.initialize()`, so that its handler, not one installed there, is the one SIGTERM reaches.
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), *, sync_every_steps: int = 1):
+    if not isinstance(sync_every_steps, int) or sync_every_steps < 1:
+      raise ValueError(f"`sync_every_steps` must be a positive int, got {sync_every_steps!r}.")
+    self._sync_every_steps = sync_every_steps
+    self._signalled = False
+    self._stopping = False
+    # signal.signal raises ValueError outside the main thread, which is the right error for this misuse.
+    self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+
+  def _on_signal(self, signum, frame) -> None:
+    del signum, frame
+    self._signalled = True
+
+  @property
+  def signalled(self) -> bool:
+    """Whether this process has received one of the signals."""
+    return self._signalled
+
+  def should_stop(self, step: int) -> bool:
+    """True, on every process at the same step, once any process has been signalled."""
+    if self._stopping:
+      return True
+    if jax.process_count() == 1:
+      self._stopping = self._signalled
+    elif step % self._sync_every_steps == 0:
+      flags = multihost_utils.process_allgather(np.asarray(self._signalled, np.int32))
+      self._stopping = bool(np.any(flags))
+    if self._stopping:
+      logging.warning("Preemption signal received: stopping at step %d.", step)
+    return self._stopping
+
+  def close(self) -> None:
+    """Puts back the signal handlers that were installed before."""
+    for sig, handler in self._previous_handlers.items():
+      signal.signal(sig, handler)
+    self._previous_handlers = {}
+
+  def __enter__(self) -> PreemptionGuard:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

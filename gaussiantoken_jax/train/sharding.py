@@ -1,0 +1,111 @@
+"""Device mesh, batch and parameter shardings, and initialisation straight into those shardings.
+
+One mesh with the axes ("data", "fsdp") serves every scale: 1 CPU, 8 devices, many hosts. The batch is
+split over all devices (both axes); parameters are replicated, except that with fsdp > 1 every weight of at
+least `min_weight_size` elements is split along its largest dimension divisible by the fsdp size (the
+big_vision "fsdp" rule). XLA's SPMD partitioner then inserts the all-gathers and reduce-scatters.
+
+The mesh axes are `AxisType.Auto`: `jax.make_mesh` in JAX 0.10 makes Explicit axes by default, under which
+shardings become part of array types and every op must agree on them; the model code is written for the
+classic automatic partitioning (shardings only at jit boundaries), which Auto keeps.
+
+`mesh_cfg` is a mapping (`ml_collections.ConfigDict` or dict) with `data` and `fsdp` (device counts, -1 on
+one of them = all remaining devices) and `fsdp_min_weight_size`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+DEFAULT_MIN_WEIGHT_SIZE = 2**20
+
+
+def _mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int]:
+  sizes = []
+  for axis in MESH_AXES:
+    if axis not in mesh_cfg:
+      raise ValueError(f"`mesh_cfg` lacks the field {axis!r}; it must have {list(MESH_AXES)}.")
+    size = mesh_cfg[axis]
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ValueError(f"`mesh_cfg.{axis}` must be a positive int or -1, got {size!r}.")
+    sizes.append(size)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one of `mesh_cfg.data` and `mesh_cfg.fsdp` may be -1, got {sizes}.")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(f"`mesh_cfg` {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
+                       f"the fixed axis size {fixed}.")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"`mesh_cfg` {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there "
+                     f"are {num_devices}.")
+  return sizes[0], sizes[1]
+
+
+def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ("data", "fsdp") mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = _mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _check_mesh(mesh) -> None:
+  if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != MESH_AXES:
+    raise ValueError(f"`mesh` must be a jax.sharding.Mesh with axes {MESH_AXES} (see make_mesh), got {mesh!r}.")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every device of the mesh, other dimensions whole."""
+  _check_mesh(mesh)
+  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
+def param_shardings(mesh: Mesh, abstract_params, min_weight_size: int = DEFAULT_MIN_WEIGHT_SIZE):
+  """A NamedSharding for every leaf of `abstract_params` (arrays or jax.ShapeDtypeStruct).
+
+  Replicated, unless the mesh has fsdp > 1 and the leaf has at least `min_weight_size` elements and a
+  dimension divisible by the fsdp size: then the largest such dimension is split over "fsdp" (ties go to
+  the last one, the output channels of an HWIO kernel or a Dense kernel).
+  """
+  _check_mesh(mesh)
+  if not isinstance(min_weight_size, int) or isinstance(min_weight_size, bool) or min_weight_size < 0:
+    raise ValueError(f"`min_weight_size` must be an int >= 0, got {min_weight_size!r}.")
+  fsdp = mesh.shape["fsdp"]
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def rule(path, leaf):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(f"`abstract_params` leaf {jax.tree_util.keystr(path)} must be an array or "
+                       f"jax.ShapeDtypeStruct, got {type(leaf).__name__}.")
+    shape = tuple(leaf.shape)
+    if fsdp == 1 or math.prod(shape) < min_weight_size:
+      return replicated
+    divisible = [axis for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not divisible:
+      return replicated
+    axis = max(divisible, key=lambda a: (shape[a], a))
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree_util.tree_map_with_path(rule, abstract_params)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, min_weight_size: int = DEFAULT_MIN_WEIGHT_SIZE):
+  """Runs `init_fn(*args)` so that every output leaf is created directly in its `param_shardings` sharding.
+
+  The shapes come from `jax.eval_shape` (nothing is computed), the shardings from `param_shardings`, and
+  the init runs under `jax.jit(..., out_shardings=...)`, so each device only ever holds its own shards:
+  there is never a full host or single-device copy of a large state.
+  """
+  if not callable(init_fn):
+    raise ValueError(f"`init_fn` must be callable, got {type(init_fn).__name__}.")
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = param_shardings(mesh, abstract, min_weight_size)
+  return jax.jit(init_fn, out_shardings=shardings)(*args)

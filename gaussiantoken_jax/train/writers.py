@@ -1,0 +1,271 @@
+"""Where metrics and pictures go: metric writers, a progress/ETA reporter, and image grids.
+
+`create_writer` returns an object with the `clu.metric_writers.MetricWriter` interface. `clu.metric_writers`
+itself can only be imported when TensorFlow and TensorBoard are installed (its package `__init__` imports
+the TF summary writer), and the GPU image has no TensorFlow. So:
+
+* with TensorFlow and TensorBoard: clu's default writer (log lines + TensorBoard event files in `workdir`)
+  plus `JsonlWriter`;
+* without them: `JsonlWriter` alone, which logs too;
+* on every process but the main one: `NoOpWriter`.
+
+`JsonlWriter` implements clu's interface method for method (without inheriting from it, for the reason
+above): scalars are appended as one JSON object per call to `workdir/metrics.jsonl`, images are saved as
+PNG files under `workdir/images/`, everything else is logged. The JSON lines are written in both cases so
+that scripts and notebooks can read metrics without TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+from etils import epath
+from PIL import Image
+
+METRICS_FILE = "metrics.jsonl"
+IMAGES_DIR = "images"
+
+
+def _to_python_scalar(name: str, value) -> int | float | bool:
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f"write_scalars: scalar {name!r} must have exactly one element, got shape {array.shape}.")
+  return array.reshape(()).item()
+
+
+def _to_uint8_images(name: str, images) -> np.ndarray:
+  """[N, H, W, C] or [H, W, C] with C in {1, 3, 4}, uint8 or float in [0, 1] (clu's convention) -> uint8 NHWC."""
+  array = np.asarray(images)
+  if array.ndim == 3:
+    array = array[None]
+  if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"write_images: {name!r} must have shape [N, H, W, C] or [H, W, C] with C in (1, 3, 4), "
+                     f"got shape {np.shape(images)}.")
+  if array.dtype == np.uint8:
+    return array
+  if not np.issubdtype(array.dtype, np.floating):
+    raise ValueError(f"write_images: {name!r} must be uint8 or float in [0, 1], got dtype {array.dtype}.")
+  return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class JsonlWriter:
+  """A clu-style MetricWriter: scalars to `metrics.jsonl`, images to PNG, everything logged.
+
+  Each `write_scalars(step, scalars)` appends one line `{"step": step, "time": unix_seconds, **scalars}`.
+  Non-finite values are written as NaN / Infinity, which Python's json reads back. Each image of
+  `write_images(step, {key: images})` goes to `images/<key>_<step:08d>[_<i>].png`, with characters other
+  than letters, digits, "-" and "_" in the key replaced by "_". Files are opened per write, so a crash
+  loses nothing already written.
+  """
+
+  def __init__(self, workdir: epath.PathLike, *, log: bool = True):
+    self._workdir = epath.Path(workdir)
+    self._workdir.mkdir(parents=True, exist_ok=True)
+    self._log = log
+
+  @property
+  def metrics_path(self) -> epath.Path:
+    return self._workdir / METRICS_FILE
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    values = {name: _to_python_scalar(name, value) for name, value in scalars.items()}
+    record = {"step": int(step), "time": time.time(), **values}
+    with self.metrics_path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._log:
+      logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in sorted(values.items())))
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    images_dir = self._workdir / IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for key, value in images.items():
+      batch = _to_uint8_images(key, value)
+      stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}_{int(step):08d}"
+      for i, image in enumerate(batch):
+        path = images_dir / (f"{stem}.png" if len(batch) == 1 else f"{stem}_{i}.png")
+        with path.open("wb") as f:
+          Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
+      if self._log:
+        logging.info("[%d] wrote %d image(s) %r to %s", step, len(batch), key, images_dir)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    if self._log:
+      logging.info("[%d] texts: %s", step, dict(texts))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    if self._log:
+      logging.info("[hparams] %s", dict(hparams))
+
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
+    del metadata
+    if self._log:
+      logging.info("[%d] summaries (not stored): %s", step, {k: np.shape(v) for k, v in values.items()})
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None):
+    del num_buckets
+    if self._log:
+      logging.info("[%d] histograms (not stored): %s", step,
+                   {k: (float(np.min(v)), float(np.max(v))) for k, v in arrays.items() if np.size(v)})
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    if self._log:
+      logging.info("[%d] videos (not stored): %s", step, {k: np.shape(v) for k, v in videos.items()})
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    if self._log:
+      logging.info("[%d] audios at %d Hz (not stored): %s", step, sample_rate,
+                   {k: np.shape(v) for k, v in audios.items()})
+
+  def flush(self):
+    """Nothing is buffered: every write opens, writes and closes its file."""
+
+  def close(self):
+    self.flush()
+
+
+class NoOpWriter:
+  """The writer of processes other than the main one: accepts every clu MetricWriter call, writes nothing."""
+
+  def write_scalars(self, step, scalars):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def create_writer(workdir: epath.PathLike, is_main_process: bool):
+  """The run's metric writer (see the module docstring); only the main process writes anything."""
+  if not is_main_process:
+    return NoOpWriter()
+  try:
+    # Importable only with both tensorflow and tensorboard installed (the `tf` extra).
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.info("No TensorBoard summaries (%s); metrics go to %s.", e, epath.Path(workdir) / METRICS_FILE)
+    return JsonlWriter(workdir)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(epath.Path(workdir), asynchronous=True),
+      JsonlWriter(workdir, log=False),
+  ])
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressReporter:
+  """Training speed and time to completion: steps/s, images/s and ETA, as scalars and one log line.
+
+  Speeds are measured over the interval since the previous report (or since construction), so they
+  include whatever the loop did in between (evaluation, checkpoints): the ETA is then an honest estimate
+  of wall time left, since those recur. The first interval also includes compilation.
+
+    progress = ProgressReporter(total_steps=..., batch_size=config.batch_size, writer=writer, first_step=step)
+    ...
+    if step % config.log_every_steps == 0:
+      progress.report(step)
+  """
+
+  def __init__(self, *, total_steps: int, batch_size: int, writer=None, first_step: int = 0,
+               clock: Callable[[], float] = time.monotonic):
+    for name, value in (("total_steps", total_steps), ("batch_size", batch_size)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if not isinstance(first_step, int) or not 0 <= first_step <= total_steps:
+      raise ValueError(f"`first_step` must be an int in [0, total_steps={total_steps}], got {first_step!r}.")
+    self._total_steps = total_steps
+    self._batch_size = batch_size
+    self._writer = writer
+    self._clock = clock
+    self._last_step = first_step
+    self._last_time = clock()
+
+  def report(self, step: int) -> dict[str, float]:
+    """Measures the speed since the last report, writes it (if there is a writer), logs it and returns it.
+
+    Returns {"steps_per_sec", "images_per_sec", "eta_seconds"}; the ETA is
+    (total_steps - step) / steps_per_sec, infinite if no step was taken in the interval.
+    """
+    if not isinstance(step, int) or step < self._last_step:
+      raise ValueError(f"`step` must be an int >= the previously reported step {self._last_step}, got {step!r}.")
+    now = self._clock()
+    elapsed = now - self._last_time
+    steps = step - self._last_step
+    steps_per_sec = steps / elapsed if elapsed > 0 else math.inf if steps else 0.0
+    eta = (self._total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+    scalars = {
+        "steps_per_sec": steps_per_sec,
+        "images_per_sec": steps_per_sec * self._batch_size,
+        "eta_seconds": eta,
+    }
+    self._last_step, self._last_time = step, now
+    if self._writer is not None:
+      self._writer.write_scalars(step, scalars)
+    logging.info("step %d/%d (%.1f%%): %.3g steps/s, %.4g images/s, ETA %s", step, self._total_steps,
+                 100.0 * step / self._total_steps, steps_per_sec, scalars["images_per_sec"],
+                 _format_duration(eta))
+    return scalars
+
+
+def image_grid(images: np.ndarray, rows: int, *, padding: int = 0, pad_value: int = 0) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*H + (rows-1)*padding, cols*W + (cols-1)*padding, C] image.
+
+  Images go row by row (image i at row i // cols, column i % cols) with cols = ceil(N / rows); empty
+  cells and the `padding` pixels between cells get `pad_value`. For a reconstruction grid, pass
+  `np.concatenate([originals, reconstructions])` with rows=2: originals on top, each above its
+  reconstruction.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0 or images.dtype != np.uint8:
+    raise ValueError(f"image_grid: `images` must be a uint8 array [N, H, W, C] with N >= 1, got shape "
+                     f"{images.shape} and dtype {images.dtype}.")
+  n, height, width, channels = images.shape
+  if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= n:
+    raise ValueError(f"image_grid: `rows` must be an int in [1, N={n}], got {rows!r}.")
+  if not isinstance(padding, int) or padding < 0:
+    raise ValueError(f"image_grid: `padding` must be an int >= 0, got {padding!r}.")
+  if not isinstance(pad_value, int) or not 0 <= pad_value <= 255:
+    raise ValueError(f"image_grid: `pad_value` must be an int in [0, 255], got {pad_value!r}.")
+  cols = -(-n // rows)
+  grid = np.full((rows * height + (rows - 1) * padding, cols * width + (cols - 1) * padding, channels),
+                 pad_value, np.uint8)
+  for i, image in enumerate(images):
+    top = (i // cols) * (height + padding)
+    left = (i % cols) * (width + padding)
+    grid[top:top + height, left:left + width] = image
+  return grid
