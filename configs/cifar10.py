@@ -1,7 +1,8 @@
 r"""GaussianToken on CIFAR-10 at 32x32: 64 Gaussians on a 16x16 map, z = 3, codebook 1024.
 
 The reference trains its CIFAR config on CIFAR-100 (cifar-gqgan-1.yaml); sizes and optimisation are the same
-here, on the `cifar10` TFDS dataset (prepare it once with `tfds build cifar10`, see README).
+here, on the `cifar10` TFDS dataset, prepared once with TensorFlow installed (`pip install -e ".[tf]"`):
+`tfds build cifar10 --file_format=array_record` (reading it afterwards needs no TensorFlow).
 
   python -m gaussiantoken_jax.main --config=configs/cifar10.py --workdir=/tmp/gt_cifar10
   python -m gaussiantoken_jax.main --config=configs/cifar10.py:baseline=vq --workdir=/tmp/vq_cifar10

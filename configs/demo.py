@@ -14,7 +14,8 @@ from gaussiantoken_jax import config_lib
 def get_config(arg=None):
   c = config_lib.base_config()
   c.data.update(dict(source="demo", image_size=32, augment="none"))
-  # The CIFAR architecture at a quarter of the width and one res block per level: ~1.6M generator params.
+  # The CIFAR architecture at a quarter of the width, one res block per level and the full Gaussian embedder:
+  # 1.25M generator parameters, 0.37 GFLOPs per image (`--dry_run`).
   c.model.update(dict(ch=32, num_res_blocks=1, num_groups=16, num_gaussians=64, feature_dim=3,
                       codebook_size=256))
   c.discriminator.ndf = 16

@@ -1,10 +1,11 @@
 r"""GaussianToken on Mini-ImageNet at 256x256: 256 Gaussians on a 32x32 map, z = 8, codebook 1024.
 
 Mini-ImageNet is read from an image folder (the 100-class ImageNet subset). The reference uses the Kaggle split
-`jiajundong/mini-imagenet`; give its file lists as `split_file` (one relative path per line).
+`jiajundong/mini-imagenet`; give its per-split file lists through `split_file`, where `{split}` is replaced by
+`train_split` for training and `eval_split` for evaluation (lines `path`, `path label` or `path,label`).
 
   python -m gaussiantoken_jax.main --config=configs/mini_imagenet.py --workdir=/tmp/gt_mini \
-      --config.data.path=/data/mini-imagenet --config.data.split_file=/data/mini-imagenet/train.txt
+      --config.data.path=/data/mini-imagenet/images --config.data.split_file=/data/mini-imagenet/{split}.csv
   python -m gaussiantoken_jax.main --config=configs/mini_imagenet.py:baseline=vq --workdir=/tmp/vq_mini ...
   python -m gaussiantoken_jax.main --config=configs/mini_imagenet.py:runlocal --workdir=/tmp/gt_mini_local ...
 """

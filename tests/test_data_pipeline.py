@@ -1,0 +1,444 @@
+"""The grain pipelines over image folders, tar archives, a tiny TFDS dataset and the demo photographs.
+
+The folder and TFDS images are flat colours that encode their identity (red = 8 * id), so each delivered
+image can be traced back to its file whatever the crop or resize: that is how shuffling, sharding, resuming
+and the evaluation pass are checked without calling the code under test for the expected values.
+"""
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+
+import grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from gaussiantoken_jax import data
+from gaussiantoken_jax.data import demo, inspect as data_inspect
+
+NUM_TRAIN, NUM_TEST = 23, 7  # Identities 0..22 in train/, 23..29 in test/.
+SHARED_DATA = "/work/shared/data"
+
+
+def _config(**data_fields):
+  config = ml_collections.ConfigDict(dict(
+      batch_size=4, seed=0,
+      data=dict(source="folder", name="", data_dir=None, path="", split_file="", train_split="train",
+                eval_split="test", image_size=8, augment="none", eval_crop="resize_center", num_workers=0,
+                prefetch_buffer_size=2, eval_batch_size=0)))
+  for field in ("batch_size", "seed"):
+    if field in data_fields:
+      config[field] = data_fields.pop(field)
+  config.data.update(data_fields)
+  return config
+
+
+def _identity_image(identity: int, height: int, width: int) -> Image.Image:
+  return Image.fromarray(np.full((height, width, 3), (8 * identity, 255 - 8 * identity, 100), np.uint8))
+
+
+def _identities(images: np.ndarray) -> list[int]:
+  """The identity of each flat-colour image of a batch (after any crop/resize), checking it is flat."""
+  red = images[..., 0].astype(np.int64)
+  assert (red.max(axis=(1, 2)) - red.min(axis=(1, 2)) <= 1).all()
+  return [int(round(r / 8)) for r in red[:, 0, 0]]
+
+
+def _take(iterator, num_batches):
+  return [next(iterator)["image"] for _ in range(num_batches)]
+
+
+def _eval_identities(loader):
+  """Identities delivered by one evaluation pass, checking masks and padding."""
+  seen = []
+  for batch in loader:
+    assert batch["image"].dtype == np.uint8 and batch["mask"].dtype == bool
+    assert batch["mask"].shape == (batch["image"].shape[0],)
+    assert not batch["image"][~batch["mask"]].any()  # Padding is black.
+    seen += _identities(batch["image"][batch["mask"]])
+  return seen
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+  """root/train/<class>/*.png (identities 0..22) and root/test/<class>/*.png (23..29), assorted sizes."""
+  root = tmp_path_factory.mktemp("images")
+  for identity in range(NUM_TRAIN + NUM_TEST):
+    split = "train" if identity < NUM_TRAIN else "test"
+    folder = root / split / f"class_{identity % 3}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _identity_image(identity, 9 + identity % 5, 10 + 3 * (identity % 4)).save(folder / f"{identity:03d}.png")
+  (root / "train" / "README.txt").write_text("not an image, ignored by extension")
+  return root
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory):
+  """Good images (ids 1, 2, 3, a 1x1 id 4, a 4000x3000 id 5) plus a truncated JPEG, an empty file and text."""
+  root = tmp_path_factory.mktemp("bad")
+  for identity in (1, 2, 3):
+    _identity_image(identity, 12, 16).save(root / f"good_{identity}.png")
+  _identity_image(4, 1, 1).save(root / "tiny_1x1.png")
+  _identity_image(5, 3000, 4000).save(root / "large_4000x3000.png")
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(buf, "JPEG")
+  (root / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  (root / "empty.jpg").write_bytes(b"")
+  (root / "text.png").write_text("this is a text file named .png\n")
+  return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loader.
+
+
+def test_train_batches_shape_dtype_and_content(image_root):
+  iterator = iter(data.make_train_loader(_config(path=str(image_root))))
+  for images in _take(iterator, 3):
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
+    assert set(_identities(images)) <= set(range(NUM_TRAIN))
+
+
+def test_train_epochs_cover_the_split_and_reshuffle(image_root):
+  iterator = iter(data.make_train_loader(_config(path=str(image_root), batch_size=1)))
+  order = [_identities(images)[0] for images in _take(iterator, 2 * NUM_TRAIN)]
+  first, second = order[:NUM_TRAIN], order[NUM_TRAIN:]
+  assert sorted(first) == sorted(second) == list(range(NUM_TRAIN))
+  assert first != second and first != sorted(first)
+
+
+def test_train_order_is_determined_by_the_seed(image_root):
+  def order(seed):
+    iterator = iter(data.make_train_loader(_config(path=str(image_root), seed=seed)))
+    return [_identities(images) for images in _take(iterator, 5)]
+
+  assert order(3) == order(3)
+  assert order(3) != order(4)
+
+
+def test_train_shards_are_disjoint_and_cover_the_split(image_root):
+  config = _config(path=str(image_root), batch_size=3)  # 3 processes x local batch 1.
+  epochs = []
+  for index in range(3):
+    shard = grain.sharding.ShardOptions(shard_index=index, shard_count=3)
+    iterator = iter(data.make_train_loader(config, shard_options=shard))
+    shard_size = len(range(index, NUM_TRAIN, 3))
+    epoch = [_identities(images)[0] for images in _take(iterator, shard_size)]
+    assert len(set(epoch)) == shard_size
+    epochs.append(set(epoch))
+  assert not (epochs[0] & epochs[1] or epochs[0] & epochs[2] or epochs[1] & epochs[2])
+  assert set().union(*epochs) == set(range(NUM_TRAIN))
+
+
+def test_train_iterator_resumes_exactly(image_root):
+  loader = data.make_train_loader(_config(path=str(image_root)))
+  iterator = iter(loader)
+  _take(iterator, 3)
+  state = iterator.get_state()
+  uninterrupted = _take(iterator, 4)  # Crosses an epoch boundary (23 records, batches of 4).
+  resumed = iter(loader)
+  resumed.set_state(state)
+  for a, b in zip(uninterrupted, _take(resumed, 4)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_iterator_resumes_from_an_orbax_checkpoint(tmp_path):
+  config = _config(source="demo", image_size=16, batch_size=8)  # Random crops: the augmentation must resume too.
+  iterator = iter(data.make_train_loader(config))
+  _take(iterator, 2)
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+    manager.save(2, args=ocp.args.Composite(data=data.checkpoint_args(iterator)))
+    manager.wait_until_finished()
+  uninterrupted = _take(iterator, 3)
+
+  fresh = iter(data.make_train_loader(config))
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+    restored = manager.restore(2, args=ocp.args.Composite(data=data.restore_args(fresh)))
+  for a, b in zip(uninterrupted, _take(restored.data, 3)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_one_worker_process_gives_the_same_batches_and_resumes(image_root):
+  in_process = iter(data.make_train_loader(_config(path=str(image_root))))
+  expected = _take(in_process, 5)
+  loader = data.make_train_loader(_config(path=str(image_root), num_workers=1))
+  iterator = iter(loader)
+  got = _take(iterator, 2)
+  state = iterator.get_state()
+  resumed = iter(loader)
+  resumed.set_state(state)
+  got += _take(resumed, 3)
+  for a, b in zip(expected, got):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation loader.
+
+
+def test_eval_pass_covers_every_image_once_with_padding(image_root):
+  loader = data.make_eval_loader(_config(path=str(image_root), eval_split="train", batch_size=5))
+  batches = list(loader)
+  assert len(batches) == len(loader) == 5  # ceil(23 / 5)
+  assert [int(b["mask"].sum()) for b in batches] == [5, 5, 5, 5, 3]
+  seen = _eval_identities(loader)
+  assert seen == sorted(range(NUM_TRAIN), key=lambda i: (i % 3, i))  # Path order (class_0/000, 003, ...).
+  # A second pass is a fresh, identical pass.
+  assert _eval_identities(loader) == seen
+
+
+def test_eval_shards_are_disjoint_cover_and_have_equal_length(image_root):
+  config = _config(path=str(image_root), eval_split="train", batch_size=12, eval_batch_size=6)  # local 2
+  seen, lengths = [], []
+  for index in range(3):
+    loader = data.make_eval_loader(config, shard_options=grain.sharding.ShardOptions(index, 3))
+    lengths.append(len(list(loader)))
+    seen += _eval_identities(loader)
+  assert lengths == [4, 4, 4]  # ceil(ceil(23 / 3) / 2): the short shards pad with an all-padding batch.
+  assert sorted(seen) == list(range(NUM_TRAIN))
+
+
+def test_eval_center_crop_option_does_not_resize(image_root):
+  config = _config(path=str(image_root), eval_crop="center", image_size=12)
+  images = next(iter(data.make_eval_loader(config)))["image"]
+  black = np.zeros(3, np.uint8)
+  colour = lambda identity: np.array(_identity_image(identity, 1, 1))[0, 0]
+  # test/class_0/024.png is 13 x 10: rows cropped from round(0.5) = 0, one black column either side.
+  np.testing.assert_array_equal(images[0, :, 1:11], np.broadcast_to(colour(24), (12, 10, 3)))
+  np.testing.assert_array_equal(images[0, :, [0, 11]], np.broadcast_to(black, (2, 12, 3)))
+  # test/class_0/027.png is 11 x 19: one black row below (padding splits 0 above, 1 below), columns cropped.
+  np.testing.assert_array_equal(images[1, :11], np.broadcast_to(colour(27), (11, 12, 3)))
+  np.testing.assert_array_equal(images[1, 11], np.broadcast_to(black, (12, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder sources: bad files, archives, split files, errors.
+
+
+def test_bad_files_are_skipped_and_counted_the_rest_load(bad_root, caplog):
+  with caplog.at_level(logging.WARNING, logger="gaussiantoken_jax.data.pipeline"):
+    loader = data.make_eval_loader(_config(path=str(bad_root), eval_split=""))
+    seen = _eval_identities(loader)
+  assert sorted(seen) == [1, 2, 3, 4, 5]
+  skipped = [r.getMessage() for r in caplog.records if "Skipped unreadable image" in r.getMessage()]
+  assert len(skipped) == 3
+  for name in ("truncated.jpg", "empty.jpg", "text.png"):
+    assert sum(name in message for message in skipped) == 1
+  assert all("skipped so far in this process" in message for message in skipped)
+
+
+def test_training_on_a_folder_with_bad_files_keeps_going(bad_root):
+  iterator = iter(data.make_train_loader(_config(path=str(bad_root), train_split="", batch_size=5)))
+  # The first epoch has 8 records, 3 unreadable: the first batch of 5 is exactly the readable ones.
+  assert sorted(_identities(next(iterator)["image"])) == [1, 2, 3, 4, 5]
+
+
+def test_tar_archive_reads_in_place_like_the_folder(image_root, tmp_path):
+  archive = tmp_path / "images.tar"
+  with tarfile.open(archive, "w") as tar:
+    tar.add(image_root, arcname=".")  # Members become "./train/...": the keys drop the "./".
+  from_tar = data.make_eval_loader(_config(path=str(archive), eval_split="train"))
+  from_dir = data.make_eval_loader(_config(path=str(image_root), eval_split="train"))
+  for a, b in zip(from_tar, from_dir, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert sorted(_eval_identities(from_tar)) == list(range(NUM_TRAIN))
+
+
+def test_split_file_selects_and_orders_files(image_root, tmp_path):
+  split_file = tmp_path / "split.csv"
+  split_file.write_text("filename,label\ntest/class_2/029.png,x\ntrain/class_0/003.png,y\ntest/class_0/024.png,z\n")
+  loader = data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
+  assert _eval_identities(loader) == [29, 3, 24]
+  split_file.write_text("train/class_0/003.png\ntrain/class_0/no_such_file.png\n")
+  with pytest.raises(ValueError, match="no_such_file.png"):
+    data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
+
+
+def test_split_template_in_path(image_root):
+  config = _config(path=os.path.join(str(image_root), "{split}"))
+  assert sorted(_eval_identities(data.make_eval_loader(config))) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
+
+
+def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
+  empty = tmp_path / "empty"
+  (empty / "sub").mkdir(parents=True)
+  (empty / "sub" / "notes.txt").write_text("no images here")
+  with pytest.raises(ValueError, match=f"no image files.*{empty}"):
+    data.make_eval_loader(_config(path=str(empty), eval_split=""))
+  missing = tmp_path / "does_not_exist"
+  with pytest.raises(FileNotFoundError, match=str(missing)):
+    data.make_train_loader(_config(path=str(missing), train_split=""))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("source", "imagenet", "config.data.source"),
+    ("augment", "mixup", "config.data.augment"),
+    ("eval_crop", "five_crop", "config.data.eval_crop"),
+    ("image_size", 0, "config.data.image_size"),
+    ("num_workers", -1, "config.data.num_workers"),
+])
+def test_config_errors_name_the_field(image_root, field, value, match):
+  with pytest.raises(ValueError, match=match):
+    data.make_train_loader(_config(path=str(image_root), **{field: value}))
+
+
+def test_global_batch_must_split_over_processes(image_root):
+  with pytest.raises(ValueError, match="config.batch_size=4.*divisible.*3"):
+    data.make_train_loader(_config(path=str(image_root)), shard_options=grain.sharding.ShardOptions(0, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TFDS: a tiny dataset written as ArrayRecord by a custom builder, without TensorFlow.
+
+
+class GaussiantokenTestImages(tfds.core.GeneratorBasedBuilder):
+  """10 train / 5 test flat-colour PNGs; test record 2 holds bytes that are not an image."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(range(10)), "test": self._generate_examples(range(10, 15))}
+
+  def _generate_examples(self, identities):
+    for identity in identities:
+      if identity == 12:
+        encoded = b"\x89PNG\r\n\x1a\n but truncated right after the signature"
+      else:
+        buf = io.BytesIO()  # Encoded bytes are stored as they are; encoding arrays would need TensorFlow.
+        _identity_image(identity, 10 + identity % 3, 12).save(buf, "PNG")
+        encoded = buf.getvalue()
+      yield identity, {"image": encoded, "label": identity % 2}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  GaussiantokenTestImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  assert "tensorflow" not in sys.modules
+  return str(data_dir)
+
+
+def test_tfds_source_train_and_eval(tfds_dir):
+  config = _config(source="tfds", name="gaussiantoken_test_images", data_dir=tfds_dir, batch_size=2)
+  iterator = iter(data.make_train_loader(config))
+  epoch = sum((_identities(images) for images in _take(iterator, 5)), [])
+  assert sorted(epoch) == list(range(10))
+  seen = _eval_identities(data.make_eval_loader(config))
+  assert sorted(seen) == [10, 11, 13, 14]  # Record 12 does not decode: skipped, and its slot is padding.
+
+
+def test_tfds_unprepared_dataset_error_names_it(tmp_path):
+  config = _config(source="tfds", name="gaussiantoken_test_images", data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="gaussiantoken_test_images.*not prepared"):
+    data.make_eval_loader(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo source.
+
+
+def _independent_photo(name):
+  """The photo straight from the package's public loader, not through gaussiantoken_jax."""
+  import skimage.data
+  from sklearn.datasets import load_sample_image
+  if name in ("china", "flower"):
+    return load_sample_image(name + ".jpg")
+  if name.startswith("motorcycle"):
+    return skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
+  return getattr(skimage.data, name)()
+
+
+def test_demo_trains_on_eight_or_more_photos_and_holds_out_others():
+  source = demo.demo_source("train", 32)
+  keys = {source[i]["key"] for i in range(len(source))}
+  assert len(keys) >= 8 and not keys & set(demo.HELD_OUT_PHOTOS)
+  photos = {}
+  for i in range(len(source)):
+    photos.setdefault(source[i]["key"], source[i]["data"])
+  held_out = [_independent_photo(name) for name in demo.HELD_OUT_PHOTOS]
+  for name, photo in photos.items():
+    np.testing.assert_array_equal(photo, _independent_photo(name))
+    assert not any(photo.shape == other.shape and np.array_equal(photo, other) for other in held_out)
+  distinct = {photo.tobytes() for photo in photos.values()}
+  assert len(distinct) == len(photos)
+  eval_keys = {demo.demo_source("test", 32)[i]["key"].split("[")[0] for i in range(3)}
+  assert eval_keys <= set(demo.HELD_OUT_PHOTOS)
+
+
+def test_demo_train_crops_are_seeded_and_varied():
+  def first_batches(seed):
+    iterator = iter(data.make_train_loader(_config(source="demo", image_size=16, batch_size=8, seed=seed)))
+    return np.stack(_take(iterator, 2))
+
+  a, b, c = first_batches(0), first_batches(0), first_batches(1)
+  assert a.shape == (2, 8, 16, 16, 3)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  flat = a.reshape(16, -1)
+  assert len({row.tobytes() for row in flat}) == 16
+
+
+def test_demo_eval_is_a_fixed_grid_of_held_out_crops():
+  config = _config(source="demo", image_size=64, batch_size=16)
+  loader = data.make_eval_loader(config)
+  first = [b["image"][b["mask"]] for b in loader]
+  second = [b["image"][b["mask"]] for b in loader]
+  for a, b in zip(first, second, strict=True):
+    np.testing.assert_array_equal(a, b)
+  images = np.concatenate(first)
+  # chelsea 300 x 451: sides 300, 150, 75 -> 1x2 + 2x4 + 4x7 = 38; flower 427 x 640: 427, 213, 106 -> 2 + 12 + 35.
+  assert len(images) == loader.num_records == 38 + 49
+  # The first crop is chelsea's left square (rows 0..299, columns 0..299) shrunk to 64: compare block means.
+  chelsea = _independent_photo("chelsea")[:, :300].astype(np.float64)
+  coarse_photo = chelsea.reshape(4, 75, 4, 75, 3).mean(axis=(1, 3))
+  coarse_crop = images[0].astype(np.float64).reshape(4, 16, 4, 16, 3).mean(axis=(1, 3))
+  np.testing.assert_allclose(coarse_crop, coarse_photo, atol=3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The inspection tool.
+
+
+def test_inspect_counts_delivered_and_skipped_and_writes_a_grid(bad_root, tmp_path):
+  output = tmp_path / "grid.png"
+  counts = data_inspect.run(data_inspect.inspect_config(str(bad_root), None, 16, 4), augment=False,
+                            output=str(output))
+  assert counts == {"images": 5, "skipped": 3}
+  grid = np.asarray(Image.open(output))
+  assert grid.shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 4 images of 16 px, 2 a row, 2-pixel gutters.
+  assert _identities(grid[2:18, 2:18][None]) == [1]
+
+
+def test_inspect_command_line_prints_json_last(image_root):
+  result = subprocess.run(
+      [sys.executable, "-m", "gaussiantoken_jax.data.inspect", f"--data={image_root}", "--split=test",
+       "--image_size=8"], capture_output=True, text=True, check=True, timeout=120)
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == {"images": NUM_TEST, "skipped": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional: the development data next to the project.
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10-jpeg-test.tar")),
+                    reason="needs ../shared/data (development machine only)")
+def test_shared_cifar10_test_tar_reads_in_place():
+  config = _config(path=os.path.join(SHARED_DATA, "cifar10-jpeg-{split}.tar"), image_size=32, batch_size=250)
+  loader = data.make_eval_loader(config)
+  assert loader.num_records == 10000 and len(loader) == 40
+  iterator = iter(loader)
+  for _ in range(2):
+    batch = next(iterator)
+    assert batch["mask"].all() and batch["image"].shape == (250, 32, 32, 3)
+    assert batch["image"].reshape(250, -1).std(axis=1).min() > 1.0  # Real pictures, not padding.

@@ -1,0 +1,244 @@
+"""Host transforms (decode, crops, resizes) and the device helpers of gaussiantoken_jax.data.
+
+References are written here from the formulas: the linear-ramp checks evaluate, in float64, the ramp at the
+continuous source point each output pixel centre maps to (a symmetric resampling filter reproduces a linear
+function exactly away from the borders), and the crop offsets are torchvision's published formulas.
+"""
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from gaussiantoken_jax import data
+from gaussiantoken_jax.data import transforms
+
+RAMP_C = 10.0
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _slopes(height, width):
+  # As steep as uint8 allows, so that a geometry error of half a source pixel (DX / 2) stands out.
+  return 200.0 / width, 40.0 / height
+
+
+def _ramp(height, width):
+  """uint8 image whose three channels are the linear function f(x, y) = DX x + DY y + C of the pixel index."""
+  dx, dy = _slopes(height, width)
+  y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+  return np.repeat(np.rint(dx * x + dy * y + RAMP_C)[:, :, None], 3, axis=2).astype(np.uint8)
+
+
+def _expected_ramp(image_shape, box, size, flipped=False):
+  """float64 ramp at the source point of each output pixel centre for `box` = (top, left, h, w) -> [size, size]."""
+  dx, dy = _slopes(*image_shape[:2])
+  top, left, height, width = box
+  centre = (np.arange(size) + 0.5) / size
+  x = left + centre * width - 0.5  # Continuous pixel-edge coordinate -> pixel-index coordinate.
+  y = top + centre * height - 0.5
+  if flipped:
+    x = x[::-1]
+  return dx * x[None, :] + dy * y[:, None] + RAMP_C
+
+
+def _assert_interior_close(out, expected, margin):
+  """Compares away from the borders, where the resampling filter is truncated.
+
+  Each pixel may be off by about one level (the input ramp and the output are both rounded to uint8), and the
+  mean error by a few tenths (the rounding errors of a small regular grid do not cancel); a geometry mistake of
+  half a source pixel would shift the mean by DX / 2 >= 0.6.
+  """
+  assert out.dtype == np.uint8 and out.shape[-1] == 3
+  for c in range(3):
+    diff = out[margin:-margin, margin:-margin, c].astype(np.float64) - expected[margin:-margin, margin:-margin]
+    assert np.abs(diff).max() < 1.1
+    assert abs(diff.mean()) < 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def test_decode_rgb_png_is_exact():
+  rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+  out = transforms.decode_image(_encode(Image.fromarray(rgb)))
+  np.testing.assert_array_equal(out, rgb)
+
+
+def test_decode_grey_palette_rgba_and_16_bit():
+  rng = np.random.default_rng(1)
+  grey = rng.integers(0, 256, (6, 4), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.decode_image(_encode(Image.fromarray(grey, "L"))),
+                                np.repeat(grey[:, :, None], 3, axis=2))
+
+  palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+  indices = rng.integers(0, 256, (6, 4), dtype=np.uint8)
+  img = Image.frombytes("P", (4, 6), indices.tobytes())
+  img.putpalette(palette.reshape(-1).tolist())
+  np.testing.assert_array_equal(transforms.decode_image(_encode(img)), palette[indices])
+
+  rgba = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"))), rgba[:, :, :3])
+
+  wide = rng.integers(0, 65536, (6, 4), dtype=np.uint16)
+  decoded = transforms.decode_image(_encode(Image.fromarray(wide)))
+  expected = np.rint(wide.astype(np.float64) * 255.0 / 65535.0)
+  np.testing.assert_array_equal(decoded, np.repeat(expected[:, :, None], 3, axis=2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation,expected_fn", [
+    (2, np.fliplr),
+    (3, lambda a: np.rot90(a, 2)),
+    (6, lambda a: np.rot90(a, -1)),  # EXIF 6: the stored picture must be turned 90 degrees clockwise.
+    (8, lambda a: np.rot90(a, 1)),
+])
+def test_decode_applies_exif_orientation(orientation, expected_fn):
+  rgb = np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  out = transforms.decode_image(_encode(Image.fromarray(rgb), exif=exif.tobytes()))
+  np.testing.assert_array_equal(out, expected_fn(rgb))
+
+
+def test_decode_rejects_corrupt_bytes_and_non_bytes():
+  jpeg = _encode(Image.fromarray(_ramp(64, 64)), "JPEG", quality=90)
+  for bad in (b"", b"this is a text file, not a PNG\n", jpeg[:len(jpeg) // 2]):
+    with pytest.raises(transforms.CorruptImageError):
+      transforms.decode_image(bad)
+  with pytest.raises(ValueError, match="`data`"):
+    transforms.decode_image(np.zeros(4, np.uint8))
+
+
+def test_check_image_errors_name_the_argument():
+  with pytest.raises(ValueError, match="`image`.*dtype uint8.*float32"):
+    transforms.resize_short_side_center_crop(np.zeros((4, 4, 3), np.float32), 2)
+  with pytest.raises(ValueError, match=r"`image`.*\[H, W, 3\].*\(4, 4\)"):
+    transforms.center_crop(np.zeros((4, 4), np.uint8), 2)
+  with pytest.raises(ValueError, match="`size`"):
+    transforms.center_crop(np.zeros((4, 4, 3), np.uint8), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry of crops and resizes.
+
+
+def test_resize_short_side_center_crop_geometry():
+  image = _ramp(90, 150)  # Short side 90: the central 90 x 90 square starts at column 30, resized to 30 (x3).
+  out = transforms.resize_short_side_center_crop(image, 30)
+  assert out.shape == (30, 30, 3)
+  _assert_interior_close(out, _expected_ramp(image.shape, (0.0, 30.0, 90, 90), 30), margin=2)
+
+
+def test_resize_box_fractional_box_and_upsampling():
+  image = _ramp(40, 60)
+  box = (3.5, 10.25, 20.0, 30.0)
+  _assert_interior_close(transforms.resize_box(image, box, 12), _expected_ramp(image.shape, box, 12), margin=2)
+  _assert_interior_close(transforms.resize_box(image, box, 50), _expected_ramp(image.shape, box, 50), margin=3)
+
+
+def test_center_crop_matches_torchvision_offsets_and_pads_black():
+  image = np.random.default_rng(2).integers(1, 256, (37, 50, 3), dtype=np.uint8)
+  # torchvision CenterCrop: top = round((37 - 32) / 2) = round(2.5) = 2 (round half to even), left = 9.
+  np.testing.assert_array_equal(transforms.center_crop(image, 32), image[2:34, 9:41])
+  small = image[:20, :25]
+  out = transforms.center_crop(small, 32)
+  # Padding (32 - 20) // 2 = 6 rows above, 6 below; (32 - 25) // 2 = 3 columns left, 4 right.
+  np.testing.assert_array_equal(out[6:26, 3:28], small)
+  assert out.shape == (32, 32, 3) and out.sum() == small.astype(np.int64).sum()
+
+
+def test_sample_resized_crop_box_respects_scale_and_ratio():
+  rng = np.random.default_rng(3)
+  height, width = 300, 400
+  fractions, aspects = [], []
+  for _ in range(2000):
+    top, left, h, w = transforms.sample_resized_crop_box(rng, height, width)
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    fractions.append(h * w / (height * width))
+    aspects.append(w / h)
+  fractions, aspects = np.array(fractions), np.array(aspects)
+  rounding = 0.02  # Box sides are rounded to whole pixels.
+  assert fractions.min() >= 0.08 - rounding and fractions.max() <= 1.0
+  assert aspects.min() >= 0.75 - rounding and aspects.max() <= 4 / 3 + rounding
+  # The area fraction is uniform on [0.08, 1] before rejections, which only remove large boxes: mean < 0.54.
+  assert 0.35 < fractions.mean() < 0.54
+
+
+def test_sample_resized_crop_box_fallback_is_central_clamped_ratio():
+  rng = np.random.default_rng(4)
+  # A 10 x 1000 strip admits no box of area >= 8% with aspect <= 4/3: torchvision's fallback is the central
+  # box of the full height and width = round(10 * 4/3) = 13.
+  assert transforms.sample_resized_crop_box(rng, 10, 1000) == (0, (1000 - 13) // 2, 10, 13)
+  assert transforms.sample_resized_crop_box(rng, 1000, 10) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7, 8])
+def test_random_resized_crop_samples_then_resizes_then_flips(seed):
+  image = _ramp(120, 160)
+  out = transforms.random_resized_crop(image, np.random.default_rng(seed), 24)
+  # The same generator draws the box first, then the flip coin.
+  rng = np.random.default_rng(seed)
+  box = transforms.sample_resized_crop_box(rng, 120, 160)
+  flipped = rng.random() < 0.5
+  _assert_interior_close(out, _expected_ramp(image.shape, box, 24, flipped), margin=3)
+
+
+def test_random_scale_crop_boxes_are_square_and_in_range():
+  rng = np.random.default_rng(9)
+  sides = []
+  for _ in range(500):
+    top, left, h, w = transforms.sample_scale_crop_box(rng, 200, 300, 32)
+    assert h == w and 32 <= h <= 200 and top + h <= 200 and left + w <= 300
+    sides.append(h)
+  # log-uniform side on [32, 200]: the median is the geometric mean, sqrt(32 * 200) = 80.
+  assert 65 < np.median(sides) < 95
+  assert transforms.random_scale_crop(_ramp(200, 300), rng, 32).shape == (32, 32, 3)
+  # An image smaller than the crop size gives the whole (short side) square, upsampled.
+  assert transforms.sample_scale_crop_box(rng, 10, 12, 32)[2:] == (10, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device side.
+
+
+@jax.jit
+def _scale(images):
+  return data.to_model_input(images)
+
+
+def test_to_model_input_maps_uint8_to_unit_interval():
+  pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+  out = np.asarray(_scale(pixels))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, pixels.astype(np.float64) / 127.5 - 1.0, atol=1e-6)
+  assert out.min() == -1.0 and out.max() == 1.0
+  with pytest.raises(ValueError, match="`images`.*uint8.*float32"):
+    data.to_model_input(jnp.zeros((1, 2, 2, 3), jnp.float32))
+  with pytest.raises(ValueError, match=r"`images`.*\[B, H, W, 3\]"):
+    data.to_model_input(jnp.zeros((2, 2, 3), jnp.uint8))
+
+
+def test_to_global_array_shards_the_batch_over_devices():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  n = len(jax.devices())
+  batch = {"image": np.random.default_rng(10).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+           "mask": np.arange(n) % 3 > 0}
+  out = data.to_global_array(batch, sharding)
+  for name in batch:
+    assert out[name].shape == batch[name].shape and out[name].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out[name]), batch[name])
+  assert len(out["image"].addressable_shards) == n
+  with pytest.raises(ValueError, match="`sharding`"):
+    data.to_global_array(batch, None)
+  with pytest.raises(ValueError, match="leading"):
+    data.to_global_array({"image": batch["image"], "mask": batch["mask"][:2]}, sharding)
+  with pytest.raises(ValueError, match="`batch\\['image'\\]`"):
+    data.to_global_array({"image": [1, 2]}, sharding)
