@@ -19,6 +19,7 @@ save with a smaller step number.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -30,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from gaussiantoken_jax.train import distributed
 from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -38,6 +41,8 @@ STATE, DATA, CONFIG = "state", "data", "config"
 _COMMIT_FILE = "commit_success.txt"
 # Orbax's per-step metadata; it gets a commit timestamp when the step is finalised.
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+# Every Checkpointer of a process makes one barrier, in the same order on every process: a unique name each.
+_BARRIER_COUNT = itertools.count()
 
 
 def is_complete_step(step_dir: epath.PathLike) -> bool:
@@ -129,8 +134,8 @@ class Checkpointer:
             target = self.directory / f"{step_dir.name}.incomplete-{time.time_ns()}"
           logging.warning("Checkpoint step %s is incomplete (a save cut short?); moving it to %s.", step_dir, target)
           step_dir.rename(target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("gaussiantoken_jax.checkpointing.set_aside_incomplete_steps")
+    # The coordination service, not a device collective (see distributed.barrier).
+    distributed.barrier(f"gaussiantoken_jax.checkpointing.set_aside_incomplete_steps.{next(_BARRIER_COUNT)}")
 
   def all_steps(self) -> list[int]:
     """The steps of all complete checkpoints on disk, in increasing order (a save in flight is not one)."""

@@ -1,0 +1,188 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, for `main.py` and notebooks alike.
+
+One flat function in sections (big_vision's layout): distributed start-up, mesh and step functions, input,
+restore-or-init, then the loop. Per step: next local batch -> global array -> jitted train step. Around it:
+
+* NaN/Inf: the losses of step t are fetched after step t+1 has been dispatched, so the host never waits for
+  the device; before any checkpoint the current step is checked too. A non-finite loss raises
+  FloatingPointError, leaving the last good checkpoint as the newest one.
+* Metrics: clu Collections merged over `log_every_steps`, written with steps/s, images/s and ETA.
+* Checkpoints every `checkpoint_every_steps` and at the end: the state, the config and every process's data
+  iterator position. Restarting the same command on the same workdir continues exactly where the newest
+  complete checkpoint left off (same batches, same random draws).
+* SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0).
+* Evaluation with the EMA weights every `eval_every_steps` and at the end: PSNR, LPIPS, code usage and
+  perplexity, and a picture of originals above their reconstructions.
+
+Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from gaussiantoken_jax import data, losses
+from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
+from gaussiantoken_jax.train import step as step_lib
+
+# Eval images shown in the reconstruction picture (originals on top, reconstructions below).
+_GRID_IMAGES = 8
+
+
+def _check_finite(step: int, step_metrics) -> None:
+  """Raises FloatingPointError if step `step`'s generator or discriminator loss is NaN or Inf."""
+  values = {"loss": float(step_metrics.loss.total), "disc_loss": float(step_metrics.disc_loss.total)}
+  bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+  if bad:
+    raise FloatingPointError(
+        f"Non-finite loss at step {step}: {bad}. Training stopped; the newest checkpoint is the last good "
+        f"state (lower the learning rate or check the data before resuming).")
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 pixels, the inverse of `data.to_model_input`."""
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def evaluate(fns: step_lib.StepFunctions, eval_step, state: step_lib.TrainState, lpips_params, eval_loader,
+             num_batches: int) -> tuple[dict[str, float], np.ndarray | None]:
+  """EMA-weight metrics over the first `num_batches` eval batches, and a reconstruction picture.
+
+  `eval_step` is `fns.eval_step` or its compiled form (`fns.compile_eval_step`).
+  Returns ({"psnr", "lpips", "codebook_usage", "perplexity", "num_images"}, uint8 grid image or None).
+  Every process must call it (the picture is gathered from all of them).
+  """
+  metrics, counts, grid = None, None, None
+  for index, local_batch in zip(range(num_batches), eval_loader):
+    batch = data.to_global_array(local_batch, fns.batch_sharding)
+    batch_metrics, batch_counts, reconstructions = eval_step(state.ema_params, state.model_state, batch,
+                                                             lpips_params)
+    metrics = batch_metrics if metrics is None else metrics.merge(batch_metrics)
+    counts = batch_counts if counts is None else counts + batch_counts
+    if index == 0:
+      images, mask, reconstructions = multihost_utils.process_allgather(
+          (batch["image"], batch["mask"], reconstructions), tiled=True)
+      shown = np.flatnonzero(np.asarray(mask))[:_GRID_IMAGES]
+      if shown.size:
+        pictures = np.concatenate([np.asarray(images)[shown], _to_uint8(np.asarray(reconstructions)[shown])])
+        grid = writers.image_grid(pictures, rows=2, padding=1)
+  if metrics is None:
+    raise ValueError("evaluate: the eval loader yielded no batch.")
+  usage, perplexity = step_lib.code_usage_and_perplexity(np.asarray(counts))
+  results = {name: float(value) for name, value in metrics.compute().items()}
+  results.update(codebook_usage=usage, perplexity=perplexity, num_images=int(metrics.psnr.count))
+  return results, grid
+
+
+def _num_eval_batches(config: ml_collections.ConfigDict, eval_loader) -> int:
+  if config.num_eval_images <= 0:
+    return len(eval_loader)
+  global_batch = eval_loader.batch_size * jax.process_count()
+  return min(len(eval_loader), -(-config.num_eval_images // global_batch))
+
+
+def _check_loop_config(config: ml_collections.ConfigDict) -> None:
+  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints"):
+    value = config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{name} must be a positive int, got {value!r}.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final state.
+
+  Returns early, after saving a checkpoint, when the process receives SIGTERM. Raises FloatingPointError on
+  a non-finite loss.
+  """
+  _check_loop_config(config)
+  # --- Processes and devices.
+  distributed.initialize_from_env()
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  writer = writers.create_writer(workdir, is_main)
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Process %d of %d; mesh %s over %d devices (%d local).", jax.process_index(), jax.process_count(),
+               dict(mesh.shape), jax.device_count(), jax.local_device_count())
+
+  # --- Model, optimizers, shardings and jitted steps; frozen LPIPS weights on every device.
+  fns = step_lib.make_step_functions(config, mesh)
+  lpips_params = fns.replicate(losses.load_lpips_params(config.loss.lpips_weights_path))
+
+  # --- Input.
+  train_iter = iter(data.make_train_loader(config))
+  eval_loader = data.make_eval_loader(config)
+  num_eval_batches = _num_eval_batches(config, eval_loader)
+
+  # --- Restore the newest checkpoint (state and data position), or start afresh.
+  distributed.barrier("gaussiantoken_jax.trainer.started")  # before the Checkpointer's first collective
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  try:
+    if checkpointer.latest_step() is not None:
+      restored = checkpointer.restore(fns.abstract_state, data=data.restore_args(train_iter))
+      state = restored.state
+      logging.info("Resumed from the checkpoint of step %d in %s.", restored.step, checkpointer.directory)
+    else:
+      state = fns.init()
+      logging.info("Initialised a new run in %s.", workdir)
+    first_step = int(state.step)
+    if first_step >= config.total_steps:
+      logging.info("Nothing to train: the checkpoint in %s is at step %d >= total_steps=%d.", workdir, first_step,
+                   config.total_steps)
+      return state
+
+    # --- Compile ahead of time; then all processes start the loop together (see distributed.barrier).
+    train_step = fns.compile_train_step(state, lpips_params, config.batch_size)
+    eval_step = fns.compile_eval_step(state, lpips_params, eval_loader.batch_size * jax.process_count())
+    distributed.barrier("gaussiantoken_jax.trainer.compiled")
+    logging.info("Train and eval steps compiled.")
+
+    def save(step: int) -> None:
+      checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
+
+    def run_eval(step: int) -> None:
+      results, grid = evaluate(fns, eval_step, state, lpips_params, eval_loader, num_eval_batches)
+      writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
+      if grid is not None:
+        writer.write_images(step, {"eval_reconstructions": grid[None]})
+
+    # --- The loop.
+    progress = writers.ProgressReporter(total_steps=config.total_steps, batch_size=config.batch_size,
+                                        writer=writer, first_step=first_step)
+    interval_metrics, previous = None, None  # previous: (step, metrics) not yet checked for NaN
+    step = first_step
+    with checkpointing.PreemptionGuard(sync_every_steps=config.log_every_steps) as guard:
+      while step < config.total_steps:
+        batch = data.to_global_array(next(train_iter), fns.batch_sharding)
+        state, step_metrics = train_step(state, batch, lpips_params)
+        step += 1
+        if previous is not None:
+          _check_finite(*previous)
+        previous = (step, step_metrics)
+        interval_metrics = step_metrics if interval_metrics is None else interval_metrics.merge(step_metrics)
+
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+          _check_finite(*previous)
+          writer.write_scalars(step, {name: float(value) for name, value in interval_metrics.compute().items()})
+          interval_metrics = None
+          progress.report(step)
+        stop = guard.should_stop(step)
+        if stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+          _check_finite(*previous)
+          save(step)
+        if stop:
+          logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
+          break
+        if step % config.eval_every_steps == 0 or step == config.total_steps:
+          run_eval(step)
+  finally:
+    checkpointer.close()  # waits for the last save
+    writer.close()
+  return state

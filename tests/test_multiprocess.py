@@ -1,0 +1,148 @@
+"""Two JAX processes on one machine (jax.distributed on 127.0.0.1, CPU gloo collectives), 4 devices each.
+
+* The train step: two processes, each feeding its half of the same global batches, reach the parameters and
+  codebook of one process with 8 devices.
+* The training loop: `python -m gaussiantoken_jax.main` launched as two processes (the variables of
+  `launch/multiprocess_local.sh`) trains, checkpoints and exits 0, with metrics from process 0 only.
+
+This file is also the worker script: `python tests/test_multiprocess.py worker PROCESS_ID NUM_PROCESSES OUT`.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+NUM_STEPS = 3
+TIMEOUT = 900
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def process_env(process_id, num_processes, port):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_DEVICES // num_processes}"
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache/gaussiantoken_jax/jax_cache"))
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  if num_processes > 1:
+    env.update(GAUSSIANTOKEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", GAUSSIANTOKEN_NUM_PROCESSES=str(num_processes),
+               GAUSSIANTOKEN_PROCESS_ID=str(process_id))
+  return env
+
+
+def run_processes(num_processes, make_command, tmp_path, name):
+  """Starts `num_processes` processes of `make_command(process_id)`; returns (return codes, outputs)."""
+  port = free_port()
+  logs = [open(tmp_path / f"{name}_{i}.log", "w") for i in range(num_processes)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(make_command(i), cwd=REPO, env=process_env(i, num_processes, port), stdout=log,
+                            stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+  try:
+    codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
+  finally:
+    for proc, log in zip(procs, logs):
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+  return codes, [(tmp_path / f"{name}_{i}.log").read_text() for i in range(num_processes)]
+
+
+def worker(process_id: int, num_processes: int, out_path: str) -> None:
+  """Trains NUM_STEPS steps of demo runlocal on fixed random global batches; process 0 writes the result."""
+  import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS is set by the parent)
+  from gaussiantoken_jax import losses  # pylint: disable=import-outside-toplevel
+  from gaussiantoken_jax.data import to_global_array  # pylint: disable=import-outside-toplevel
+  from gaussiantoken_jax.train import distributed, sharding  # pylint: disable=import-outside-toplevel
+  from gaussiantoken_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  distributed.initialize_from_env()
+  assert jax.process_count() == num_processes and jax.device_count() == NUM_DEVICES
+  spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  fns = step_lib.make_step_functions(config, sharding.make_mesh(config.mesh))
+  state, lpips_params = fns.init(), fns.replicate(losses.load_lpips_params())
+  # Compile first, then meet: gloo gives up on a collective whose peers arrive more than 30 s apart.
+  train_step = fns.compile_train_step(state, lpips_params, config.batch_size)
+  distributed.barrier("test_multiprocess.compiled")
+  local = config.batch_size // num_processes
+  step_metrics = []  # per step: generator loss, discriminator loss, both gradient norms
+  arrays = {}
+  for step in range(NUM_STEPS):
+    images = np.random.default_rng(step).integers(0, 256, (config.batch_size, 32, 32, 3), dtype=np.uint8)
+    mine = images[process_id * local:(process_id + 1) * local]
+    state, metrics = train_step(state, to_global_array({"image": mine}, fns.batch_sharding), lpips_params)
+    step_metrics.append([float(metrics.loss.total), float(metrics.disc_loss.total), float(metrics.grad_norm.total),
+                         float(metrics.disc_grad_norm.total)])
+    if step in (0, NUM_STEPS - 1):
+      # Parameters and codebook are replicated: every process holds whole copies.
+      leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "disc_params": state.disc_params,
+                                                    "codebook": state.model_state["codebook"]})
+      arrays.update({f"step{step + 1}{jax.tree_util.keystr(path)}": np.asarray(leaf.addressable_data(0))
+                     for path, leaf in leaves if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)})
+  if process_id == 0:
+    np.savez(out_path, metrics=np.asarray(step_metrics),
+             learning_rates=[float(fns.parts.gen_schedule(t)) for t in range(NUM_STEPS)], **arrays)
+
+
+def test_two_processes_reach_the_parameters_of_one_process(tmp_path):
+  results = {}
+  for num_processes in (1, 2):
+    out = tmp_path / f"result_{num_processes}.npz"
+    codes, outputs = run_processes(num_processes, lambda i, n=num_processes, o=out: [
+        sys.executable, __file__, "worker", str(i), str(n), str(o)], tmp_path, f"step_{num_processes}")
+    assert codes == [0] * num_processes, outputs[0][-3000:] + outputs[-1][-3000:]
+    results[num_processes] = dict(np.load(out))
+  one, two = results[1], results[2]
+  assert sorted(one) == sorted(two)
+  assert np.all(np.isfinite(one["metrics"]))
+  # Same program on the same 8-device mesh; only the cross-process reductions may sum in another order.
+  np.testing.assert_allclose(two["metrics"][:, :2], one["metrics"][:, :2], rtol=2e-5)  # losses, every step
+  np.testing.assert_allclose(two["metrics"][0], one["metrics"][0], rtol=1e-5)  # and the first gradient norms
+  first = [key for key in one if key.startswith("step1")]
+  # After one step: Adam's first update is lr * g / (|g| + eps) ~ +-lr, so a gradient within rounding of 0 may
+  # flip sign between the two reduction orders and move that weight by up to 2 lr.
+  for key in first:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=2.5 * one["learning_rates"][0], err_msg=key)
+  # After NUM_STEPS steps those lr-sized differences have passed through a steep early loss surface
+  # (generator gradient norms ~1e3) and grown to the size of the updates themselves; the losses above stay
+  # equal to float precision. The trainable weights must still agree to within the summed Adam steps.
+  total_lr = one["learning_rates"].sum()
+  for key in (k for k in one if k.startswith(f"step{NUM_STEPS}['params']") or
+              k.startswith(f"step{NUM_STEPS}['disc_params']")):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-3, atol=2 * total_lr, err_msg=key)
+
+
+def test_training_loop_on_two_processes(tmp_path):
+  workdir = tmp_path / "run"
+  codes, outputs = run_processes(2, lambda i: [
+      sys.executable, "-m", "gaussiantoken_jax.main", "--config=configs/demo.py:runlocal", f"--workdir={workdir}",
+      "--config.total_steps=6", "--config.log_every_steps=3", "--config.checkpoint_every_steps=3",
+      "--config.eval_every_steps=6"], tmp_path, "loop")
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  assert "Process 1 of 2" in outputs[1]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 2 and np.all(np.isfinite(losses))  # written once (process 0), at steps 3 and 6
+  assert [r["eval_num_images"] for r in records if "eval_psnr" in r] == [16]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  assert sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").iterdir()
+                if p.name.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 5 or sys.argv[1] != "worker":
+    raise SystemExit(f"usage: {sys.argv[0]} worker PROCESS_ID NUM_PROCESSES OUT")
+  worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

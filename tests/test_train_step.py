@@ -1,0 +1,243 @@
+"""The jitted train and eval steps: every config trains one step; loss arithmetic, EMAs, schedules, the GAN
+switch, PSNR and code counts against NumPy; 8 devices against 1 device; argument checks.
+
+Compiled step functions are cached per (config, devices) for the whole module: each costs one compile.
+"""
+import functools
+import importlib.util
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from gaussiantoken_jax import losses
+from gaussiantoken_jax.data import to_global_array
+from gaussiantoken_jax.train import distributed, sharding
+from gaussiantoken_jax.train import step as step_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# (config file, variant string): every runlocal config and the plain-VQ baseline.
+CONFIGS = [("demo", "runlocal"), ("cifar10", "runlocal"), ("mini_imagenet", "runlocal"),
+           ("imagenet", "runlocal"), ("demo", "runlocal,baseline=vq")]
+
+
+def load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@functools.cache
+def step_functions(name, arg, num_devices=8):
+  config = load_config(name, arg)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1), devices=jax.devices()[:num_devices])
+  return step_lib.make_step_functions(config, mesh)
+
+
+@functools.cache
+def lpips_params_on(name, arg, num_devices=8):
+  return step_functions(name, arg, num_devices).replicate(losses.load_lpips_params())
+
+
+def random_images(config, seed, batch_size=None):
+  size = config.data.image_size
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (batch_size or config.batch_size, size, size, 3), dtype=np.uint8)
+
+
+def run_step(fns, lpips_params, state, images):
+  """One train step; returns (host copy of the state before, new state, computed metrics as floats)."""
+  before = jax.device_get(state)  # the step donates `state`
+  batch = to_global_array({"image": images}, fns.batch_sharding)
+  new_state, metrics = fns.train_step(state, batch, lpips_params)
+  return before, new_state, {name: float(value) for name, value in metrics.compute().items()}
+
+
+def timm_cosine_lr(opt, total_steps, t):
+  """timm's CosineLRScheduler (per step, warmup_prefix False), in float64."""
+  if t < opt.warmup_steps:
+    return opt.init_learning_rate + t * (opt.learning_rate - opt.init_learning_rate) / opt.warmup_steps
+  return 0.5 * opt.learning_rate * (1.0 + math.cos(math.pi * t / total_steps))
+
+
+def check_loss_arithmetic(config, metrics):
+  loss_cfg = config.loss
+  generator = (loss_cfg.l1_weight * metrics["l1"] + loss_cfg.lpips_weight * metrics["lpips"]
+               + metrics["gan_weight"] * metrics["gan"] + loss_cfg.commitment_weight * metrics["commitment"])
+  np.testing.assert_allclose(metrics["loss"], generator, rtol=1e-5)
+  np.testing.assert_allclose(metrics["disc_loss"], metrics["hinge"] + loss_cfg.lecam_weight * metrics["lecam"],
+                             rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def demo_first_step():
+  """The demo runlocal config's first step on 8 devices: (fns, state before (host), state after, metrics)."""
+  fns = step_functions("demo", "runlocal")
+  before, after, metrics = run_step(fns, lpips_params_on("demo", "runlocal"), fns.init(),
+                                    random_images(fns.parts.config, 0))
+  return fns, before, after, metrics
+
+
+@pytest.mark.parametrize("name, arg", CONFIGS, ids=[f"{n}:{a}" for n, a in CONFIGS])
+def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, demo_first_step):
+  if (name, arg) == ("demo", "runlocal"):
+    fns, before, after, metrics = demo_first_step
+  else:
+    fns = step_functions(name, arg)
+    before, after, metrics = run_step(fns, lpips_params_on(name, arg), fns.init(), random_images(fns.parts.config, 0))
+  config = fns.parts.config
+  assert all(math.isfinite(value) for value in metrics.values()), metrics
+  assert ("scale_max" in metrics) == (config.model.type == "gaussiantoken")
+  after = jax.device_get(after)
+  assert int(after.step) == 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(after))
+  # Every trainable leaf of both networks moved (AdamW's decay alone would move the zero-gradient ones).
+  for old, new in ((before.params, after.params), (before.disc_params, after.disc_params)):
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
+  assert bool(after.model_state["codebook"]["quantizer"]["initted"])  # k-means ran on the first batch
+  check_loss_arithmetic(config, metrics)
+  assert metrics["gan_weight"] == 0.0  # step 0 < gan_start_step
+  np.testing.assert_allclose(metrics["learning_rate"], timm_cosine_lr(config.optimizer, config.total_steps, 0),
+                             rtol=1e-6)
+
+
+def test_weight_ema_and_lecam_emas_follow_their_formulas(demo_first_step):
+  fns, before, after, metrics = demo_first_step
+  config = fns.parts.config
+  after = jax.device_get(after)
+  decay = config.ema_decay
+  for ema0, ema1, param1 in zip(jax.tree.leaves(before.ema_params), jax.tree.leaves(after.ema_params),
+                                jax.tree.leaves(after.params)):
+    expected = decay * np.float64(ema0) + (1 - decay) * np.float64(param1)
+    np.testing.assert_allclose(ema1, expected, rtol=1e-5, atol=1e-7)
+  # Initial EMAs are 0, so after one update they are (1 - decay) * the mean logits of this step.
+  lecam_decay = config.loss.lecam_decay
+  np.testing.assert_allclose(after.lecam_ema, [(1 - lecam_decay) * metrics["logits_real"],
+                                               (1 - lecam_decay) * metrics["logits_fake"]], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(before.ema_params["decoder"]["conv_out"]["kernel"]),
+                                np.asarray(before.params["decoder"]["conv_out"]["kernel"]))
+
+
+def test_gan_term_switches_on_at_gan_start_step_with_the_scheduled_learning_rates(demo_first_step):
+  fns, _, after, _ = demo_first_step
+  config = fns.parts.config
+  start = config.loss.gan_start_step
+  state = jax.device_put(jax.device_get(after).replace(step=np.int32(start)), jax.tree.map(lambda x: x.sharding,
+                                                                                           fns.abstract_state))
+  _, new_state, metrics = run_step(fns, lpips_params_on("demo", "runlocal"), state, random_images(config, 1))
+  assert int(new_state.step) == start + 1
+  assert metrics["gan_weight"] == pytest.approx(config.loss.gan_weight)
+  check_loss_arithmetic(config, metrics)
+  for key, opt in (("learning_rate", config.optimizer), ("disc_learning_rate", config.disc_optimizer)):
+    np.testing.assert_allclose(metrics[key], timm_cosine_lr(opt, config.total_steps, start), rtol=1e-5)
+
+
+def test_adaptive_gan_weight_equals_vqgan_formula_on_full_gradients():
+  """With loss.adaptive_gan_weight the GAN weight is gan_weight * ||dL_rec/dW|| / (||dL_gan/dW|| + 1e-4), W the
+  decoder's last kernel; the step takes these from kernel-only gradients, the test from full-tree gradients."""
+  config = load_config("demo", "runlocal")
+  config.loss.adaptive_gan_weight = True
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
+  fns = step_lib.make_step_functions(config, mesh)
+  lpips_params = fns.replicate(losses.load_lpips_params())
+  state = fns.init()
+  state = state.replace(step=jax.device_put(np.int32(config.loss.gan_start_step), state.step.sharding))
+  images = random_images(config, 5)
+
+  @jax.jit
+  def last_layer_gradients(state, images, lpips_params):
+    x = images.astype(np.float32) / 127.5 - 1.0
+    keys = tuple(jax.random.split(jax.random.fold_in(state.rng, state.step), 3))
+    terms = lambda params, i: step_lib._generator_terms(fns.parts, params, state, x, lpips_params, keys)[i]  # noqa: E731
+    return [jax.grad(terms)(state.params, i)["decoder"]["conv_out"]["kernel"] for i in (0, 1)]
+
+  rec_grad, gan_grad = (np.asarray(g, np.float64) for g in last_layer_gradients(state, images, lpips_params))
+  expected = config.loss.gan_weight * np.linalg.norm(rec_grad) / (np.linalg.norm(gan_grad) + 1e-4)
+  _, _, metrics = run_step(fns, lpips_params, state, images)
+  assert expected > 0
+  np.testing.assert_allclose(metrics["gan_weight"], expected, rtol=1e-4)
+  check_loss_arithmetic(config, metrics)
+
+
+def test_eight_devices_and_one_device_give_the_same_step():
+  images = random_images(load_config("demo", "runlocal"), 2)
+  results = []
+  for num_devices in (8, 1):
+    fns = step_functions("demo", "runlocal", num_devices)
+    _, state, metrics = run_step(fns, lpips_params_on("demo", "runlocal", num_devices), fns.init(), images)
+    results.append((metrics, jax.device_get(state)))
+  (metrics8, state8), (metrics1, state1) = results
+  for key in ("loss", "l1", "lpips", "commitment", "disc_loss", "perplexity"):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
+  # Adam's first update is lr * g / (|g| + eps) ~ +-lr per weight: a gradient within rounding of 0 may flip
+  # sign between the two reduction orders, moving that weight by up to 2 lr.
+  lr = load_config("demo", "runlocal").optimizer.init_learning_rate
+  for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2.5 * lr)
+  np.testing.assert_allclose(state8.model_state["codebook"]["quantizer"]["embed"],
+                             state1.model_state["codebook"]["quantizer"]["embed"], rtol=1e-4, atol=2e-5)
+
+
+def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
+  fns, _, after, _ = demo_first_step
+  config = fns.parts.config
+  images = random_images(config, 3)
+  mask = np.arange(config.batch_size) < 5
+  batch = to_global_array({"image": images, "mask": mask}, fns.batch_sharding)
+  lpips_params = lpips_params_on("demo", "runlocal")
+  metrics, counts, reconstructions = fns.eval_step(after.ema_params, after.model_state, batch, lpips_params)
+  reconstructions = np.asarray(reconstructions, np.float64)
+  assert reconstructions.min() >= -1 and reconstructions.max() <= 1
+  originals = images.astype(np.float64) / 255.0
+  mse = np.mean(np.square((reconstructions + 1) / 2 - originals), axis=(1, 2, 3))
+  psnr = 10 * np.log10(1.0 / mse)
+  computed = metrics.compute()
+  np.testing.assert_allclose(computed["psnr"], psnr[mask].mean(), rtol=1e-4)
+  lpips_each = np.asarray(losses.lpips_distance(jax.device_get(lpips_params), (originals * 2 - 1).astype(np.float32),
+                                                reconstructions.astype(np.float32)))
+  np.testing.assert_allclose(computed["lpips"], lpips_each[mask].mean(), rtol=1e-4)
+  counts = np.asarray(counts)
+  assert counts.shape == (config.model.codebook_size,)
+  assert counts.sum() == mask.sum() * config.model.num_gaussians  # one code per Gaussian of each valid image
+
+
+def test_code_usage_and_perplexity():
+  usage, perplexity = step_lib.code_usage_and_perplexity(np.array([2, 2, 0, 0]))
+  assert usage == 0.5 and perplexity == pytest.approx(2.0)
+  usage, perplexity = step_lib.code_usage_and_perplexity(np.array([3, 1]))
+  p = np.array([0.75, 0.25])
+  assert usage == 1.0 and perplexity == pytest.approx(np.exp(-np.sum(p * np.log(p))))
+  assert step_lib.code_usage_and_perplexity(np.zeros(4))[0] == 0.0
+
+
+def test_bad_batches_raise_value_errors(demo_first_step):
+  fns, _, after, _ = demo_first_step
+  config = fns.parts.config
+  lpips_params = lpips_params_on("demo", "runlocal")
+  images = random_images(config, 4)
+  with pytest.raises(ValueError, match=r"batch\['image'\].*uint8"):
+    fns.train_step(after, to_global_array({"image": images.astype(np.float32)}, fns.batch_sharding), lpips_params)
+  with pytest.raises(ValueError, match=r"batch\['image'\].*uint8 \[B, 32, 32, 3\]"):
+    fns.train_step(after, to_global_array({"image": images[:, :16, :16]}, fns.batch_sharding), lpips_params)
+  with pytest.raises(ValueError, match="`batch` must be a dict with keys"):
+    fns.eval_step(after.ema_params, after.model_state, to_global_array({"image": images}, fns.batch_sharding),
+                  lpips_params)
+  with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh"):
+    step_lib.make_step_functions(config, None)
+
+
+def test_initialize_from_env_checks_its_variables():
+  assert distributed.initialize_from_env({}) is False  # a single process: nothing to do
+  with pytest.raises(ValueError, match="Set all of"):
+    distributed.initialize_from_env({distributed.ENV_COORDINATOR: "127.0.0.1:1234"})
+  with pytest.raises(ValueError, match="must be an integer"):
+    distributed.initialize_from_env({distributed.ENV_COORDINATOR: "127.0.0.1:1234",
+                                     distributed.ENV_NUM_PROCESSES: "two", distributed.ENV_PROCESS_ID: "0"})
+  with pytest.raises(ValueError, match=r"must be in \[0,"):
+    distributed.initialize_from_env({distributed.ENV_COORDINATOR: "127.0.0.1:1234",
+                                     distributed.ENV_NUM_PROCESSES: "2", distributed.ENV_PROCESS_ID: "2"})
+  with pytest.raises(ValueError, match="'auto' or unset"):
+    distributed.initialize_from_env({distributed.ENV_AUTO: "yes"})

@@ -1,0 +1,182 @@
+"""The training loop end to end, through the real command line on an 8-device CPU mesh (demo, runlocal size):
+training and checkpoints, exact resume after SIGKILL, SIGTERM, and a NaN stop.
+
+Each run is a subprocess (`python -m gaussiantoken_jax.main`) because the tests kill and restart them; the
+subprocesses share JAX's persistent compilation cache, so only the first one compiles.
+"""
+import functools
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gaussiantoken_jax.train import checkpointing, sharding
+from gaussiantoken_jax.train import step as step_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 900  # seconds for one run; 2 shared CPU cores
+
+
+def run_env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache/gaussiantoken_jax/jax_cache"))
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+def start_run(workdir, *overrides, log_path):
+  command = [sys.executable, "-m", "gaussiantoken_jax.main", "--config=configs/demo.py:runlocal",
+             f"--workdir={workdir}", "--config.eval_every_steps=1000", *overrides]
+  log = open(log_path, "a")  # pylint: disable=consider-using-with  (closed when the process is waited for)
+  return subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT), log
+
+
+def finish(process_and_log, timeout=TIMEOUT):
+  process, log = process_and_log
+  try:
+    return process.wait(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+    log.close()
+
+
+def wait_for(condition, process, timeout=TIMEOUT, what=""):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if process.poll() is not None:
+      raise AssertionError(f"the run exited ({process.returncode}) before {what}")
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.1)
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@functools.cache
+def abstract_state():
+  spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  return step_lib.make_step_functions(config, sharding.make_mesh(config.mesh)).abstract_state
+
+
+def restore(workdir, step=None):
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    restored = ckpt.restore(abstract_state(), step=step)
+    return restored.step, jax.device_get(restored.state)
+
+
+TOTAL, EVERY = 8, 2  # run A trains 2N = 8 steps, checkpointing every 2
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run_a")
+  start = time.monotonic()
+  returncode = finish(start_run(workdir, f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
+                                f"--config.log_every_steps={EVERY}", log_path=workdir / "log.txt"))
+  print(f"run A: {TOTAL} steps in {time.monotonic() - start:.1f} s")
+  return workdir, returncode
+
+
+def test_end_to_end_training_writes_metrics_pictures_and_checkpoints(run_a):
+  workdir, returncode = run_a
+  assert returncode == 0, (workdir / "log.txt").read_text()[-3000:]
+  records = read_metrics(workdir)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [2, 4, 6, 8]
+  assert all(math.isfinite(r[key]) for r in train for key in ("loss", "disc_loss", "grad_norm", "l1", "lpips"))
+  assert any("steps_per_sec" in r and "eta_seconds" in r for r in records)
+  evals = [r for r in records if "eval_psnr" in r]
+  assert [r["step"] for r in evals] == [TOTAL] and math.isfinite(evals[0]["eval_psnr"])
+  assert evals[0]["eval_num_images"] == 16  # runlocal num_eval_images
+  assert list((workdir / "images").glob("eval_reconstructions_*.png"))
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [4, 6, 8]  # keep_checkpoints = 3
+    assert ckpt.restore_config()["total_steps"] == TOTAL
+  step, state = restore(workdir)
+  assert step == int(state.step) == TOTAL
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
+
+
+def test_exact_resume_after_sigkill(run_a, tmp_path):
+  workdir_a, returncode = run_a
+  assert returncode == 0
+  workdir = tmp_path / "run_b"
+  log_path = tmp_path / "log.txt"
+  args = (f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
+          f"--config.log_every_steps={EVERY}")
+  process, log = start_run(workdir, *args, log_path=log_path)
+  try:
+    wait_for(lambda: checkpointing.is_complete_step(workdir / "checkpoints" / str(EVERY)), process,
+             what=f"checkpoint {EVERY}")
+    process.send_signal(signal.SIGKILL)
+  finally:
+    finish((process, log))
+  assert process.returncode == -signal.SIGKILL
+  assert finish(start_run(workdir, *args, log_path=log_path)) == 0, log_path.read_text()[-3000:]
+  resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)", log_path.read_text())]
+  assert len(resumed) == 1 and EVERY <= resumed[0] < TOTAL, resumed
+
+  _, state_a = restore(workdir_a)
+  _, state_b = restore(workdir)
+  leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
+  leaves_b = jax.tree_util.tree_leaves_with_path(state_b)
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, a), (_, b) in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
+  workdir = tmp_path / "run"
+  process, log = start_run(workdir, "--config.total_steps=200", "--config.checkpoint_every_steps=1000",
+                           "--config.log_every_steps=1", log_path=tmp_path / "log.txt")
+  try:
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and any(r["step"] >= 2 for r in read_metrics(workdir)),
+             process, what="step 2")
+    process.send_signal(signal.SIGTERM)
+  finally:
+    returncode = finish((process, log))
+  assert returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
+  assert len(steps) == 1 and 2 <= steps[0] < 200, steps
+  step, state = restore(workdir)
+  assert int(state.step) == step
+  assert max(r["step"] for r in read_metrics(workdir)) <= step  # nothing trained after the checkpoint
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  log_path = tmp_path / "log.txt"
+  # Warm-up reaches lr ~ 2e29 at the second step: the parameters blow up and the next loss is not finite.
+  returncode = finish(start_run(workdir, "--config.total_steps=10", "--config.checkpoint_every_steps=1",
+                                "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e30",
+                                log_path=log_path))
+  output = log_path.read_text()
+  assert returncode != 0
+  match = re.search(r"Non-finite loss at step (\d+)", output)
+  assert match, output[-3000:]
+  bad_step = int(match.group(1))
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
+  assert steps and max(steps) < bad_step, (steps, bad_step)
+  _, state = restore(workdir)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
