@@ -179,8 +179,11 @@ def _generator_terms(parts: StepParts, params, state: TrainState, x, lpips_param
       rngs={"dropout": dropout_key, "quantizer": quantizer_key})
   x_hat = output.reconstruction
   l1 = losses.l1_loss(x, x_hat)
-  perceptual = jnp.mean(losses.lpips_distance(lpips_params, x, x_hat, dtype=parts.config.model.conv_dtype,
-                                              dropout_rng=lpips_key))
+  if loss_cfg.lpips_weight:
+    perceptual = jnp.mean(losses.lpips_distance(lpips_params, x, x_hat, dtype=parts.config.model.conv_dtype,
+                                                dropout_rng=lpips_key))
+  else:  # VGG16 dominates a small model's step on CPU: skip it when it does not count (the CPU demo)
+    perceptual = jnp.zeros((), jnp.float32)
   # Train-mode BatchNorm as in the reference's generator pass; its statistics update is dropped here.
   fake_logits, _ = parts.discriminator.apply(
       {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, x_hat, train=True,

@@ -18,6 +18,7 @@ Only process 0 writes metrics and pictures (`writers.create_writer`); every proc
 """
 from __future__ import annotations
 
+import logging as std_logging
 import math
 
 import jax
@@ -87,6 +88,17 @@ def _num_eval_batches(config: ml_collections.ConfigDict, eval_loader) -> int:
   return min(len(eval_loader), -(-config.num_eval_images // global_batch))
 
 
+def _orbax_info_filter(record) -> bool:
+  return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def _silence_orbax_info_logs() -> None:
+  """Orbax logs a dozen INFO lines per save, burying the progress lines; its warnings and errors still show."""
+  absl_logger = logging.get_absl_logger()
+  if _orbax_info_filter not in absl_logger.filters:
+    absl_logger.addFilter(_orbax_info_filter)
+
+
 def _check_loop_config(config: ml_collections.ConfigDict) -> None:
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints"):
     value = config[name]
@@ -101,6 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   a non-finite loss.
   """
   _check_loop_config(config)
+  _silence_orbax_info_logs()
   # --- Processes and devices.
   distributed.initialize_from_env()
   workdir = epath.Path(workdir)
