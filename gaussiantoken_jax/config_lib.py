@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1_000
   c.eval_every_steps = 1_000
   c.keep_checkpoints = 3
+  c.profile_steps = 5  # steps per JAX profile (clu periodic_actions.Profile; needs TensorFlow); 0 = off
   c.num_eval_images = 10_000  # images for the in-training evaluation (0 = the whole eval split)
 
   c.data = ml_collections.ConfigDict(dict(

@@ -152,3 +152,28 @@ def test_create_writer_with_tensorflow_writes_tensorboard_and_jsonl(tmp_path):
         if value.tag == "loss":
           scalars[event.step] = float(tf.make_ndarray(value.tensor))
   assert scalars == {4: 1.5}
+
+
+def test_profiler_is_off_without_tensorflow_on_other_processes_and_at_zero_steps(tmp_path):
+  assert writers.create_profiler(tmp_path, is_main_process=False, num_profile_steps=5) is None
+  assert writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=0) is None
+  with pytest.raises(ValueError, match=r"`num_profile_steps` must be an int >= 0, got -1"):
+    writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=-1)
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    assert writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=5) is None
+
+
+def test_profiler_with_tensorflow_captures_a_trace_of_the_profiled_steps(tmp_path):
+  """Only where TensorFlow is installed (clu's periodic_actions import it): a real JAX trace lands in workdir."""
+  pytest.importorskip("tensorflow")
+  import jax  # pylint: disable=import-outside-toplevel
+  profiler = writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=2)
+  step_fn = jax.jit(lambda x: x @ x.T)
+  x = jnp.ones((64, 64))
+  for step in range(1, 16):  # clu's first capture starts at step 10
+    x = step_fn(x) / 64.0
+    profiler(step)
+  traces = list(tmp_path.rglob("*.xplane.pb"))
+  assert traces, sorted(str(p) for p in tmp_path.rglob("*"))

@@ -167,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         writer.write_images(step, {"eval_reconstructions": grid[None]})
 
     # --- The loop.
+    profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
     progress = writers.ProgressReporter(total_steps=config.total_steps, batch_size=config.batch_size,
                                         writer=writer, first_step=first_step)
     interval_metrics, previous = None, None  # previous: (step, metrics) not yet checked for NaN
@@ -176,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         batch = data.to_global_array(next(train_iter), fns.batch_sharding)
         state, step_metrics = train_step(state, batch, lpips_params)
         step += 1
+        if profiler is not None:
+          profiler(step)
         if previous is not None:
           _check_finite(*previous)
         previous = (step, step_metrics)

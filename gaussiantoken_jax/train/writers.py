@@ -269,3 +269,22 @@ def image_grid(images: np.ndarray, rows: int, *, padding: int = 0, pad_value: in
     left = (i % cols) * (width + padding)
     grid[top:top + height, left:left + width] = image
   return grid
+
+
+def create_profiler(workdir: epath.PathLike, is_main_process: bool, num_profile_steps: int):
+  """A `hook(step)` that captures a JAX profile of `num_profile_steps` steps into `workdir` for TensorBoard.
+
+  clu's `periodic_actions.Profile` (first capture at step 10, then at most hourly), which imports TensorFlow:
+  without it, or on processes other than the main one, or with `num_profile_steps=0`, returns None.
+  """
+  if not isinstance(num_profile_steps, int) or isinstance(num_profile_steps, bool) or num_profile_steps < 0:
+    raise ValueError(f"`num_profile_steps` must be an int >= 0, got {num_profile_steps!r}.")
+  if not is_main_process or not num_profile_steps:
+    return None
+  try:
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.info("No profiling (%s).", e)
+    return None
+  # Exactly `num_profile_steps` steps (no minimum duration), so a capture never runs into evaluation.
+  return periodic_actions.Profile(num_profile_steps=num_profile_steps, profile_duration_ms=None, logdir=str(workdir))
