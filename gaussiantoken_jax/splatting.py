@@ -20,23 +20,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gaussiantoken_jax.checks import check_float_array
+
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
-def _check_array(name: str, x, rank: int, last_dim: int | None, layout: str) -> None:
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"splat: `{name}` must be an array of shape {layout}, got {type(x).__name__}.")
-  if x.ndim != rank or (last_dim is not None and x.shape[-1] != last_dim):
-    raise ValueError(f"splat: `{name}` must have shape {layout}, got shape {tuple(x.shape)}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"splat: `{name}` must be a floating-point array, got dtype {x.dtype}.")
-
-
 def _check_args(means, rotations, scales, features, height, width, cutoff, impl) -> None:
-  _check_array("means", means, 3, 2, "[B, K, 2]")
-  _check_array("rotations", rotations, 2, None, "[B, K]")
-  _check_array("scales", scales, 3, 2, "[B, K, 2]")
-  _check_array("features", features, 3, None, "[B, K, C]")
+  check_float_array("splat", "means", means, "[B, K, 2]", 3, last_dim=2)
+  check_float_array("splat", "rotations", rotations, "[B, K]", 2)
+  check_float_array("splat", "scales", scales, "[B, K, 2]", 3, last_dim=2)
+  check_float_array("splat", "features", features, "[B, K, C]", 3)
   b, k = means.shape[:2]
   for name, x in (("rotations", rotations), ("scales", scales), ("features", features)):
     if tuple(x.shape[:2]) != (b, k):

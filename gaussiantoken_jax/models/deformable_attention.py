@@ -19,19 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaussiantoken_jax.checks import check_float_array
+
 # The four bilinear corners as (row step, column step) from the top-left neighbour.
 _CORNER_ROW_STEPS = np.array([0, 0, 1, 1])
 _CORNER_COL_STEPS = np.array([0, 1, 0, 1])
-
-
-def check_float_array(where: str, name: str, x, layout: str, rank: int, last_dim: int | None = None) -> None:
-  """Raises ValueError unless `x` is a floating array of the given rank (and last dimension)."""
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{where}: `{name}` must be an array of shape {layout}, got {type(x).__name__}.")
-  if x.ndim != rank or (last_dim is not None and x.shape[-1] != last_dim):
-    raise ValueError(f"{where}: `{name}` must have shape {layout}, got shape {tuple(x.shape)}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{where}: `{name}` must be a floating-point array, got dtype {x.dtype}.")
 
 
 def bilinear_sample(value: jax.Array, locations: jax.Array) -> jax.Array:

@@ -39,7 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gaussiantoken_jax.models.deformable_attention import DeformableAttention, check_float_array
+from gaussiantoken_jax.checks import check_float_array
+from gaussiantoken_jax.models.deformable_attention import DeformableAttention
 
 _XAVIER = nn.initializers.xavier_uniform()
 _NORM_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default

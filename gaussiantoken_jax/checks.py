@@ -1,0 +1,14 @@
+"""Argument checks shared by the public functions: clear ValueErrors naming the argument, expected and got."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def check_float_array(where: str, name: str, x, layout: str, rank: int, last_dim: int | None = None) -> None:
+  """Raises ValueError unless `x` is a floating array of the given rank (and last dimension)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise ValueError(f"{where}: `{name}` must be an array of shape {layout}, got {type(x).__name__}.")
+  if x.ndim != rank or (last_dim is not None and x.shape[-1] != last_dim):
+    raise ValueError(f"{where}: `{name}` must have shape {layout}, got shape {tuple(x.shape)}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{where}: `{name}` must be a floating-point array, got dtype {x.dtype}.")
