@@ -214,8 +214,8 @@ class _GaussianSelfAttention(nn.Module):
     return nn.Dense(self.dim, kernel_init=_XAVIER, name="out_proj")(out)
 
 
-class _EncoderLayer(nn.Module):
-  """Deformable self-attention over the image tokens + MLP, post-norm (Deformable-DETR encoder layer)."""
+class _AttentionLayer(nn.Module):
+  """The sizes shared by the encoder and decoder layers."""
   dim: int
   num_heads: int
   num_points: int
@@ -223,6 +223,10 @@ class _EncoderLayer(nn.Module):
   dropout: float
   spatial_shape: tuple[int, int]
   train: bool
+
+
+class _EncoderLayer(_AttentionLayer):
+  """Deformable self-attention over the image tokens + MLP, post-norm (Deformable-DETR encoder layer)."""
 
   @nn.compact
   def __call__(self, src, pos, reference_points):
@@ -232,15 +236,8 @@ class _EncoderLayer(nn.Module):
     return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(src), None
 
 
-class _DecoderLayer(nn.Module):
+class _DecoderLayer(_AttentionLayer):
   """Self-attention among the Gaussians, deformable cross-attention into the memory, MLP; all post-norm."""
-  dim: int
-  num_heads: int
-  num_points: int
-  mlp_dim: int
-  dropout: float
-  spatial_shape: tuple[int, int]
-  train: bool
 
   @nn.compact
   def __call__(self, tgt, query_pos, reference_points, memory):
