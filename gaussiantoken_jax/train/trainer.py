@@ -136,7 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
   # --- Restore the newest checkpoint (state and data position), or start afresh.
   distributed.barrier("gaussiantoken_jax.trainer.started")  # before the Checkpointer's first collective
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  # Several processes save synchronously: Orbax's background finalize synchronises the hosts while the main
+  # thread runs the next steps' collectives, and with CPU (gloo) collectives that interleaving was seen to
+  # deadlock a two-process run after its first checkpoint.
+  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                            async_save=jax.process_count() == 1)
   try:
     if checkpointer.latest_step() is not None:
       restored = checkpointer.restore(fns.abstract_state, data=data.restore_args(train_iter))
