@@ -7,20 +7,22 @@ Pixel (row i, column j) sits at the continuous point (j + 0.5, i + 0.5); a Gauss
 [-1, 1] is centred at ((mx + 1) / 2 * width, (my + 1) / 2 * height). The deformable attention samples at
 loc * W - 0.5 in pixel-index space, which is the same geometry.
 
-This module holds the argument checks, the dense XLA path and the dispatch. The XLA path is written for one
-image and vmapped over the batch: it materialises a [K, H, W] weight tensor per image (B*K*H*W in all, at
-most 256 x 32 x 32 floats an image in the paper's settings), and JAX autodiff gives exact gradients for all
-four inputs (the reference CUDA backward double-counts the off-diagonal covariance term; see
-docs/differences.md).
+This module holds the argument checks and the dispatch. The math is defined once, in jnp, in
+`pallas_kernels.splat` (a leaf package that never imports this one), which also holds the Pallas kernels.
+The XLA path (`splat_xla`) is written for one image and vmapped over the batch: it materialises a [K, H*W]
+weight matrix per image (B*K*H*W in all, at most 256 x 32 x 32 floats an image in the paper's settings),
+and JAX autodiff gives exact gradients for all four inputs (the reference CUDA backward double-counts the
+off-diagonal covariance term; see docs/differences.md). The kernels compute the weights on chip and never
+write them to device memory; their gradients are checked against autodiff of the XLA path.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from gaussiantoken_jax.checks import check_float_array
+from pallas_kernels import splat as pallas_splat
+from pallas_kernels.splat import gaussian_weights, splat_xla  # pylint: disable=unused-import  # re-exported
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -44,32 +46,6 @@ def _check_args(means, rotations, scales, features, height, width, cutoff, impl)
     raise ValueError(f"splat: `impl` must be one of {IMPLS}, got {impl!r}.")
 
 
-def gaussian_weights(means, rotations, scales, *, height: int, width: int, cutoff: float):
-  """Per-Gaussian weights for ONE image: means [K, 2], rotations [K], scales [K, 2] -> [K, H, W] float32."""
-  cx = (means[:, 0] + 1.0) * (0.5 * width)
-  cy = (means[:, 1] + 1.0) * (0.5 * height)
-  dx = (jnp.arange(width, dtype=jnp.float32) + 0.5)[None, None, :] - cx[:, None, None]  # [K, 1, W]
-  dy = (jnp.arange(height, dtype=jnp.float32) + 0.5)[None, :, None] - cy[:, None, None]  # [K, H, 1]
-  cos = jnp.cos(rotations)[:, None, None]
-  sin = jnp.sin(rotations)[:, None, None]
-  # d^T R diag(s)^-2 R^T d: rotate d into the Gaussian's own axes (R^T d), then scale each axis.
-  u = (cos * dx + sin * dy) / scales[:, 0, None, None]
-  v = (cos * dy - sin * dx) / scales[:, 1, None, None]
-  w = jnp.exp(-0.5 * (u * u + v * v))
-  return jnp.where(w >= cutoff, w, 0.0)
-
-
-def _splat_one_image(means, rotations, scales, features, *, height, width, cutoff):
-  w = gaussian_weights(means, rotations, scales, height=height, width=width, cutoff=cutoff)
-  return jnp.einsum("khw,kc->hwc", w, features, precision=jax.lax.Precision.HIGHEST)
-
-
-def splat_xla(means, rotations, scales, features, *, height: int, width: int, cutoff: float):
-  """Dense XLA path, float32 in and out, no argument checks (see `splat`)."""
-  one = functools.partial(_splat_one_image, height=height, width=width, cutoff=cutoff)
-  return jax.vmap(one)(means, rotations, scales, features)
-
-
 def splat(means, rotations, scales, features, *, height: int, width: int, cutoff: float = 1.0 / 255.0,
           impl: str = "auto"):
   """Splats K featured Gaussians per image onto a [height, width] map.
@@ -81,32 +57,34 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
     features: [B, K, C] the values each Gaussian carries.
     height, width: output map size.
     cutoff: weights below this are set to 0 (the reference rasteriser's alpha threshold 1/255).
-    impl: "xla", "pallas" (GPU kernel), "pallas_interpret" (the kernel under the Pallas interpreter) or
-      "auto" (pallas on GPU, else xla).
+    impl: "xla", "pallas" (the GPU kernel on GPU, the Mosaic TPU kernel on TPU; ValueError elsewhere),
+      "pallas_interpret" (that kernel, the GPU one off TPU, under the Pallas interpreter, any platform) or
+      "auto" (pallas on GPU and TPU, else xla).
 
   Returns:
     [B, height, width, C] in the dtype of `features`; computed in float32 whatever the input dtype.
   """
   _check_args(means, rotations, scales, features, height, width, cutoff, impl)
-  out_dtype = features.dtype
   args = [jnp.asarray(a, jnp.float32) for a in (means, rotations, scales, features)]
-  if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "xla"
+  impl, variant = _resolve(impl, jax.default_backend())
   if impl == "xla":
     out = splat_xla(*args, height=height, width=width, cutoff=float(cutoff))
   else:
-    if not _pallas_available():
-      raise NotImplementedError(f"splat: impl={impl!r} needs the Pallas kernel (pallas_kernels.splat), which is "
-                                "not in this build yet; use impl='xla'.")
-    from pallas_kernels import splat as pallas_splat  # pylint: disable=import-outside-toplevel
-    out = pallas_splat.splat(*args, height=height, width=width, cutoff=float(cutoff),
+    out = pallas_splat.splat(*args, height=height, width=width, cutoff=float(cutoff), backend=variant,
                              interpret=(impl == "pallas_interpret"))
-  return out.astype(out_dtype)
+  return out.astype(features.dtype)
 
 
-def _pallas_available() -> bool:
-  try:
-    from pallas_kernels import splat as _  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+def _resolve(impl: str, platform: str) -> tuple[str, str | None]:
+  """(impl, kernel variant) for a requested impl on the default platform ("cpu", "gpu", "tpu")."""
+  gpu_ok = platform == "gpu" and pallas_splat.gpu_kernels_available()
+  if impl == "auto":
+    return ("pallas", platform) if gpu_ok or platform == "tpu" else ("xla", None)
+  if impl == "pallas":
+    if not (gpu_ok or platform == "tpu"):
+      raise ValueError(f"splat: impl='pallas' needs a GPU with the Pallas Triton lowering or a TPU, got the "
+                       f"{platform!r} platform; use impl='xla', or 'pallas_interpret' for the interpreter.")
+    return impl, platform
+  if impl == "pallas_interpret":
+    return impl, "tpu" if platform == "tpu" else "gpu"
+  return impl, None

@@ -1,0 +1,329 @@
+"""Splatting featured 2D Gaussians: the jnp math, the block sizes and the differentiable Pallas op.
+
+out[b, p, :] = sum_k w[b, k, p] * features[b, k, :],  w = exp(-0.5 (u^2 + v^2)),  w := 0 where w < cutoff,
+
+where (u, v) is the offset d from the Gaussian's centre to pixel p's centre rotated into the Gaussian's own
+axes and divided by its two scales, so u^2 + v^2 = d^T Sigma^-1 d with Sigma = R diag(s)^2 R^T. Pixel
+p = i * width + j sits at (j + 0.5, i + 0.5); mean (mx, my) in [-1, 1] puts the centre at
+((mx + 1) / 2 * width, (my + 1) / 2 * height).
+
+The math is written once here in jnp: `geometry` turns (means, rotations, scales) into six per-Gaussian
+numbers (centre and the rows of diag(1/s) R^T), and `gaussian_tile` turns those and pixel centres into
+weights. `gaussian_tile` is called by the XLA path (`splat_xla`), by the kernels on their on-chip tiles and
+by the optional `backward_pass_impl="xla"`; the tests use `splat_xla` as the oracle. `geometry` stays
+outside the kernels, so JAX differentiates it and the kernels' backward only returns gradients of the six
+numbers and of the features.
+
+Kernels: the GPU kernels here (Pallas Triton lowering; Ampere and Hopper) and the Mosaic TPU ones in
+`splat_tpu`. Both take the same padded, canonical layout (`_Layout`) and share one `jax.custom_vjp`.
+
+Why Triton: on the JAX 0.10 line it is the Pallas GPU lowering that runs on both Ampere and Hopper, and the
+0.11 line still ships it (deprecated, with a DeprecationWarning at lowering that this module filters). When a
+JAX release removes it (`jax.experimental.pallas.triton` fails to import, or `pallas_call` rejects
+`pltriton.CompilerParams`): port `_forward_kernel` and `_backward_kernel` to Mosaic GPU (`plgpu.kernel`,
+same tiles: the weight tile in registers, the [pixels, K] x [K, C] product with an fp32 accumulator), or move
+them to the official Triton bindings through jax_triton. Until then `gaussiantoken_jax.splat(impl="auto")`
+takes the XLA path on GPU when `pltriton` is None (`gpu_kernels_available()`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # Needs no GPU to import; a JAX release without the Triton lowering loses only the GPU kernels.
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:
+  pltriton = None
+
+# 0.11 warns once per lowering that the Triton backend is deprecated; the note above says what to do, so
+# users' logs need not repeat it at every jit.
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
+
+BACKENDS = ("gpu", "tpu")
+BACKWARD_PASS_IMPLS = ("pallas", "xla")
+NUM_GEOMETRY_ROWS = 8  # the 6 geometry numbers padded to 8 rows: one TPU sublane tile, a power of 2 for Triton
+
+
+def geometry(means, rotations, scales, *, height: int, width: int):
+  """Per-Gaussian (cx, cy, a, b, c, d) with u = a dx + b dy, v = c dy - d dx; each [...] like `rotations`."""
+  cx = (means[..., 0] + 1.0) * (0.5 * width)
+  cy = (means[..., 1] + 1.0) * (0.5 * height)
+  cos, sin = jnp.cos(rotations), jnp.sin(rotations)
+  # diag(1/s) R^T: rotate the offset into the Gaussian's axes, then scale each axis.
+  inv_sx, inv_sy = 1.0 / scales[..., 0], 1.0 / scales[..., 1]
+  return cx, cy, cos * inv_sx, sin * inv_sx, cos * inv_sy, sin * inv_sy
+
+
+def gaussian_tile(rows, px, py, cutoff: float):
+  """Weights and the intermediates the backward needs, for broadcastable Gaussian rows and pixel centres.
+
+  Args:
+    rows: (cx, cy, a, b, c, d) from `geometry`, each shaped to broadcast against `px` (e.g. [K, 1]).
+    px, py: pixel centres (e.g. [1, P]).
+    cutoff: weights below it are set to 0.
+
+  Returns:
+    (w, u, v, dx, dy), each of the broadcast shape; `w` is already zeroed below the cutoff.
+  """
+  cx, cy, a, b, c, d = rows
+  dx = px - cx
+  dy = py - cy
+  u = a * dx + b * dy
+  v = c * dy - d * dx
+  w = jnp.exp(-0.5 * (u * u + v * v))
+  return jnp.where(w >= cutoff, w, 0.0), u, v, dx, dy
+
+
+def pixel_centres(height: int, width: int):
+  """(px, py), each [height * width] float32, pixels in row-major order."""
+  p = jnp.arange(height * width, dtype=jnp.int32)
+  return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
+
+
+def gaussian_weights(means, rotations, scales, *, height: int, width: int, cutoff: float):
+  """Per-Gaussian weights for ONE image: means [K, 2], rotations [K], scales [K, 2] -> [K, H, W] float32."""
+  rows = [r[:, None] for r in geometry(means, rotations, scales, height=height, width=width)]
+  px, py = pixel_centres(height, width)
+  w = gaussian_tile(rows, px[None, :], py[None, :], cutoff)[0]
+  return w.reshape(-1, height, width)
+
+
+def splat_xla(means, rotations, scales, features, *, height: int, width: int, cutoff: float):
+  """Dense XLA path: float32 [B, H, W, C]; builds a [K, H*W] weight matrix per image (vmapped)."""
+
+  def one_image(m, r, s, f):
+    w = gaussian_weights(m, r, s, height=height, width=width, cutoff=cutoff).reshape(m.shape[0], -1)
+    return jnp.einsum("kp,kc->pc", w, f, precision=jax.lax.Precision.HIGHEST).reshape(height, width, -1)
+
+  return jax.vmap(one_image)(means, rotations, scales, features)
+
+
+def _round_up(n: int, m: int) -> int:
+  return pl.cdiv(n, m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
+
+  GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
+  to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
+  Gaussians and pixels sit on the 128-lane axis, channels on the 8-row sublane axis.
+  """
+  block_k: int
+  block_p: int
+  block_c: int
+
+  @classmethod
+  def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
+    if backend == "tpu":
+      return cls(block_k=128, block_p=128 if num_pixels <= 128 else 256, block_c=8)
+    channels_p2 = max(16, pl.next_power_of_2(channels))
+    # 32 Gaussians x 64 pixels keeps the backward's half-dozen [32, 64] float32 tiles in registers at
+    # 4 warps; small maps take a smaller pixel tile so that a batch still fills the GPU.
+    return cls(block_k=32 if num_gaussians > 16 else 16, block_p=64 if num_pixels > 256 else 32,
+               block_c=channels_p2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Static description of one call: map size, cutoff, padded sizes, kernel choice."""
+  height: int
+  width: int
+  cutoff: float
+  padded_k: int
+  padded_c: int
+  blocks: BlockSizes
+  backend: str
+  interpret: bool
+  backward_pass_impl: str
+
+  @property
+  def num_pixels(self) -> int:
+    return self.height * self.width
+
+  @property
+  def padded_p(self) -> int:
+    return _round_up(self.num_pixels, self.blocks.block_p)
+
+
+def _core_xla(layout: _Layout, geom, feats):
+  """The kernels' contract in jnp: geom [B, 8, Kp], feats [B, Kp, Cp] -> [B, Pp, Cp] (padded pixels 0)."""
+  px, py = pixel_centres(layout.height, layout.width)
+
+  def one_image(g, f):
+    w = gaussian_tile([g[r, :, None] for r in range(6)], px[None, :], py[None, :], layout.cutoff)[0]
+    return jnp.einsum("kp,kc->pc", w, f, precision=jax.lax.Precision.HIGHEST)
+
+  out = jax.vmap(one_image)(geom, feats)
+  return jnp.pad(out, ((0, 0), (0, layout.padded_p - layout.num_pixels), (0, 0)))
+
+
+def gpu_kernels_available() -> bool:
+  return pltriton is not None
+
+
+def _pixel_block(p0, shape, axis, width: int):
+  """Centres (px, py) of the pixels p0 + [0, block) laid along `axis` of `shape`."""
+  p = p0 + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+  return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
+
+
+def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
+  """One image, one block of pixels: out[P, C] = sum over K blocks of w[P, Kb] @ feats[Kb, C]."""
+  bk, bp = layout.blocks.block_k, layout.blocks.block_p
+  px, py = _pixel_block(pl.program_id(1) * bp, (bp, 1), 0, layout.width)
+
+  def body(i, acc):
+    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+    rows = [geom_ref[r, ks][None, :] for r in range(6)]
+    w = gaussian_tile(rows, px, py, layout.cutoff)[0]  # [P, Kb]
+    return acc + jnp.dot(w, feats_ref[ks, :], precision=jax.lax.Precision.HIGHEST)
+
+  out_ref[...] = jax.lax.fori_loop(0, layout.padded_k // bk, body,
+                                   jnp.zeros((bp, layout.padded_c), jnp.float32))
+
+
+def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, layout: _Layout):
+  """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics).
+
+  With a = w * dL/dw (w after the cutoff, whose mask passes through), dL/du = -a u and dL/dv = -a v, and
+  u = a_ dx + b dy, v = c dy - d dx, dx = px - cx, dy = py - cy give
+  dcx = a_ S(a u) - d S(a v), dcy = b S(a u) + c S(a v), da_ = -S(a u dx), db = -S(a u dy),
+  dc = -S(a v dy), dd = S(a v dx), with S the sum over pixels.
+  """
+  bk, bp = layout.blocks.block_k, layout.blocks.block_p
+  rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
+  feats = feats_ref[...]
+  hp = jax.lax.Precision.HIGHEST
+
+  def body(j, carry):
+    dfeats, sums = carry
+    p0 = pl.multiple_of(j * bp, bp)
+    px, py = _pixel_block(p0, (1, bp), 1, layout.width)
+    # Padded pixels get weights too, but their cotangent is 0 (the transpose of the output slice).
+    w, u, v, dx, dy = gaussian_tile(rows, px, py, layout.cutoff)  # [Kb, P]
+    cot = cot_ref[pl.ds(p0, bp), :]  # [P, C]
+    dw = jax.lax.dot_general(feats, cot, (((1,), (1,)), ((), ())), precision=hp)  # [Kb, P]
+    dfeats = dfeats + jnp.dot(w, cot, precision=hp)
+    a = w * dw
+    au, av = a * u, a * v
+    new = (au, av, au * dx, au * dy, av * dy, av * dx)
+    return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
+
+  zeros = jnp.zeros((bk,), jnp.float32)
+  dfeats, (s_au, s_av, s_audx, s_audy, s_avdy, s_avdx) = jax.lax.fori_loop(
+      0, layout.padded_p // bp, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
+  _, _, a_, b, c, d = (r[:, 0] for r in rows)
+  grads = (a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx, zeros, zeros)
+  for r, g in enumerate(grads):
+    dgeom_ref[r, :] = g
+  dfeats_ref[...] = dfeats
+
+
+def _gpu_params():
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _gpu_forward(geom, feats, layout: _Layout):
+  b = geom.shape[0]
+  kp, cp, bp = layout.padded_k, layout.padded_c, layout.blocks.block_p
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, layout=layout),
+      grid=(b, layout.padded_p // bp),
+      in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, kp), lambda i, j: (i, 0, 0)),
+                pl.BlockSpec((None, kp, cp), lambda i, j: (i, 0, 0))],
+      out_specs=pl.BlockSpec((None, bp, cp), lambda i, j: (i, j, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, layout.padded_p, cp), jnp.float32),
+      compiler_params=_gpu_params(), interpret=layout.interpret, name="splat_forward",
+  )(geom, feats)
+
+
+def _gpu_backward(geom, feats, cotangent, layout: _Layout):
+  b = geom.shape[0]
+  kp, cp, pp, bk = layout.padded_k, layout.padded_c, layout.padded_p, layout.blocks.block_k
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, layout=layout),
+      grid=(b, kp // bk),
+      in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
+                pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((None, pp, cp), lambda i, j: (i, 0, 0))],
+      out_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
+                 pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct(geom.shape, jnp.float32), jax.ShapeDtypeStruct(feats.shape, jnp.float32)],
+      compiler_params=_gpu_params(), interpret=layout.interpret, name="splat_backward",
+  )(geom, feats, cotangent)
+
+
+def _forward(geom, feats, layout: _Layout):
+  if layout.backend == "tpu":
+    from pallas_kernels import splat_tpu  # pylint: disable=import-outside-toplevel  # it imports this module
+    return splat_tpu.forward(geom, feats, layout)
+  return _gpu_forward(geom, feats, layout)
+
+
+def _backward(geom, feats, cotangent, layout: _Layout):
+  if layout.backend == "tpu":
+    from pallas_kernels import splat_tpu  # pylint: disable=import-outside-toplevel  # it imports this module
+    return splat_tpu.backward(geom, feats, cotangent, layout)
+  return _gpu_backward(geom, feats, cotangent, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(layout: _Layout, geom, feats):
+  return _forward(geom, feats, layout)
+
+
+def _core_fwd(layout, geom, feats):
+  return _core(layout, geom, feats), (geom, feats)
+
+
+def _core_bwd(layout, residuals, cotangent):
+  geom, feats = residuals
+  if layout.backward_pass_impl == "xla":
+    return jax.vjp(functools.partial(_core_xla, layout), geom, feats)[1](cotangent)
+  return _backward(geom, feats, cotangent, layout)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def splat(means, rotations, scales, features, *, height: int, width: int, cutoff: float, backend: str = "gpu",
+          interpret: bool = False, backward_pass_impl: str = "pallas", block_sizes: BlockSizes | None = None):
+  """Pallas splat: [B, K, 2], [B, K], [B, K, 2], [B, K, C] -> float32 [B, height, width, C].
+
+  Differentiable in all four arrays. No argument checks beyond the options (gaussiantoken_jax.splat checks
+  shapes and dtypes); inputs are cast to float32.
+
+  Args:
+    means, rotations, scales, features: as in gaussiantoken_jax.splat.
+    height, width: output map size.
+    cutoff: weights below it are set to 0.
+    backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU) kernel variant.
+    interpret: run the kernels through the Pallas interpreter (any platform).
+    backward_pass_impl: "pallas" (kernel) or "xla" (autodiff of the jnp definition on the same layout).
+    block_sizes: tile sizes; default `BlockSizes.for_shape`.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"splat: `backend` must be one of {BACKENDS}, got {backend!r}.")
+  if backward_pass_impl not in BACKWARD_PASS_IMPLS:
+    raise ValueError(f"splat: `backward_pass_impl` must be one of {BACKWARD_PASS_IMPLS}, "
+                     f"got {backward_pass_impl!r}.")
+  means, rotations, scales, features = (jnp.asarray(a, jnp.float32)
+                                        for a in (means, rotations, scales, features))
+  b, k, c = features.shape
+  blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
+  layout = _Layout(height=height, width=width, cutoff=float(cutoff), padded_k=_round_up(k, blocks.block_k),
+                   padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,
+                   interpret=interpret, backward_pass_impl=backward_pass_impl)
+  geom = jnp.stack(geometry(means, rotations, scales, height=height, width=width), axis=1)  # [B, 6, K]
+  # Padded Gaussians carry zero features, so they add nothing; their gradients are sliced away.
+  geom = jnp.pad(geom, ((0, 0), (0, NUM_GEOMETRY_ROWS - 6), (0, layout.padded_k - k)))
+  feats = jnp.pad(features, ((0, 0), (0, layout.padded_k - k), (0, layout.padded_c - c)))
+  out = _core(layout, geom, feats)
+  return out[:, :height * width, :c].reshape(b, height, width, c)

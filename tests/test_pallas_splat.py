@@ -1,0 +1,164 @@
+"""Pallas splat kernels against the XLA path: values, all four gradients, lowering, dispatch.
+
+Twin classes as in JAX's Pallas op tests: the base class runs the compiled kernel and needs its platform
+(GPU or TPU); the subclass with INTERPRET = True runs the same tests through the Pallas interpreter on any
+platform. The XLA path is itself checked against a float64 NumPy formula and finite differences in
+tests/test_splatting.py.
+
+Tolerance: both sides compute in float32; each output or gradient element is a sum of at most K * H * W
+products, so the difference is a few float32 roundings (6e-8) times the sum's length in the worst case and
+its square root typically; 1e-5 of the norm covers these shapes (K <= 130, H * W <= 272) with margin.
+"""
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaussiantoken_jax import splat
+from gaussiantoken_jax import splatting
+from pallas_kernels import splat as pallas_splat
+
+CUTOFF = 1.0 / 255.0
+NAMES = ("means", "rotations", "scales", "features")
+
+SHAPES = [  # (B, K, H, W, C); GPU blocks are 16-32 Gaussians x 32-64 pixels, TPU blocks 128 x 128.
+    (2, 37, 5, 7, 3),  # K, H * W and C all off the block multiples
+    (1, 1, 4, 4, 1),  # one Gaussian, one channel, the smallest map
+    (2, 20, 9, 6, 17),  # non-square map; C = 17 pads to 32 on GPU
+    (1, 130, 17, 16, 2),  # two TPU blocks of Gaussians and of pixels, to exercise the accumulation
+]
+
+
+def random_gaussians(seed, b, k, c):
+  rng = np.random.default_rng(seed)
+  means = rng.uniform(-1.1, 1.1, (b, k, 2))  # some centres just off the map
+  means[:, ::7] = rng.choice([-6.0, 6.0], size=means[:, ::7].shape)  # every 7th Gaussian far outside it
+  rotations = rng.uniform(-4.0, 4.0, (b, k))
+  scales = rng.uniform(0.4, 3.0, (b, k, 2))
+  features = rng.normal(size=(b, k, c))
+  return tuple(a.astype(np.float32) for a in (means, rotations, scales, features))
+
+
+def relative_error(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grads(h, w, c, impl, **kwargs):
+  """jit of (out, grads of sum(cotangent * out)) for one map size; `impl` is "xla" or a kernel variant."""
+  cotangent = jnp.asarray(np.random.default_rng(7).normal(size=(h, w, c)), jnp.float32)
+  if impl == "xla":
+    f = functools.partial(pallas_splat.splat_xla, height=h, width=w, cutoff=CUTOFF)
+  else:
+    f = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=CUTOFF, backend=impl, **kwargs)
+
+  def loss(*args):
+    out = f(*args)
+    return jnp.sum(cotangent * out), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+class TestSplatGpu:
+  BACKEND = "gpu"
+  INTERPRET = False
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != self.BACKEND:
+      pytest.skip(f"the compiled {self.BACKEND} kernel needs a {self.BACKEND}; the Interpret twin runs here")
+
+  def run(self, shape, seed=0, **kwargs):
+    b, k, h, w, c = shape
+    args = random_gaussians(seed, b, k, c)
+    (_, out), grads = value_and_grads(h, w, c, self.BACKEND, interpret=self.INTERPRET, **kwargs)(*args)
+    return args, out, grads
+
+  @pytest.mark.parametrize("shape", SHAPES)
+  def test_forward_and_gradients_match_xla_path(self, shape):
+    args, out, grads = self.run(shape)
+    b, _, h, w, c = shape
+    (_, want_out), want_grads = value_and_grads(h, w, c, "xla")(*args)
+    assert out.shape == (b, h, w, c) and out.dtype == jnp.float32
+    assert relative_error(out, want_out) < 1e-5
+    for name, g, want in zip(NAMES, grads, want_grads):
+      assert g.shape == want.shape, name
+      assert relative_error(g, want) < 1e-5, f"{name}: relative error {relative_error(g, want):.2e}"
+    # Gaussians far outside the map cover no pixel: they neither add to the map nor receive gradient.
+    for g in grads:
+      np.testing.assert_array_equal(np.asarray(g)[:, ::7], 0.0)
+
+  def test_xla_backward_pass_equals_kernel_backward(self):
+    _, _, grads = self.run(SHAPES[0], seed=1)
+    _, _, want = self.run(SHAPES[0], seed=1, backward_pass_impl="xla")
+    for name, g, w in zip(NAMES, grads, want):
+      assert relative_error(g, w) < 1e-5, name
+
+
+class TestSplatGpuInterpret(TestSplatGpu):
+  INTERPRET = True
+
+
+class TestSplatTpu(TestSplatGpu):
+  BACKEND = "tpu"
+
+
+class TestSplatTpuInterpret(TestSplatTpu):
+  INTERPRET = True
+
+
+def test_public_splat_pallas_interpret_keeps_dtype_and_matches_xla():
+  means, rotations, scales, features = random_gaussians(3, 2, 9, 4)
+  f16 = jnp.asarray(features, jnp.bfloat16)
+  got = splat(means, rotations, scales, f16, height=6, width=5, impl="pallas_interpret")
+  want = splat(means, rotations, scales, f16, height=6, width=5, impl="xla")
+  assert got.dtype == jnp.bfloat16 and got.shape == (2, 6, 5, 4)
+  # Same float32 sums on both paths, then one bfloat16 rounding (relative 2^-8) of the output.
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, platform, target", [("gpu", "cuda", "xla.gpu.triton"),
+                                                       ("tpu", "tpu", "tpu_custom_call")])
+def test_forward_and_backward_lower_without_hardware(backend, platform, target):
+  b, k, h, w, c = 3, 70, 9, 13, 5
+  args = [jnp.zeros(s, jnp.float32) for s in [(b, k, 2), (b, k), (b, k, 2), (b, k, c)]]
+
+  def loss(*a):
+    return jnp.sum(pallas_splat.splat(*a, height=h, width=w, cutoff=CUTOFF, backend=backend) ** 2)
+
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=(platform,))
+  calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line]
+  assert len(calls) == 2 and all(target in line for line in calls), calls  # the forward and the backward kernel
+
+
+@pytest.mark.parametrize("impl, platform, want", [
+    ("auto", "cpu", ("xla", None)), ("auto", "gpu", ("pallas", "gpu")), ("auto", "tpu", ("pallas", "tpu")),
+    ("pallas", "tpu", ("pallas", "tpu")), ("pallas_interpret", "cpu", ("pallas_interpret", "gpu")),
+    ("pallas_interpret", "tpu", ("pallas_interpret", "tpu")), ("xla", "gpu", ("xla", None)),
+])
+def test_dispatch(impl, platform, want):
+  assert splatting._resolve(impl, platform) == want  # pylint: disable=protected-access
+
+
+def test_pallas_on_cpu_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"impl='pallas' needs a GPU .* or a TPU, got the 'cpu' platform"):
+    splatting._resolve("pallas", "cpu")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("bad, match", [(dict(backend="cuda"), r"`backend` must be one of \('gpu', 'tpu'\)"),
+                                        (dict(backward_pass_impl="jax"), r"`backward_pass_impl` must be one of")])
+def test_bad_options_raise(bad, match):
+  with pytest.raises(ValueError, match=match):
+    pallas_splat.splat(*random_gaussians(0, 1, 2, 1), height=4, width=4, cutoff=CUTOFF, **bad)
+
+
+def test_pallas_kernels_is_a_leaf_package():
+  code = ("import sys, pallas_kernels.splat, pallas_kernels.splat_tpu; "
+          "print(sorted(m for m in sys.modules if m.startswith('gaussiantoken_jax')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]"
