@@ -111,6 +111,8 @@ def _round_up(n: int, m: int) -> int:
 class BlockSizes:
   """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
 
+  num_warps is the GPU kernels' warps per program (unused on TPU).
+
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
   Gaussians and pixels sit on the 128-lane axis, channels on the 8-row sublane axis.
@@ -118,6 +120,7 @@ class BlockSizes:
   block_k: int
   block_p: int
   block_c: int
+  num_warps: int = 4
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
@@ -226,8 +229,8 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
   dfeats_ref[...] = dfeats
 
 
-def _gpu_params():
-  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+def _gpu_params(layout: _Layout):
+  return pltriton.CompilerParams(num_warps=layout.blocks.num_warps, num_stages=2)
 
 
 def _gpu_forward(geom, feats, layout: _Layout):
@@ -240,7 +243,7 @@ def _gpu_forward(geom, feats, layout: _Layout):
                 pl.BlockSpec((None, kp, cp), lambda i, j: (i, 0, 0))],
       out_specs=pl.BlockSpec((None, bp, cp), lambda i, j: (i, j, 0)),
       out_shape=jax.ShapeDtypeStruct((b, layout.padded_p, cp), jnp.float32),
-      compiler_params=_gpu_params(), interpret=layout.interpret, name="splat_forward",
+      compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_forward",
   )(geom, feats)
 
 
@@ -256,7 +259,7 @@ def _gpu_backward(geom, feats, cotangent, layout: _Layout):
       out_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
                  pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0))],
       out_shape=[jax.ShapeDtypeStruct(geom.shape, jnp.float32), jax.ShapeDtypeStruct(feats.shape, jnp.float32)],
-      compiler_params=_gpu_params(), interpret=layout.interpret, name="splat_backward",
+      compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_backward",
   )(geom, feats, cotangent)
 
 

@@ -1,0 +1,104 @@
+"""One-shot GPU check of the Pallas splat kernel: versions, correctness against the XLA path, warnings.
+
+    python benchmarks/splat_gpu_check.py
+
+Prints the JAX version and device, then for each shape the relative error (norm of the difference over norm
+of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
+1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
+pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset), and times
+the kernel at the ImageNet shape for a few tile sizes. Run by benchmarks/splat_gpu_check.sh, before the
+benchmark.
+"""
+import functools
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from splat_bench import chained, make_inputs, time_call  # this folder is the script's, so on sys.path
+
+from gaussiantoken_jax import splat
+from pallas_kernels import splat as pallas_splat
+
+SHAPES = [(2, 37, 5, 7, 3), (1, 1, 4, 4, 1), (3, 300, 17, 23, 17), (256, 64, 16, 16, 3), (64, 256, 32, 32, 8),
+          (4, 1024, 64, 48, 64)]
+
+
+def grads_and_out(impl, shape, args, cotangent):
+  _, _, h, w, _ = shape
+  f = functools.partial(splat, height=h, width=w, impl=impl)
+
+  def run(*a):
+    out, vjp = jax.vjp(f, *a)
+    return out, vjp(cotangent)
+
+  return jax.jit(run)(*args)
+
+
+def relative_error(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def block_sweep(shape=(64, 256, 32, 32, 8)):
+  """fwd and fwd+bwd ms of the kernel at the ImageNet shape for a few tile sizes and warp counts (default *)."""
+  *args, cotangent = make_inputs(shape)
+  _, k, h, w, c = shape
+  default = pallas_splat.BlockSizes.for_shape(k, h * w, c, "gpu")
+  for block_k, block_p, num_warps in [(16, 64, 4), (16, 128, 4), (32, 32, 4), (32, 64, 4), (32, 64, 8),
+                                      (32, 128, 4), (32, 128, 8), (64, 32, 4), (64, 64, 8)]:
+    blocks = pallas_splat.BlockSizes(block_k, block_p, default.block_c, num_warps)
+    try:
+      f = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
+
+      def fwd_bwd(*a, f=f):
+        out, vjp = jax.vjp(f, *a[:4])
+        return out, vjp(a[4])
+
+      fwd = time_call(chained(f, 3), *args, rounds=3)
+      both = time_call(chained(fwd_bwd, 3), *args, cotangent, rounds=3)
+    except Exception as e:  # pylint: disable=broad-except  # a tile that fails to compile is a result too
+      print(f" {blocks}: failed, {type(e).__name__}: {str(e)[:200]}", flush=True)
+      continue
+    mark = "*" if blocks == default else " "
+    print(f"{mark}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms", flush=True)
+
+
+def main(impl="pallas", num_shapes=len(SHAPES)):
+  print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; devices {jax.devices()}", flush=True)
+  worst = 0.0
+  for shape in SHAPES[:num_shapes]:
+    b, k, h, w, c = shape
+    rng = np.random.default_rng(0)
+    means = rng.uniform(-1.1, 1.1, (b, k, 2))
+    means[:, 3::7] = 6.0  # far outside the map
+    arrays = (means, rng.uniform(-4, 4, (b, k)), rng.uniform(0.4, 3.0, (b, k, 2)), rng.normal(size=(b, k, c)))
+    args = [jnp.asarray(a, jnp.float32) for a in arrays]
+    cotangent = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+    out, grads = grads_and_out(impl, shape, args, cotangent)
+    want_out, want_grads = grads_and_out("xla", shape, args, cotangent)
+    errors = [relative_error(out, want_out)] + [relative_error(g, v) for g, v in zip(grads, want_grads)]
+    worst = max(worst, *errors)
+    print(f"{str(shape):<26} rel. error out {errors[0]:.1e}  d means {errors[1]:.1e}  d rotations "
+          f"{errors[2]:.1e}  d scales {errors[3]:.1e}  d features {errors[4]:.1e}", flush=True)
+
+  with warnings.catch_warnings(record=True) as caught:
+    jax.jit(functools.partial(splat, height=9, width=9, impl=impl)).lower(*[a[:1, :5] for a in args])
+  hidden = sum("Triton backend is deprecated" in str(x.message) for x in caught)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.resetwarnings()
+    warnings.simplefilter("always")
+    jax.jit(functools.partial(splat, height=9, width=10, impl=impl)).lower(*[a[:1, :5] for a in args])
+  shown = sum("Triton backend is deprecated" in str(x.message) for x in caught)
+  print(f"Triton deprecation warnings: {hidden} with pallas_kernels' filter, {shown} with filters reset")
+  print(f"worst relative error {worst:.1e}: {'PASS' if worst < 1e-5 else 'FAIL'}")
+  if impl == "pallas":
+    block_sweep()
+  return 0 if worst < 1e-5 and hidden == 0 else 1
+
+
+if __name__ == "__main__":
+  # A dry run off GPU: `python benchmarks/splat_gpu_check.py pallas_interpret 3`.
+  sys.exit(main(sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 1 else main())
