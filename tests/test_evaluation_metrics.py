@@ -1,0 +1,131 @@
+"""FID / KID math and the image metrics against closed forms, NumPy formulas and scikit-image."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from skimage import metrics as skimage_metrics
+
+from gaussiantoken_jax.evaluation import fid, image_metrics
+
+RNG = np.random.default_rng(0)
+
+
+def random_covariance(rng, d):
+  a = rng.normal(size=(d, d))
+  return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_diagonal_closed_form():
+  # Commuting (diagonal) covariances: d^2 = |mu_a - mu_b|^2 + sum_i (sqrt(s_a,i) - sqrt(s_b,i))^2.
+  rng = np.random.default_rng(1)
+  mu_a, mu_b = rng.normal(size=5), rng.normal(size=5)
+  var_a, var_b = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
+  expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+  got = fid.frechet_distance(mu_a, np.diag(var_a), mu_b, np.diag(var_b))
+  assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_frechet_distance_full_covariances_against_scipy_sqrtm():
+  rng = np.random.default_rng(2)
+  d = 16
+  mu_a, mu_b = rng.normal(size=d), rng.normal(size=d)
+  cov_a, cov_b = random_covariance(rng, d), random_covariance(rng, d)
+  # pytorch-fid's formula: Tr(sqrtm(S_a S_b)) with scipy's general (complex) matrix square root.
+  expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+              - 2.0 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b)).real)
+  assert fid.frechet_distance(mu_a, cov_a, mu_b, cov_b) == pytest.approx(expected, rel=1e-10)
+  # Symmetric in its two Gaussians.
+  assert fid.frechet_distance(mu_b, cov_b, mu_a, cov_a) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_samples_identity_symmetry_and_convergence():
+  rng = np.random.default_rng(3)
+  d, n = 8, 20000
+  x = rng.normal(size=(n, d))
+  assert abs(fid.fid_from_features(x, x)) < 1e-9
+  y = rng.normal(size=(n, d)) * 1.5 + 0.5
+  assert fid.fid_from_features(x, y) == pytest.approx(fid.fid_from_features(y, x), rel=1e-10)
+  # N(0, I) vs N(0.5, 2.25 I): d^2 = d * 0.25 + d * (1.5 - 1)^2 = 4; sampling error of the fitted moments is
+  # about sqrt(d / n) * scale ~ 0.03 in each term.
+  assert fid.fid_from_features(x, y) == pytest.approx(d * 0.25 + d * 0.25, abs=0.15)
+
+
+def test_kid_against_a_direct_formula_and_unbiased():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(30, 6))
+  b = rng.normal(size=(30, 6)) + 0.3
+  # With subsets as large as both sets the estimate is the full unbiased MMD^2, written out here by loops.
+  def k(x, y):
+    return (np.dot(x, y) / 6 + 1.0) ** 3
+  m = 30
+  xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+  result = fid.kernel_inception_distance(a, b, subset_size=1000)
+  assert result.subset_size == 30 and result.std == 0.0
+  assert result.mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+  # Subsets smaller than the sets: the mean over subsets estimates the same MMD^2 (sampling noise ~ std / 10).
+  big_a, big_b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6)) + 0.3
+  full = fid.kernel_inception_distance(big_a, big_b, subset_size=400).mean
+  sub = fid.kernel_inception_distance(big_a, big_b, subset_size=100, num_subsets=100)
+  assert sub.std > 0 and abs(sub.mean - full) < 4 * sub.std / math.sqrt(100) + 1e-3
+  # Unbiased: two independent samples of one distribution give ~0 (within the same noise), unlike the shift.
+  same = fid.kernel_inception_distance(big_a, rng.normal(size=(400, 6)), subset_size=100)
+  assert abs(same.mean) < 4 * same.std / math.sqrt(100) + 1e-3 < full
+
+
+def test_fid_rejects_bad_input():
+  with pytest.raises(ValueError, match="at least 2"):
+    fid.fid_from_features(np.zeros((1, 4)), np.zeros((5, 4)))
+  with pytest.raises(ValueError, match=r"\[N, D\]"):
+    fid.fid_from_features(np.zeros(4), np.zeros((5, 4)))
+  with pytest.raises(ValueError, match="shape"):
+    fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_psnr_against_numpy_and_skimage():
+  a = RNG.uniform(size=(4, 9, 11, 3)).astype(np.float32)
+  b = np.clip(a + RNG.normal(scale=0.1, size=a.shape), 0, 1).astype(np.float32)
+  got = np.asarray(image_metrics.psnr(jnp.asarray(a), jnp.asarray(b)))
+  expected = [skimage_metrics.peak_signal_noise_ratio(x.astype(np.float64), y.astype(np.float64), data_range=1.0)
+              for x, y in zip(a, b)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_reference_protocol_psnr_and_ssim_against_skimage():
+  """The reference passes whole batches to skimage's PSNR and single images to its SSIM (section 4.1)."""
+  rng = np.random.default_rng(5)
+  n = 70  # two reference batches: 64 + 6
+  originals = rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+  x_hat = np.clip(originals / 127.5 - 1.0 + rng.normal(scale=0.15, size=originals.shape), -1.2, 1.2)
+  x_hat = x_hat.astype(np.float32)
+  mse, ssim = image_metrics.reference_protocol_metrics(jnp.asarray(originals), jnp.asarray(x_hat))
+  # The reference's conversions, in float64: [-1, 1] -> [0, 1] clamped -> uint8 by truncation -> / 255.
+  truncated = (np.clip((x_hat.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8) / 255.0
+  real = originals / 255.0
+  batches = [(0, 64), (64, 70)]
+  expected_psnr = np.mean([skimage_metrics.peak_signal_noise_ratio(real[i:j], truncated[i:j]) for i, j in batches])
+  assert image_metrics.pooled_psnr(np.asarray(mse)) == pytest.approx(expected_psnr, abs=1e-4)
+  expected_ssim = [skimage_metrics.structural_similarity(x, y, data_range=1.0, channel_axis=-1)
+                   for x, y in zip(real, truncated)]
+  # float32 against float64: the (co)variances lose ~1e-7 to cancellation, against C2 = 9e-4 in the denominator.
+  np.testing.assert_allclose(np.asarray(ssim), expected_ssim, atol=2e-5)
+
+
+def test_ssim_of_smooth_images_and_identity():
+  rng = np.random.default_rng(6)
+  base = rng.uniform(size=(2, 12, 12, 1))
+  smooth = (base + np.roll(base, 1, axis=1) + np.roll(base, 1, axis=2)) / 3.0
+  other = np.clip(smooth + rng.normal(scale=0.05, size=smooth.shape), 0, 1)
+  got = np.asarray(image_metrics.ssim(jnp.asarray(smooth, jnp.float32), jnp.asarray(other, jnp.float32)))
+  expected = [skimage_metrics.structural_similarity(x[..., 0], y[..., 0], data_range=1.0)
+              for x, y in zip(smooth, other)]
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+  same = np.asarray(image_metrics.ssim(jnp.asarray(smooth, jnp.float32), jnp.asarray(smooth, jnp.float32)))
+  np.testing.assert_allclose(same, 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="at least 7x7"):
+    image_metrics.ssim(jnp.zeros((1, 6, 6, 3)), jnp.zeros((1, 6, 6, 3)))
+  with pytest.raises(ValueError, match="same shape"):
+    image_metrics.ssim(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 9, 8, 3)))
