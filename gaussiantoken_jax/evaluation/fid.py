@@ -78,11 +78,26 @@ def frechet_distance(mean_a, cov_a, mean_b, cov_b) -> float:
 
 
 def fid_from_features(features_a, features_b) -> float:
-  """FID between two feature sets [N, D] and [M, D]."""
-  a, b = gaussian_stats(features_a), gaussian_stats(features_b)
-  if a.mean.shape != b.mean.shape:
-    raise ValueError(f"fid_from_features: feature sizes differ: {a.mean.shape[0]} and {b.mean.shape[0]}.")
-  return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+  """FID between two feature sets [N, D] and [M, D].
+
+  With fewer samples than dimensions (min(N, M) <= D) the covariances are low-rank, S_a = A^T A / (N - 1) with
+  A the centred features, and Tr((S_a S_b)^(1/2)) is the sum of the singular values of A B^T / sqrt((N-1)(M-1))
+  (the nonzero eigenvalues of S_a S_b are those of A B^T B A^T / ((N-1)(M-1))): an N x M problem instead of
+  two D x D eigendecompositions, and free of the square roots of rounding-level null eigenvalues.
+  """
+  a = _check_features("fid_from_features", "features_a", features_a)
+  b = _check_features("fid_from_features", "features_b", features_b)
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"fid_from_features: feature sizes differ: {a.shape[1]} and {b.shape[1]}.")
+  if min(a.shape[0], b.shape[0]) > a.shape[1]:
+    stats_a, stats_b = gaussian_stats(a), gaussian_stats(b)
+    return frechet_distance(stats_a.mean, stats_a.cov, stats_b.mean, stats_b.cov)
+  centred_a, centred_b = a - a.mean(axis=0), b - b.mean(axis=0)
+  norm_a, norm_b = a.shape[0] - 1, b.shape[0] - 1
+  trace_sqrt = np.sum(np.linalg.svd(centred_a @ centred_b.T, compute_uv=False)) / np.sqrt(norm_a * norm_b)
+  difference = a.mean(axis=0) - b.mean(axis=0)
+  return float(difference @ difference + np.sum(centred_a ** 2) / norm_a + np.sum(centred_b ** 2) / norm_b
+               - 2.0 * trace_sqrt)
 
 
 class KID(NamedTuple):

