@@ -26,12 +26,18 @@ from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import cli_flags, inception
 from gaussiantoken_jax.train import distributed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics JSON; pictures go beside it.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
-_SPLIT = flags.DEFINE_string("split", None, "Evaluation split; default the config's data.eval_split.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Evaluate the first N images (all processes together); "
-                                   "default the whole split.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  # Defined only when run as a command: `--output`, `--split` and `--workdir` are also the flags of other
+  # commands (data.inspect, main), and absl refuses a flag defined twice in one process (e.g. a test run).
+  flags.DEFINE_string("workdir", None, "The training run's workdir.")
+  flags.DEFINE_string("output", None, "Where to write the metrics JSON; pictures go beside it.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
+  flags.DEFINE_string("split", None, "Evaluation split; default the config's data.eval_split.")
+  flags.DEFINE_integer("num_images", None, "Evaluate the first N images (all processes together); "
+                       "default the whole split.")
 
 
 def config_name(config) -> str:
@@ -74,12 +80,12 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUTPUT.value:
+  if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required.")
-  if _NUM_IMAGES.value is not None and _NUM_IMAGES.value < 1:
-    raise app.UsageError(f"--num_images must be a positive int, got {_NUM_IMAGES.value}.")
+  if FLAGS.num_images is not None and FLAGS.num_images < 1:
+    raise app.UsageError(f"--num_images must be a positive int, got {FLAGS.num_images}.")
   distributed.initialize_from_env()
-  record = run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, split=_SPLIT.value, num_images=_NUM_IMAGES.value,
+  record = run(FLAGS.workdir, FLAGS.output, step=FLAGS.step, split=FLAGS.split, num_images=FLAGS.num_images,
                inception_weights=cli_flags.INCEPTION_WEIGHTS.value)
   if jax.process_index() == 0:
     print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "step", "config_name")
@@ -87,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

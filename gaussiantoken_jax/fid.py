@@ -24,7 +24,13 @@ import numpy as np
 from gaussiantoken_jax.evaluation import fid as fid_lib
 from gaussiantoken_jax.evaluation import cli_flags, image_sets, inception
 
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per Inception batch.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  # Defined only when run as a command: data.inspect has a `--batch_size` too, and absl refuses a flag defined
+  # twice in one process (e.g. a test run importing both).
+  flags.DEFINE_integer("batch_size", 50, "Images per Inception batch.")
 
 
 def set_features(image_set: image_sets.ImageSet, params, batch_size: int) -> np.ndarray:
@@ -60,7 +66,7 @@ def main(argv):
     raise app.UsageError(f"Expected two paths (PATH_A PATH_B), got {argv[1:]}.")
   params = None if cli_flags.INCEPTION_WEIGHTS.value is None else inception.load_inception_params(cli_flags.INCEPTION_WEIGHTS.value)
   try:
-    result = compare(argv[1], argv[2], batch_size=_BATCH_SIZE.value, inception_params=params)
+    result = compare(argv[1], argv[2], batch_size=FLAGS.batch_size, inception_params=params)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   for side in ("a", "b"):
@@ -72,4 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
