@@ -40,7 +40,7 @@ for s in a.set:
   k, v = s.split("="); node = cfg
   *path, last = k.split(".")
   for q in path: node = node[q]
-  node[last] = type(node[last])(eval(v)) if not isinstance(node[last], str) else v
+  node[last] = v if isinstance(node[last], str) else eval(v)
 src = demo_data.DemoEvalSource(32)
 imgs = np.stack([src[i]["data"] for i in range(a.offset, a.offset + a.n)])
 x = jnp.asarray(imgs, jnp.float32) / 127.5 - 1.0

@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
       splat_impl="auto", splat_cutoff=1.0 / 255.0))
   c.model.embedder = ml_collections.ConfigDict(dict(
       num_heads=4, num_points=4, num_blocks=3, num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256,
-      ffn_dim=256, dropout=0.1, scale_min=0.1, scale_max_init=4.0, scale_max_final=3.0))
+      ffn_dim=256, dropout=0.1, scale_min=0.1, scale_max_init=4.0, scale_max_final=3.0,
+      # Initial Gaussian scale in feature pixels (None: the reference's ~2 px, see docs/differences.md).
+      initial_scale=ml_collections.FieldReference(1.0, field_type=float)))
   c.model.quantizer = ml_collections.ConfigDict(dict(
       decay=0.8, eps=1e-5, kmeans_iters=10, dead_code_threshold=2.0,
       gradient="rotation"))  # the reference's rotation trick; "straight_through" is the classic estimator

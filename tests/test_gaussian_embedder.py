@@ -208,3 +208,29 @@ def test_forward_backward_is_finite_and_reaches_every_parameter(variables, featu
 def test_rejects_bad_input(variables, shape, dtype, match):
   with pytest.raises(ValueError, match=match):
     MODULE.apply(variables, jnp.zeros(shape, dtype), train=False)
+
+
+def test_mlp_parts_use_pytorch_linear_init_and_the_initial_scale_sets_the_scale_bias(variables):
+  """The reference keeps PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))) in the anchor
+  encoder, the asymmetric FFN, the refinement MLP and the feature head; xavier (zero bias) only in the
+  attention layers and the lifter. The refinement head's scale outputs start at logit((s - s_min) /
+  (s_max - s_min)) for `initial_scale` s."""
+  params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  torch_style = [path for path in params if path.startswith(("anchor_encoder/", "blocks/ffn/", "blocks/refine/",
+                                                               "to_features/")) and path.endswith("/kernel")]
+  assert len(torch_style) == 23  # 10 anchor encoder, 3 FFN, 5 refinement, 5 feature head
+  for path in torch_style:
+    kernel = np.asarray(params[path])
+    bound = kernel.shape[-2] ** -0.5
+    bias = np.asarray(params[path[:-len("kernel")] + "bias"])
+    if path == "blocks/refine/Dense_0/kernel":
+      bias = np.delete(bias, [3, 4], axis=-1)
+    # U(-b, b) has max |x| < b and std b / sqrt(3); xavier's bound sqrt(6 / (fan_in + fan_out)) is larger.
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, path
+    assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.1), path
+    assert np.abs(bias).max() > 0.5 * bound, path  # not xavier's zero bias
+  attention_bias = np.asarray(params["blocks/cross_attn/self_attn/in_proj_bias"])
+  assert not attention_bias.any()
+  expected = np.log((1.0 - 0.1) / (4.0 - 1.0))  # initial_scale 1, range [0.1, 4]
+  refine_bias = np.asarray(params["blocks/refine/Dense_0/bias"])
+  np.testing.assert_allclose(refine_bias[:, 3:5], expected, rtol=1e-6)

@@ -196,6 +196,12 @@ def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
   psnr = 10 * np.log10(1.0 / mse)
   computed = metrics.compute()
   np.testing.assert_allclose(computed["psnr"], psnr[mask].mean(), rtol=1e-4)
+  # The trivial baseline: runlocal has 16 Gaussians, so a 4 x 4 grid of 8 x 8-pixel block means.
+  assert config.model.num_gaussians == 16 and config.data.image_size == 32
+  blocks = originals.reshape(len(images), 4, 8, 4, 8, 3).mean(axis=(2, 4))
+  block_image = np.repeat(np.repeat(blocks, 8, axis=1), 8, axis=2)
+  baseline = 10 * np.log10(1.0 / np.mean(np.square(block_image - originals), axis=(1, 2, 3)))
+  np.testing.assert_allclose(computed["psnr_block_baseline"], baseline[mask].mean(), rtol=1e-4)
   lpips_each = np.asarray(losses.lpips_distance(jax.device_get(lpips_params), (originals * 2 - 1).astype(np.float32),
                                                 reconstructions.astype(np.float32)))
   np.testing.assert_allclose(computed["lpips"], lpips_each[mask].mean(), rtol=1e-4)

@@ -35,8 +35,8 @@ from gaussiantoken_jax.train import writers
 
 MIN_FID_IMAGES = inception.FEATURE_DIM
 NUM_PICTURES = 8
-METRIC_KEYS = ("rfid", "kid", "kid_std", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity",
-               "num_images")
+METRIC_KEYS = ("rfid", "kid", "kid_std", "psnr", "psnr_block_baseline", "psnr_uint8", "ssim", "lpips",
+               "codebook_usage", "perplexity", "num_images")
 
 
 def _to_uint8(x_hat: np.ndarray) -> np.ndarray:

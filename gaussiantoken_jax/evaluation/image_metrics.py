@@ -63,6 +63,28 @@ def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
   return -10.0 * jnp.log10(jnp.maximum(mse(a, b), _MIN_MSE))
 
 
+def block_baseline_cells(num_tokens: int, image_size: int) -> int:
+  """Side of the trivial baseline's grid: the largest g with g * g <= num_tokens whose blocks tile the image.
+
+  A tokenizer with `num_tokens` tokens per image should beat the image described by as many block means
+  (g * g RGB values); for 64 tokens on 32-pixel images that is an 8 x 8 grid of 4-pixel blocks.
+  """
+  cells = math.isqrt(num_tokens)
+  while cells > 1 and image_size % cells:
+    cells -= 1
+  return max(cells, 1)
+
+
+def block_average(images: jax.Array, cells: int) -> jax.Array:
+  """Each image [B, H, W, C] replaced by the means of a `cells` x `cells` grid of equal blocks (nearest upsampling)."""
+  batch, height, width, channels = images.shape
+  if height % cells or width % cells:
+    raise ValueError(f"block_average: a {cells} x {cells} grid must tile the images, got {height} x {width}.")
+  blocks = images.reshape(batch, cells, height // cells, cells, width // cells, channels)
+  means = jnp.mean(blocks, axis=(2, 4), keepdims=True)
+  return jnp.broadcast_to(means, blocks.shape).reshape(images.shape)
+
+
 def pooled_psnr(per_image_mse, group_size: int = REFERENCE_BATCH) -> float:
   """The reference's PSNR from per-image MSEs (images of equal size, in evaluation order).
 

@@ -22,6 +22,13 @@ then train apart). Here each of those stacks is an `nn.scan` with `split_rngs={"
 are stacked on a leading axis (blocks: [num_blocks, ...]; decoder layers: [num_blocks, num_decoder_layers,
 ...]) and initialised from one draw, while each copy gets its own dropout draws.
 
+Initialisers as in the reference: PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))) in the
+anchor encoder, the asymmetric FFN, the refinement MLP and the feature head; xavier with zero bias in the
+attention layers and the lifter. One deliberate difference (docs/differences.md): the refinement head's scale
+outputs start at the bias that gives `initial_scale` (1 feature pixel) instead of ~2-3 pixels, which on 2-pixel
+centre spacing made every Gaussian overlap about ten others and stalled the start of training
+(docs/training.md, "Why GaussianToken did not learn").
+
 Only the last refinement's `to_features` head is built: the reference builds one per block but uses only the
 last, so our trainable parameter count is that of the parameters the reference actually uses (0.756M for
 K = 64, z = 3 against the reference's 0.790M with the two unused heads).
@@ -41,6 +48,7 @@ import jax.numpy as jnp
 
 from gaussiantoken_jax.checks import check_float_array
 from gaussiantoken_jax.models.deformable_attention import DeformableAttention
+from gaussiantoken_jax.models.encoder_decoder import torch_default_bias_init, torch_default_kernel_init
 
 _XAVIER = nn.initializers.xavier_uniform()
 _NORM_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default
@@ -112,6 +120,17 @@ def anchor_init(key, shape, dtype=jnp.float32):
   return anchors.astype(dtype)
 
 
+def _torch_linear(x: jax.Array, features: int, name: str | None = None, bias_init=None) -> jax.Array:
+  """A Dense layer with PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))).
+
+  The reference re-initialises only its attention modules and lifter with xavier / zero bias; the anchor
+  encoder, the asymmetric FFN, the refinement MLP and the feature head keep PyTorch's default, which makes
+  their initial outputs (and Adam's first relative updates) smaller than xavier's by about 1.7x.
+  """
+  return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                  bias_init=bias_init or torch_default_bias_init(x.shape[-1]), name=name)(x)
+
+
 def _identical_init_stack(layer_cls, length: int, num_broadcast_args: int):
   """`length` copies of `layer_cls` applied in sequence, parameters stacked on axis 0 and initialised identically.
 
@@ -130,7 +149,7 @@ class _ReluNormMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     for _ in range(self.num_layers):
-      x = nn.LayerNorm(epsilon=_NORM_EPS)(nn.relu(nn.Dense(self.features, kernel_init=_XAVIER)(x)))
+      x = nn.LayerNorm(epsilon=_NORM_EPS)(nn.relu(_torch_linear(x, self.features)))
     return x
 
 
@@ -153,20 +172,30 @@ class _RefineTrunk(nn.Module):
   @nn.compact
   def __call__(self, x):
     for _ in range(2):
-      x = nn.relu(nn.Dense(self.dim, kernel_init=_XAVIER)(x))
-      x = nn.relu(nn.Dense(self.dim, kernel_init=_XAVIER)(x))
+      x = nn.relu(_torch_linear(x, self.dim))
+      x = nn.relu(_torch_linear(x, self.dim))
       x = nn.LayerNorm(epsilon=_NORM_EPS)(x)
     return x
 
 
 class _ScaledHead(nn.Module):
-  """Trunk -> Linear(out_dim) -> learnable per-dimension scale (init 1)."""
+  """Trunk -> Linear(out_dim) -> learnable per-dimension scale (init 1).
+
+  `scale_logit`, when given, initialises the output bias of the scale slots 3:5 (the refinement head): the
+  initial Gaussians then have scale_min + (scale_max - scale_min) * sigmoid(scale_logit) feature pixels.
+  """
   dim: int
   out_dim: int
+  scale_logit: float | None = None
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.out_dim, kernel_init=_XAVIER)(_RefineTrunk(self.dim)(x))
+    x = _RefineTrunk(self.dim)(x)
+    bias_init = torch_default_bias_init(x.shape[-1])
+    if self.scale_logit is not None:
+      default_init = bias_init
+      bias_init = lambda key, shape, dtype=jnp.float32: default_init(key, shape, dtype).at[3:5].set(self.scale_logit)
+    x = _torch_linear(x, self.out_dim, bias_init=bias_init)
     return x * self.param("scale", nn.initializers.ones, (self.out_dim,))
 
 
@@ -259,8 +288,8 @@ class _AsymmetricFFN(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm(epsilon=_NORM_EPS)(x)
-    branch = nn.Dense(self.dim, kernel_init=_XAVIER)(nn.relu(nn.Dense(self.hidden_dim, kernel_init=_XAVIER)(x)))
-    return nn.Dense(self.dim, kernel_init=_XAVIER, name="identity_fc")(x) + branch
+    branch = _torch_linear(nn.relu(_torch_linear(x, self.hidden_dim)), self.dim)
+    return _torch_linear(x, self.dim, name="identity_fc") + branch
 
 
 class _Block(nn.Module):
@@ -274,6 +303,7 @@ class _Block(nn.Module):
   dropout: float
   spatial_shape: tuple[int, int]
   train: bool
+  scale_logit: float | None
 
   @nn.compact
   def __call__(self, carry, memory, anchor_encoder_params):
@@ -291,7 +321,7 @@ class _Block(nn.Module):
     instance = _AsymmetricFFN(self.dim, self.ffn_dim, name="ffn")(jnp.concatenate([decoded, instance], axis=-1))
 
     # Refinement: the centre moves residually in logit space; rotation, scale and feature are replaced.
-    update = _ScaledHead(self.dim, anchors.shape[-1], name="refine")(instance + anchor_embed)
+    update = _ScaledHead(self.dim, anchors.shape[-1], self.scale_logit, name="refine")(instance + anchor_embed)
     anchors = jnp.concatenate([anchors[..., :2] + update[..., :2], update[..., 2:]], axis=-1)
     return (instance, anchors), None
 
@@ -308,6 +338,9 @@ class GaussianEmbedder(nn.Module):
                                                           scale_min_decay_gap), scale_max_final)
   mean(scales) is over the whole (global) batch, where the reference's DDP replicas each used their own.
   Unlike the reference, scale_mean is saved too, so a resumed run continues exactly.
+
+  `initial_scale` (feature pixels, in (scale_min, scale_max_init)) sets the refinement head's initial scale
+  bias; None keeps the reference's init.
   """
   num_gaussians: int
   feature_dim: int
@@ -323,6 +356,7 @@ class GaussianEmbedder(nn.Module):
   num_groups: int = 32
   scale_min: float = 0.1
   scale_max_init: float = 4.0
+  initial_scale: float | None = 1.0
   scale_max_final: float = 3.0
   scale_ema_init: float = 2.05
   scale_ema_momentum: float = 0.01
@@ -361,7 +395,7 @@ class GaussianEmbedder(nn.Module):
         lambda key: AnchorEncoder(dim, parent=None).init(key, jnp.zeros((1, anchor_dim), jnp.float32))["params"])
     blocks = _identical_init_stack(_Block, self.num_blocks, num_broadcast_args=2)(
         dim, self.num_heads, self.num_points, self.num_decoder_layers, self.mlp_dim, self.ffn_dim, self.dropout,
-        spatial_shape, train, name="blocks")
+        spatial_shape, train, self._initial_scale_logit(), name="blocks")
     (_, anchors), _ = blocks((instance, anchors), memory, anchor_encoder_params)
 
     # 5. Output activations of the last refinement.
@@ -376,6 +410,16 @@ class GaussianEmbedder(nn.Module):
     if train and self.is_mutable_collection("range_scheduler") and not self.is_initializing():
       self._update_scale_range(scale_max, scale_mean, jax.lax.stop_gradient(jnp.mean(scales)))
     return Gaussians(means=means, rotations=rotations, scales=scales, features=features)
+
+  def _initial_scale_logit(self) -> float | None:
+    """Pre-activation that puts the initial scales at `initial_scale` (None: the reference's init)."""
+    if self.initial_scale is None:
+      return None
+    fraction = (self.initial_scale - self.scale_min) / (self.scale_max_init - self.scale_min)
+    if not 0.0 < fraction < 1.0:
+      raise ValueError(f"GaussianEmbedder: initial_scale must lie strictly between scale_min={self.scale_min} and "
+                       f"scale_max_init={self.scale_max_init}, got {self.initial_scale}.")
+    return math.log(fraction / (1.0 - fraction))
 
   def _update_scale_range(self, scale_max, scale_mean, batch_mean_scale) -> None:
     """One step of the reference's RangeScheduler (see the class docstring)."""

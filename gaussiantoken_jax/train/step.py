@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gaussiantoken_jax import losses, models
 from gaussiantoken_jax.data import to_model_input
+from gaussiantoken_jax.evaluation import image_metrics
 from gaussiantoken_jax.train import optim, sharding
 
 # The decoder's last convolution, whose gradients VQGAN's adaptive GAN weight compares.
@@ -93,7 +94,15 @@ def train_metrics_class(config: ml_collections.ConfigDict) -> type[clu_metrics.C
 
 
 EvalMetrics = clu_metrics.Collection.create(psnr=clu_metrics.Average.from_output("psnr"),
+                                            psnr_block_baseline=clu_metrics.Average.from_output("psnr_block_baseline"),
                                             lpips=clu_metrics.Average.from_output("lpips"))
+
+
+def block_baseline_cells(config: ml_collections.ConfigDict) -> int:
+  """Grid side of the trivial baseline with (at most) as many block means as the model has tokens per image."""
+  num_tokens = (config.model.num_gaussians if config.model.type == "gaussiantoken"
+                else math.prod(models.feature_shape(config)))
+  return image_metrics.block_baseline_cells(num_tokens, config.data.image_size)
 
 
 def _check_image_batch(function: str, batch, image_size: int, with_mask: bool) -> None:
@@ -282,8 +291,9 @@ def train_step(parts: StepParts, state: TrainState, batch: dict, lpips_params) -
 def eval_step(parts: StepParts, ema_params, model_state, batch: dict, lpips_params):
   """Reconstructs a masked eval batch {"image", "mask"} with the EMA parameters (train=False).
 
-  Returns (EvalMetrics with per-image PSNR on [0, 1] after clipping and LPIPS, masked; int32 [codebook_size]
-  code counts over the unmasked images; float32 reconstructions in [-1, 1], clipped).
+  Returns (EvalMetrics with per-image PSNR on [0, 1] after clipping, the PSNR of the block-average baseline
+  with as many cells as the model has tokens (`block_baseline_cells`) and LPIPS, masked; int32
+  [codebook_size] code counts over the unmasked images; float32 reconstructions in [-1, 1], clipped).
   """
   config = parts.config
   _check_image_batch("eval_step", batch, config.data.image_size, with_mask=True)
@@ -291,14 +301,15 @@ def eval_step(parts: StepParts, ema_params, model_state, batch: dict, lpips_para
   mask = batch["mask"]
   output = parts.model.apply({"params": ema_params, **model_state}, x, train=False)
   x_hat = jnp.clip(output.reconstruction, -1.0, 1.0)
-  squared_error = jnp.mean(jnp.square((x_hat - x) * 0.5), axis=(1, 2, 3))
-  # A perfect reconstruction would give +inf; 1e-10 caps PSNR at 100 dB.
-  psnr = -10.0 * jnp.log10(jnp.maximum(squared_error, 1e-10))
+  originals = (x + 1.0) * 0.5
+  psnr = image_metrics.psnr(originals, (x_hat + 1.0) * 0.5)
+  baseline = image_metrics.psnr(originals, image_metrics.block_average(originals, block_baseline_cells(config)))
   perceptual = losses.lpips_distance(lpips_params, x, x_hat)
   indices = output.indices.reshape(output.indices.shape[0], -1)
   weights = jnp.broadcast_to(mask[:, None], indices.shape).astype(jnp.int32)
   counts = jnp.zeros((config.model.codebook_size,), jnp.int32).at[indices.reshape(-1)].add(weights.reshape(-1))
-  return EvalMetrics.single_from_model_output(psnr=psnr, lpips=perceptual, mask=mask), counts, x_hat
+  return EvalMetrics.single_from_model_output(psnr=psnr, psnr_block_baseline=baseline, lpips=perceptual,
+                                              mask=mask), counts, x_hat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,9 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
 * SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0).
-* Evaluation with the EMA weights every `eval_every_steps` and at the end: PSNR, LPIPS, code usage and
-  perplexity, and a picture of originals above their reconstructions.
+* Evaluation with the EMA weights every `eval_every_steps` and at the end: PSNR beside the block-average
+  baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must beat it), LPIPS, code
+  usage and perplexity, and a picture of originals above their reconstructions.
 
 Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
 """
@@ -167,6 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     def run_eval(step: int) -> None:
       results, grid = evaluate(fns, eval_step, state, lpips_params, eval_loader, num_eval_batches)
       writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
+      cells = step_lib.block_baseline_cells(config)
+      logging.info("Eval at step %d: PSNR %.2f dB; the trivial answer (%dx%d block means, as many values as tokens) "
+                   "gets %.2f dB.", step, results["psnr"], cells, cells, results["psnr_block_baseline"])
       if grid is not None:
         writer.write_images(step, {"eval_reconstructions": grid[None]})
 
