@@ -141,3 +141,17 @@ def test_ssim_of_smooth_images_and_identity():
     image_metrics.ssim(jnp.zeros((1, 6, 6, 3)), jnp.zeros((1, 6, 6, 3)))
   with pytest.raises(ValueError, match="same shape"):
     image_metrics.ssim(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 9, 8, 3)))
+
+
+def test_block_average_baseline_against_numpy():
+  # The largest square grid with at most that many cells whose blocks tile the image.
+  assert [image_metrics.block_baseline_cells(n, 32) for n in (64, 16, 50, 1, 1000, 1024)] == [8, 4, 4, 1, 16, 32]
+  assert image_metrics.block_baseline_cells(256, 24) == 12
+  images = np.random.default_rng(0).uniform(size=(2, 12, 12, 3))
+  means = images.reshape(2, 3, 4, 3, 4, 3).mean(axis=(2, 4))
+  expected = np.repeat(np.repeat(means, 4, axis=1), 4, axis=2)
+  np.testing.assert_allclose(image_metrics.block_average(jnp.asarray(images, jnp.float32), 3), expected, atol=1e-6)
+  with pytest.raises(ValueError, match="5 x 5 grid must tile the images, got 12 x 12"):
+    image_metrics.block_average(jnp.asarray(images), 5)
+  with pytest.raises(ValueError, match="must be positive, got 0 and 32"):
+    image_metrics.block_baseline_cells(0, 32)

@@ -234,3 +234,11 @@ def test_mlp_parts_use_pytorch_linear_init_and_the_initial_scale_sets_the_scale_
   expected = np.log((1.0 - 0.1) / (4.0 - 1.0))  # initial_scale 1, range [0.1, 4]
   refine_bias = np.asarray(params["blocks/refine/Dense_0/bias"])
   np.testing.assert_allclose(refine_bias[:, 3:5], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("initial_scale", [0.1, 4.0, -1.0])
+def test_rejects_an_initial_scale_outside_the_range(feature_map, initial_scale):
+  module = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM, initial_scale=initial_scale)
+  with pytest.raises(ValueError, match=f"initial_scale must lie strictly between scale_min=0.1 and "
+                                       f"scale_max_init=4.0, got {initial_scale}"):
+    module.init(jax.random.key(0), feature_map, train=False)

@@ -69,10 +69,13 @@ def block_baseline_cells(num_tokens: int, image_size: int) -> int:
   A tokenizer with `num_tokens` tokens per image should beat the image described by as many block means
   (g * g RGB values); for 64 tokens on 32-pixel images that is an 8 x 8 grid of 4-pixel blocks.
   """
+  if num_tokens < 1 or image_size < 1:
+    raise ValueError(f"block_baseline_cells: num_tokens and image_size must be positive, got {num_tokens} and "
+                     f"{image_size}.")
   cells = math.isqrt(num_tokens)
   while cells > 1 and image_size % cells:
     cells -= 1
-  return max(cells, 1)
+  return cells
 
 
 def block_average(images: jax.Array, cells: int) -> jax.Array:
