@@ -13,6 +13,7 @@ norm per module at the first and last step.
                   of the fixed batch; the fixed held-out batch is then a true held-out set, and the line also
                   gives eval-mode PSNR on 64 other training-distribution crops ("trainpsnr") and their 8x8 baseline
   --warmup N      linear learning-rate warm-up over N steps from 1e-6 (0: constant)
+  --clip X        clip the gradient's global norm to X before Adam (0: no clipping)
 
   python benchmarks/overfit_fixed_batch.py --steps 150 --quant 0 --mode grid
   python benchmarks/overfit_fixed_batch.py --stream 1 --n 64 --warmup 50 --steps 300 --every 100 --mode grid
@@ -39,6 +40,7 @@ p.add_argument("--mode", default="embed")
 p.add_argument("--grid_scale", type=float, default=1.0)
 p.add_argument("--stream", type=int, default=0)
 p.add_argument("--warmup", type=int, default=0)
+p.add_argument("--clip", type=float, default=0.0)
 a = p.parse_args()
 
 cfg = demo_cfg.get_config(a.variant or None)
@@ -102,6 +104,8 @@ key = jax.random.PRNGKey(0)
 variables = model.init({"params": key, "dropout": key, "quantizer": key}, x[:1], train=False)
 params = variables["params"]; state = {k: v for k, v in variables.items() if k != "params"}
 tx = optax.adam(optax.linear_schedule(1e-6, a.lr, a.warmup) if a.warmup else a.lr)
+if a.clip:
+  tx = optax.chain(optax.clip_by_global_norm(a.clip), tx)
 opt = tx.init(params)
 
 @jax.jit

@@ -1,10 +1,16 @@
-"""Test-wide setup: 8 host CPU devices and JAX's persistent compilation cache.
+"""Test-wide setup: 8 host CPU devices, the CPU platform, and JAX's persistent compilation cache.
 
-Both must be set before JAX is imported anywhere, which is why they live here.
+All must be set before JAX is imported anywhere, which is why they live here. The suite runs on the CPU even on
+a GPU machine (its sharding tests need the 8 host devices); the compiled-kernel tests of
+tests/test_pallas_splat.py run there with `JAX_PLATFORMS=cuda,cpu python -m pytest tests/test_pallas_splat.py`.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Appended, not set: a user's own XLA_FLAGS (e.g. dump options) must survive.
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -18,9 +18,9 @@ from gaussiantoken_jax.train import distributed, sharding
 from gaussiantoken_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# (config file, variant string): every runlocal config and the plain-VQ baseline.
-CONFIGS = [("demo", "runlocal"), ("cifar10", "runlocal"), ("mini_imagenet", "runlocal"),
-           ("imagenet", "runlocal"), ("demo", "runlocal,baseline=vq")]
+# (config file, variant string): every runlocal config and the plain-VQ baseline; mini_imagenet:runlocal has the
+# imagenet:runlocal model (tests/test_model.py) and cifar10's AdamW, so it adds no step of its own.
+CONFIGS = [("demo", "runlocal"), ("cifar10", "runlocal"), ("imagenet", "runlocal"), ("demo", "runlocal,baseline=vq")]
 
 
 def load_config(name, arg):
@@ -177,8 +177,10 @@ def test_eight_devices_and_one_device_give_the_same_step():
   lr = load_config("demo", "runlocal").optimizer.init_learning_rate
   for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2.5 * lr)
-  np.testing.assert_allclose(state8.model_state["codebook"]["quantizer"]["embed"],
-                             state1.model_state["codebook"]["quantizer"]["embed"], rtol=1e-4, atol=2e-5)
+  # The codes are k-means means (10 Lloyd iterations) of features that carry the forward's reduction-order error,
+  # the 2e-5 relative tolerance of the losses above; 5x that, relative to the largest code, bounds their drift.
+  embed8, embed1 = (s.model_state["codebook"]["quantizer"]["embed"] for s in (state8, state1))
+  np.testing.assert_allclose(embed8, embed1, rtol=0, atol=5 * 2e-5 * np.abs(embed1).max())
 
 
 def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
