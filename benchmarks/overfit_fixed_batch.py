@@ -14,6 +14,8 @@ norm per module at the first and last step.
                   gives eval-mode PSNR on 64 other training-distribution crops ("trainpsnr") and their 8x8 baseline
   --warmup N      linear learning-rate warm-up over N steps from 1e-6 (0: constant)
   --clip X        clip the gradient's global norm to X before Adam (0: no clipping)
+  --image_lr X    multiply the learning rate of the image side (conv encoder, the embedder's input projection,
+                  norm and deformable self-attention encoder) by X
 
   python benchmarks/overfit_fixed_batch.py --steps 150 --quant 0 --mode grid
   python benchmarks/overfit_fixed_batch.py --stream 1 --n 64 --warmup 50 --steps 300 --every 100 --mode grid
@@ -41,6 +43,7 @@ p.add_argument("--grid_scale", type=float, default=1.0)
 p.add_argument("--stream", type=int, default=0)
 p.add_argument("--warmup", type=int, default=0)
 p.add_argument("--clip", type=float, default=0.0)
+p.add_argument("--image_lr", type=float, default=1.0)
 a = p.parse_args()
 
 cfg = demo_cfg.get_config(a.variant or None)
@@ -104,6 +107,12 @@ key = jax.random.PRNGKey(0)
 variables = model.init({"params": key, "dropout": key, "quantizer": key}, x[:1], train=False)
 params = variables["params"]; state = {k: v for k, v in variables.items() if k != "params"}
 tx = optax.adam(optax.linear_schedule(1e-6, a.lr, a.warmup) if a.warmup else a.lr)
+if a.image_lr != 1.0:
+  image_side = lambda path: path[0] == "encoder" or (path[0] == "embedder" and path[1] in
+                                                      ("encoder", "input_proj", "input_norm"))
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "image" if image_side([k.key for k in path]) else "rest", params)
+  tx = optax.multi_transform({"image": optax.chain(tx, optax.scale(a.image_lr)), "rest": tx}, labels)
 if a.clip:
   tx = optax.chain(optax.clip_by_global_norm(a.clip), tx)
 opt = tx.init(params)
