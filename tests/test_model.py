@@ -76,10 +76,9 @@ def test_mini_imagenet_runlocal_is_the_imagenet_runlocal_model():
   assert load_config("mini_imagenet", "runlocal").model.to_dict() == load_config("imagenet", "runlocal").model.to_dict()
 
 
-# The other runlocal configs get the same checks, and more, through a whole train step in tests/test_train_step.py.
-@pytest.mark.parametrize("name, arg", [("imagenet", "runlocal,baseline=vq")])
-def test_forward_backward_of_a_runlocal_config_is_finite(name, arg):
-  config, model, images, variables = runlocal_setup(name, arg)
+def test_forward_backward_of_the_imagenet_baseline_runlocal_config_is_finite():
+  """The other runlocal configs get these checks, and more, through a whole train step (tests/test_train_step.py)."""
+  config, model, images, variables = runlocal_setup("imagenet", "runlocal,baseline=vq")
   state = {k: v for k, v in variables.items() if k != "params"}
   rngs = {"dropout": jax.random.key(3), "quantizer": jax.random.key(4)}
 
