@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedder = ml_collections.ConfigDict(dict(
       num_heads=4, num_points=4, num_blocks=3, num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256,
       ffn_dim=256, dropout=0.1, scale_min=0.1, scale_max_init=4.0, scale_max_final=3.0,
+      # Deliberate differences that make the embedder learn (docs/differences.md); False, False: the reference.
+      centre_feature=True, grid_anchors=True,
       # Initial Gaussian scale in feature pixels (None: the reference's ~2 px, see docs/differences.md).
       initial_scale=ml_collections.FieldReference(1.0, field_type=float)))
   c.model.quantizer = ml_collections.ConfigDict(dict(

@@ -9,9 +9,10 @@ import pytest
 
 from gaussiantoken_jax.models.gaussian_embedder import (GaussianEmbedder, Gaussians, anchor_init,
                                                         sine_position_embedding)
+from test_deformable_attention import numpy_bilinear_sample
 
 # A small map and few Gaussians, with the reference structure (3 blocks, 2 + 2 layers, D' = 64).
-BATCH, HEIGHT, WIDTH, NUM_GAUSSIANS, FEATURE_DIM = 2, 4, 6, 8, 3
+BATCH, HEIGHT, WIDTH, NUM_GAUSSIANS, FEATURE_DIM = 2, 4, 6, 9, 3  # 9: a 3 x 3 grid of anchors
 MODULE = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM)
 
 
@@ -151,6 +152,37 @@ def test_anchor_init_layout():
   assert np.abs(anchors[:, :5]).max() <= np.log(0.9999 / 1e-4) + 1e-3  # the logit's clamp
 
 
+def test_grid_anchors_start_at_the_cell_centres_of_a_square_grid():
+  anchors = np.asarray(anchor_init(jax.random.key(5), (16, 69), grid=True), np.float64)
+  centres = 1.0 / (1.0 + np.exp(-anchors[:, :2]))
+  cells = (np.arange(4) + 0.5) / 4
+  expected = np.stack([np.tile(cells, 4), np.repeat(cells, 4)], axis=-1)  # row-major, x along the columns
+  np.testing.assert_allclose(centres, expected, atol=1e-6)
+  with pytest.raises(ValueError, match="square number of Gaussians.*got 8"):
+    anchor_init(jax.random.key(5), (8, 69), grid=True)
+
+
+def test_centre_feature_adds_a_linear_read_of_the_memory_at_each_centre(feature_map):
+  """features = feature head + bilinear(memory, centre) @ W + b, checked against float64 NumPy.
+
+  Without the self-attention encoder the memory is the lifter's GroupNorm output, which the module records.
+  """
+  module = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM, num_encoder_layers=0)
+  variables = module.init(jax.random.key(3), feature_map, train=False)
+  gaussians, recorded = module.apply(variables, feature_map, train=False, capture_intermediates=True)
+  memory = np.asarray(recorded["intermediates"]["input_norm"]["__call__"][0], np.float64)
+  read = variables["params"]["centre_to_features"]
+  without_read = flax.core.unfreeze(variables)
+  without_read["params"]["centre_to_features"] = jax.tree.map(jnp.zeros_like, read)
+  head_only = module.apply(without_read, feature_map, train=False).features
+
+  centres = (np.asarray(gaussians.means, np.float64) + 1.0) / 2.0
+  at_centres = numpy_bilinear_sample(memory[..., None, :], centres[:, :, None, None, :])[:, :, 0, 0]
+  expected = at_centres @ np.asarray(read["kernel"], np.float64) + np.asarray(read["bias"], np.float64)
+  # float32 sums of 64 terms of size ~1 and a subtraction of two ~1 outputs: ~1e-6; 2e-5 leaves margin.
+  np.testing.assert_allclose(np.asarray(gaussians.features - head_only, np.float64), expected, atol=2e-5)
+
+
 def expected_parameter_count(num_gaussians, feature_dim, dim=64, heads=4, points=4, hidden=256):
   """Trainable parameters of the embedder from the layer sizes of reference section 2.5 (no unused heads)."""
   dense = lambda i, o: i * o + o  # noqa: E731
@@ -161,13 +193,14 @@ def expected_parameter_count(num_gaussians, feature_dim, dim=64, heads=4, points
   decoder_layer = dense(dim, 3 * dim) + dense(dim, dim) + norm(dim) + msda + norm(dim) + mlp
   asymmetric_ffn = norm(2 * dim) + dense(2 * dim, dim) + dense(2 * dim, hidden) + dense(hidden, dim)
   trunk = 2 * (2 * dense(dim, dim) + norm(dim))
+  centre_read = dense(dim, feature_dim)  # the centre feature (a deliberate difference, docs/differences.md)
   refine = trunk + dense(dim, 5 + dim) + (5 + dim)
   to_features = trunk + dense(dim, feature_dim) + feature_dim
   relu_norm_mlp = lambda i: dense(i, dim) + norm(dim) + dense(dim, dim) + norm(dim)  # noqa: E731
   anchor_encoder = sum(relu_norm_mlp(i) for i in (2, 1, 2, dim, dim))
   lifter = dense(dim, dim) + norm(dim)  # 1x1 conv + GroupNorm
   return (num_gaussians * (5 + dim) + lifter + 2 * encoder_layer + 3 * (2 * decoder_layer + asymmetric_ffn + refine)
-          + anchor_encoder + to_features)
+          + anchor_encoder + to_features + centre_read)
 
 
 @pytest.mark.parametrize("num_gaussians, feature_dim, size", [(64, 3, 16), (256, 8, 32)])

@@ -9,7 +9,8 @@ Forward order (D' = `embed_dim`):
      AnchorEncoder, lets the instance features attend to each other and (deformably) to the memory around the
      anchors' centres, and refines the anchors: centre residually in logit space, everything else replaced;
   5. output activations of the last refinement: means in (-1, 1), rotations in (0, pi), scales in
-     [scale_min, scale_max] feature pixels, features of size z (`feature_dim`).
+     [scale_min, scale_max] feature pixels, features of size z (`feature_dim`): the feature head's output plus
+     (`centre_feature`) a linear read of the memory sampled bilinearly at the Gaussian's centre.
 
 Anchor layout, everywhere from init on: [x, y (0:2) | rotation (2) | scale x, y (3:5) | feature (5:)], all in
 pre-activation (logit) space. The reference initialises the scale values in slots 2:4 and the zero rotation in
@@ -29,6 +30,16 @@ outputs start at the bias that gives `initial_scale` (1 feature pixel) instead o
 centre spacing made every Gaussian overlap about ten others and stalled the start of training
 (docs/training.md, "Why GaussianToken did not learn").
 
+Two further deliberate differences make the embedder learn on varied data (docs/differences.md; measured in
+docs/training.md, "What made the embedder learn"), each switchable back to the reference:
+  * `centre_feature`: the feature also reads the memory at the Gaussian's own centre through one linear layer.
+    In the reference the only route from the image to a feature runs through the blocks and two 4-layer MLP
+    trunks; on a stream of crops that route learned so slowly that the features stayed nearly input-independent
+    (7-8 dB under the same splat and decoder fed from the encoder map). The direct read gives every feature its
+    local image content from the first step, and the blocks learn a correction on top.
+  * `grid_anchors`: the initial centres lie on a regular sqrt(K) x sqrt(K) grid of cell centres instead of
+    random-uniform points, which leave holes in the map that no Gaussian covers.
+
 Only the last refinement's `to_features` head is built: the reference builds one per block but uses only the
 last, so our trainable parameter count is that of the parameters the reference actually uses (0.756M for
 K = 64, z = 3 against the reference's 0.790M with the two unused heads).
@@ -39,6 +50,7 @@ RNG stream: "dropout", used only when `train=True`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -47,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussiantoken_jax.checks import check_float_array
-from gaussiantoken_jax.models.deformable_attention import DeformableAttention
+from gaussiantoken_jax.models.deformable_attention import DeformableAttention, bilinear_sample
 from gaussiantoken_jax.models.encoder_decoder import torch_default_bias_init, torch_default_kernel_init
 
 _XAVIER = nn.initializers.xavier_uniform()
@@ -102,17 +114,31 @@ def pixel_centres(height: int, width: int) -> jax.Array:
   return jnp.stack(jnp.meshgrid(cols, rows, indexing="xy"), axis=-1).reshape(height * width, 2)
 
 
-def anchor_init(key, shape, dtype=jnp.float32):
-  """Initial anchors [K, 5 + D']: random-uniform centres and scales in logit space, rotation 0, features N(0, 1)."""
+def _logit(p: jax.Array) -> jax.Array:
+  p = jnp.clip(p, _ANCHOR_LOGIT_EPS, 1.0 - _ANCHOR_LOGIT_EPS)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def grid_cell_centres(num_anchors: int) -> jax.Array:
+  """Normalised (x, y) centres of a sqrt(K) x sqrt(K) grid's cells, row-major: [K, 2]; K must be a square."""
+  side = math.isqrt(num_anchors)
+  if side * side != num_anchors:
+    raise ValueError(f"grid anchors need a square number of Gaussians (4, 16, 64, 256, ...), got {num_anchors}; "
+                     "set model.embedder.grid_anchors=False for random centres.")
+  return pixel_centres(side, side)
+
+
+def anchor_init(key, shape, dtype=jnp.float32, *, grid: bool = False):
+  """Initial anchors [K, 5 + D'] in logit space: centres random-uniform (or, with `grid`, the cells of a square
+  grid), scales random-uniform, rotation 0, features N(0, 1)."""
   num_anchors, anchor_dim = shape
   key_xy, key_scale, key_feature = jax.random.split(key, 3)
 
   def logit_uniform(k, n):
-    p = jnp.clip(jax.random.uniform(k, (num_anchors, n)), _ANCHOR_LOGIT_EPS, 1.0 - _ANCHOR_LOGIT_EPS)
-    return jnp.log(p) - jnp.log1p(-p)
+    return _logit(jax.random.uniform(k, (num_anchors, n)))
 
   anchors = jnp.concatenate([
-      logit_uniform(key_xy, 2),
+      _logit(grid_cell_centres(num_anchors)) if grid else logit_uniform(key_xy, 2),
       jnp.zeros((num_anchors, 1)),
       logit_uniform(key_scale, 2),
       jax.random.normal(key_feature, (num_anchors, anchor_dim - 5)),
@@ -340,7 +366,8 @@ class GaussianEmbedder(nn.Module):
   Unlike the reference, scale_mean is saved too, so a resumed run continues exactly.
 
   `initial_scale` (feature pixels, in (scale_min, scale_max_init)) sets the refinement head's initial scale
-  bias; None keeps the reference's init.
+  bias; None keeps the reference's init. `centre_feature` and `grid_anchors`: see the module docstring (False,
+  False is the reference).
   """
   num_gaussians: int
   feature_dim: int
@@ -362,6 +389,8 @@ class GaussianEmbedder(nn.Module):
   scale_ema_momentum: float = 0.01
   scale_decay_rate: float = 1e-3
   scale_min_decay_gap: float = 0.01
+  centre_feature: bool = True
+  grid_anchors: bool = True
 
   @nn.compact
   def __call__(self, feature_map: jax.Array, *, train: bool) -> Gaussians:
@@ -379,7 +408,8 @@ class GaussianEmbedder(nn.Module):
     pos = sine_position_embedding(height, width, dim).reshape(1, height * width, dim)
 
     # 2. Gaussian lifter: learnable anchors shared by the batch; the instance features are a constant zero.
-    anchors = self.param("anchors", anchor_init, (self.num_gaussians, anchor_dim))
+    anchors = self.param("anchors", functools.partial(anchor_init, grid=self.grid_anchors),
+                         (self.num_gaussians, anchor_dim))
     anchors = jnp.broadcast_to(anchors, (batch, self.num_gaussians, anchor_dim))
     instance = jnp.zeros((batch, self.num_gaussians, dim), jnp.float32)
 
@@ -406,6 +436,11 @@ class GaussianEmbedder(nn.Module):
                                lambda: jnp.asarray(self.scale_ema_init, jnp.float32))
     scales = self.scale_min + (scale_max.value - self.scale_min) * jax.nn.sigmoid(anchors[..., 3:5])
     features = _ScaledHead(dim, self.feature_dim, name="to_features")(anchors[..., 5:])
+    if self.centre_feature:  # what the image holds at each Gaussian's centre (see the module docstring)
+      centres = (means + 1.0) / 2.0  # bilinear_sample's [0, 1] convention, the same pixel geometry as the splat
+      at_centres = bilinear_sample(memory.reshape(batch, height, width, 1, dim), centres[:, :, None, None, :])
+      features = features + nn.Dense(self.feature_dim, kernel_init=_XAVIER, name="centre_to_features")(
+          at_centres.reshape(batch, self.num_gaussians, dim))
 
     if train and self.is_mutable_collection("range_scheduler") and not self.is_initializing():
       self._update_scale_range(scale_max, scale_mean, jax.lax.stop_gradient(jnp.mean(scales)))

@@ -30,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from gaussiantoken_jax import data, losses
+from gaussiantoken_jax.evaluation import pictures
 from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
 from gaussiantoken_jax.train import step as step_lib
 
@@ -72,8 +73,8 @@ def evaluate(fns: step_lib.StepFunctions, eval_step, state: step_lib.TrainState,
           (batch["image"], batch["mask"], reconstructions), tiled=True)
       shown = np.flatnonzero(np.asarray(mask))[:_GRID_IMAGES]
       if shown.size:
-        pictures = np.concatenate([np.asarray(images)[shown], _to_uint8(np.asarray(reconstructions)[shown])])
-        grid = writers.image_grid(pictures, rows=2, padding=1)
+        # Upscaled with nearest neighbour: 32-pixel crops are too small to judge at their own size.
+        grid = pictures.reconstruction_grid(np.asarray(images)[shown], _to_uint8(np.asarray(reconstructions)[shown]))
   if metrics is None:
     raise ValueError("evaluate: the eval loader yielded no batch.")
   usage, perplexity = step_lib.code_usage_and_perplexity(np.asarray(counts))
