@@ -152,6 +152,26 @@ def test_anchor_init_layout():
   assert np.abs(anchors[:, :5]).max() <= np.log(0.9999 / 1e-4) + 1e-3  # the logit's clamp
 
 
+def test_the_centre_moves_residually_through_every_block(variables, feature_map):
+  """With the refinement head's centre outputs fixed at a bias d (kernel 0), each block adds d to the centre's
+  logit: means = 2 sigmoid(anchor_xy + num_blocks * d) - 1, whatever the image. A refinement that replaced the
+  centre instead would give 2 sigmoid(d) - 1."""
+  params = flax.core.unfreeze(variables["params"])
+  head = params["blocks"]["refine"]["Dense_0"]  # stacked over the blocks: kernel [num_blocks, D', 5 + D']
+  num_blocks = head["kernel"].shape[0]
+  shift = np.array([0.3, -0.2])
+  head["kernel"] = head["kernel"].at[..., :2].set(0.0)
+  head["bias"] = head["bias"].at[..., :2].set(shift)
+  gaussians, _ = _apply({**variables, "params": params}, feature_map, jax.random.key(0), train=False)
+  anchors_xy = np.asarray(params["anchors"][:, :2], np.float64)
+  step_scale = np.asarray(params["blocks"]["refine"]["scale"][:, :2], np.float64)  # learnable, 1 at init
+  logits = anchors_xy + (shift * step_scale).sum(axis=0)
+  expected = 2.0 / (1.0 + np.exp(-logits)) - 1.0
+  assert num_blocks == 3
+  np.testing.assert_allclose(np.asarray(gaussians.means), np.broadcast_to(expected, (BATCH,) + expected.shape),
+                             atol=1e-6)
+
+
 def test_grid_anchors_start_at_the_cell_centres_of_a_square_grid():
   anchors = np.asarray(anchor_init(jax.random.key(5), (16, 69), grid=True), np.float64)
   centres = 1.0 / (1.0 + np.exp(-anchors[:, :2]))
