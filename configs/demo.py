@@ -1,4 +1,4 @@
-r"""A small GaussianToken that trains on CPU in about ten minutes on the embedded demo photographs.
+r"""A small GaussianToken that trains on CPU in about twenty minutes on the embedded demo photographs.
 
 The data are random crops of the real photographs bundled with scikit-image and scikit-learn (no download);
 a fixed set of held-out photos is used for evaluation. `:runlocal` is the tiny variant the tests and the
@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.model.update(dict(ch=32, num_res_blocks=1, num_groups=16, num_gaussians=64, feature_dim=3,
                       codebook_size=256))
   c.discriminator.ndf = 16
-  # Sized for ~15 minutes on 2 CPU cores (~1.2 steps/s). LPIPS-VGG16 would cost 4x the rest of the step on
+  # Sized for ~20 minutes on 2 CPU cores (~1.1 steps/s). LPIPS-VGG16 would cost 4x the rest of the step on
   # CPU, so the demo trains with L1 + commitment and reports LPIPS only in evaluation.
   c.loss.lpips_weight = 0.0
   c.batch_size = 16
