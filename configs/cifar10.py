@@ -12,8 +12,20 @@ from gaussiantoken_jax import config_lib
 
 
 def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, runlocal=False, baseline="")
   c = config_lib.base_config()
   # Everything is the reference CIFAR setting (see config_lib.base_config): encoder ch 128, ch_mult (1, 2),
-  # 4 res blocks -> 16x16x64; K = 64; z = 3; EMA VQ 1024 codes; AdamW 2e-4; global batch 384; 30 epochs.
+  # 4 res blocks -> 16x16x64; K = 64; z = 3; EMA VQ 1024 codes; AdamW 2e-4; global batch 384; 30 epochs with a
+  # 1-epoch warm-up and the GAN from epoch 5, in epochs of the 50,000 training images whatever the batch
+  # (`--config.batch_size=64`: 23,438 steps, logged at start-up).
   c.data.update(dict(source="tfds", name="cifar10", train_split="train", eval_split="test", image_size=32))
-  return config_lib.finalize(c, arg)
+
+  if arg.baseline == "vq":
+    # The paper's plain VQ: no Gaussians; one more downsampling level gives an 8x8 grid of codes, as many as K = 64.
+    c.model.update(dict(type="vq", encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2)))
+  if arg.runlocal:
+    # A CPU smoke run, counted in steps: 20 steps of 8 images, warm-up and GAN from step 5, toy widths.
+    c.update(dict(total_steps=20, batch_size=8))
+    c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = c.loss.gan_start_step = 5
+    config_lib.shrink_for_cpu(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
+  return c

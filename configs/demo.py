@@ -12,6 +12,7 @@ from gaussiantoken_jax import config_lib
 
 
 def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, runlocal=False, baseline="")
   c = config_lib.base_config()
   c.data.update(dict(source="demo", image_size=32, augment="none"))
   # The CIFAR architecture at a quarter of the width, one res block per level and the full Gaussian embedder:
@@ -23,6 +24,9 @@ def get_config(arg=None):
   # CPU, so the demo trains with L1 + commitment and reports LPIPS only in evaluation.
   c.loss.lpips_weight = 0.0
   c.batch_size = 16
+  # Stated in steps, not epochs: the demo's "epoch" is artificial (9 photos x 64 records, each a fresh random
+  # crop, a unit of shuffling only). 1200 steps of 16 crops are 33.3 such epochs.
+  c.total_epochs = c.optimizer.warmup_epochs = c.disc_optimizer.warmup_epochs = c.loss.gan_start_epochs = None
   c.total_steps = 1200
   c.log_every_steps = 50
   c.checkpoint_every_steps = 300
@@ -37,4 +41,14 @@ def get_config(arg=None):
   c.loss.gan_start_step = 1200
   # 0.999 (the reference) averages over ~1000 steps: after 900 steps 41% of the EMA would still be the init.
   c.ema_decay = 0.99
-  return config_lib.finalize(c, arg)
+
+  if arg.baseline == "vq":
+    # The paper's plain VQ: no Gaussians; one more downsampling level gives an 8x8 grid of codes, as many as K = 64.
+    c.model.update(dict(type="vq", encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2)))
+  if arg.runlocal:
+    # The README's first command and the tests' training runs: 20 steps of 8 crops, warm-up and GAN from step
+    # 5, toy widths (learning rate 1e-3 and EMA 0.99 as above).
+    c.update(dict(total_steps=20, batch_size=8))
+    c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = c.loss.gan_start_step = 5
+    config_lib.shrink_for_cpu(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
+  return c

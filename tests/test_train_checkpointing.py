@@ -1,6 +1,7 @@
 """Checkpoint save/restore with real Orbax, real grain iterators and 8 CPU devices; preemption guard."""
 import json
 import os
+import re
 import signal
 
 import grain
@@ -88,6 +89,37 @@ def test_restore_into_arrays_and_json_data_item(tmp_path, mesh):
     restored = ckpt.restore(_state(mesh, 0), data=ocp.args.JsonRestore())
   _assert_state_is(restored.state, mesh, 5, P("fsdp", None))
   assert restored.data == {"epoch": 2}
+
+
+def _run_config(**changes):
+  config = ml_collections.ConfigDict(dict(
+      seed=0, batch_size=8, total_steps=20, model=dict(ch=16, ch_mult=(1, 2), splat_impl="auto", embedder=dict(
+          num_blocks=2)), discriminator=dict(ndf=8)))
+  for path, value in changes.items():
+    *parents, leaf = path.split("__")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(batch_size=16), "batch_size: saved 8, requested 16"),
+    (dict(seed=1), "seed: saved 0, requested 1"),
+    (dict(model__ch=32), "model.ch: saved 16, requested 32"),
+    (dict(model__ch_mult=(1, 2, 2)), "model.ch_mult: saved [1, 2], requested [1, 2, 2]"),
+    (dict(model__embedder__num_blocks=3), "model.embedder.num_blocks: saved 2, requested 3"),
+    (dict(discriminator__ndf=16), "discriminator.ndf: saved 8, requested 16"),
+])
+def test_resuming_with_another_batch_seed_or_model_names_both_values(tmp_path, mesh, changes, named):
+  with checkpointing.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(5, _state(mesh, 5), config=_run_config())
+    saved = ckpt.restore_config()
+  with pytest.raises(ValueError, match="Cannot resume from run X: .*" + re.escape(named)):
+    checkpointing.check_resumable(saved, _run_config(**changes), where="run X")
+  # What may change on resume: the length of the run, the splat kernel.
+  checkpointing.check_resumable(saved, _run_config(total_steps=40, model__splat_impl="jax"))
 
 
 def test_round_trip_of_a_sharded_train_state_with_optimizer_state(tmp_path, mesh):

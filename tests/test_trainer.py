@@ -1,5 +1,6 @@
 """The training loop end to end, through the real command line on an 8-device CPU mesh (demo, runlocal size):
-training and checkpoints, exact resume after SIGKILL, SIGTERM, and a NaN stop.
+training and checkpoints, exact resume after SIGKILL, a resume refused for another batch, seed or model,
+SIGTERM, and a NaN stop.
 
 Each run is a subprocess (`python -m gaussiantoken_jax.main`) because the tests kill and restart them; the
 subprocesses share JAX's persistent compilation cache, so only the first one compiles.
@@ -7,10 +8,12 @@ subprocesses share JAX's persistent compilation cache, so only the first one com
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from gaussiantoken_jax.train import checkpointing, sharding
+from gaussiantoken_jax.train import checkpointing, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,12 +71,16 @@ def read_metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@functools.cache
-def abstract_state():
+def load_demo_config(arg):
   spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  return module.get_config(arg)
+
+
+@functools.cache
+def abstract_state():
+  config = load_demo_config("runlocal")
   return step_lib.make_step_functions(config, sharding.make_mesh(config.mesh)).abstract_state
 
 
@@ -142,6 +149,28 @@ def test_exact_resume_after_sigkill(run_a, tmp_path):
   assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
   for (path, a), (_, b) in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_resuming_with_another_batch_seed_or_model_stops_naming_both_values(run_a, tmp_path, caplog):
+  """In-process, on a copy of run A's checkpoints: the check comes before any state is restored or compiled."""
+  workdir_a, returncode = run_a
+  assert returncode == 0
+  shutil.copytree(workdir_a / "checkpoints", tmp_path / "checkpoints")
+  config = load_demo_config("runlocal")
+  config.update(dict(total_steps=2 * TOTAL, batch_size=16, seed=3))
+  config.model.num_gaussians = 4
+  with caplog.at_level(logging.INFO), pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(f"Cannot resume from {tmp_path / 'checkpoints'}: "), message
+  for named in ("batch_size: saved 8, requested 16", "seed: saved 0, requested 3",
+                "model.num_gaussians: saved 16, requested 4"):
+    assert named in message, message
+  assert "total_steps" not in message  # a longer run is a legitimate resume
+  assert ("Training for 16 steps of 16 images (set in steps) from a training split of 576 images; warm-up 5 steps "
+          "(set in steps); GAN from step 5 (set in steps)." in caplog.text)
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [4, 6, 8]  # nothing was trained or saved
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):

@@ -4,7 +4,7 @@ See docs/data.md. `python -m gaussiantoken_jax.data.inspect` shows what the pipe
 """
 from gaussiantoken_jax.data.device import to_global_array, to_model_input
 from gaussiantoken_jax.data.pipeline import (checkpoint_args, make_eval_loader, make_source, make_train_loader,
-                                             restore_args)
+                                             restore_args, train_split_size)
 
 __all__ = ["checkpoint_args", "make_eval_loader", "make_source", "make_train_loader", "restore_args",
-           "to_global_array", "to_model_input"]
+           "to_global_array", "to_model_input", "train_split_size"]

@@ -29,6 +29,8 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohis
                 "motorcycle_left", "motorcycle_right", "china")
 HELD_OUT_PHOTOS = ("chelsea", "flower")
 CROPS_PER_PHOTO = 64
+# The demo's "epoch" (a unit of shuffling: every record is a fresh random crop of its photo).
+TRAIN_RECORDS = len(TRAIN_PHOTOS) * CROPS_PER_PHOTO
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +79,7 @@ class DemoTrainSource:
     self._photos = [load_photo(name) for name in TRAIN_PHOTOS]
 
   def __len__(self) -> int:
-    return len(TRAIN_PHOTOS) * CROPS_PER_PHOTO
+    return TRAIN_RECORDS
 
   def __getitem__(self, index: int) -> dict:
     photo_index = index % len(TRAIN_PHOTOS)

@@ -118,6 +118,21 @@ def make_source(config, split: str):
       split_file=data.split_file.replace("{split}", split))
 
 
+def train_split_size(config) -> int:
+  """Records in the training split, all processes together: what one epoch is, for turning epochs into steps.
+
+  TFDS: from the builder's info; image folders and tars: the image files listed (corrupt ones included, as
+  they are only found when decoded); the demo: its own artificial epoch, `demo.TRAIN_RECORDS`.
+  """
+  data = config.data
+  _check_choice("source", data.source, SOURCES)
+  if data.source == "demo":
+    return demo.TRAIN_RECORDS
+  if data.source == "tfds":
+    return sources.tfds_split_size(data.name, data.train_split, data.data_dir)
+  return len(make_source(config, data.train_split))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Per-record transforms (picklable callables: worker processes receive them by pickle).
 

@@ -157,6 +157,28 @@ class ImageFolderSource:
     return f"ImageFolderSource(path={self._path!r}, num_images={len(self)})"
 
 
+def prepared_tfds_builder(name: str, data_dir: str | None = None):
+  """The TFDS builder of dataset `name`, which must be prepared in `data_dir` (default: TFDS's own)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # The first line says what is wrong; the rest of TFDS's message lists every dataset it knows.
+    raise ValueError(f"unknown TFDS dataset {name!r} (data_dir={data_dir!r}): {str(e).splitlines()[0]}") from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}. Prepare it as ArrayRecord "
+        f"first, e.g. `tfds build {name} --file_format=array_record` (see docs/data.md).")
+  return builder
+
+
+def tfds_split_size(name: str, split: str, data_dir: str | None = None) -> int:
+  """The number of records in a split (slices such as "train[:90%]" included) of a prepared TFDS dataset,
+  from the builder's info, without opening its files."""
+  return prepared_tfds_builder(name, data_dir).info.splits[split].num_examples
+
+
 class TfdsImageSource:
   """The "image" feature of a prepared TFDS dataset, via `tfds.data_source` (ArrayRecord, no TensorFlow).
 
@@ -167,15 +189,7 @@ class TfdsImageSource:
   def __init__(self, name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
 
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # pylint: disable=broad-except
-      # The first line says what is wrong; the rest of TFDS's message lists every dataset it knows.
-      raise ValueError(f"unknown TFDS dataset {name!r} (data_dir={data_dir!r}): {str(e).splitlines()[0]}") from e
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}. Prepare it as ArrayRecord "
-          f"first, e.g. `tfds build {name} --file_format=array_record` (see docs/data.md).")
+    builder = prepared_tfds_builder(name, data_dir)
     if "image" not in builder.info.features:
       raise ValueError(f"TFDS dataset {name!r} has no 'image' feature; it has {sorted(builder.info.features)}.")
     self._source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

@@ -71,6 +71,36 @@ def _config_to_json_dict(config) -> dict[str, Any]:
     raise ValueError(f"`config` must be JSON-serialisable: {e}") from e
 
 
+# What a resumed run must share with the saved one: the global batch and the seed fix the data order and every
+# random draw, the model sections the parameters' meaning. `model.splat_impl` only picks the splat's kernel.
+_SAME_ON_RESUME = ("batch_size", "seed", "model", "discriminator")
+_MAY_DIFFER_ON_RESUME = ("model.splat_impl",)
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; other leaves (lists included) stay whole."""
+  if not isinstance(tree, Mapping) or not tree:
+    return {prefix: tree}
+  flat = {}
+  for name, sub in tree.items():
+    flat.update(_flatten(sub, f"{prefix}.{name}" if prefix else name))
+  return flat
+
+
+def check_resumable(saved_config: Mapping[str, Any], config, where: str = "the checkpoint") -> None:
+  """Raises ValueError, naming the saved and the requested values, when `config` may not continue a run
+  saved with `saved_config` (`Checkpointer.restore_config()`): a different global batch size, seed, or
+  model or discriminator field (fields only one side has, e.g. from another version, are not compared)."""
+  requested = _config_to_json_dict(config)
+  saved = _flatten({name: saved_config[name] for name in _SAME_ON_RESUME if name in saved_config})
+  wanted = _flatten({name: requested[name] for name in _SAME_ON_RESUME if name in requested})
+  differ = [f"{key}: saved {saved[key]!r}, requested {wanted[key]!r}" for key in sorted(saved)
+            if key in wanted and saved[key] != wanted[key] and key not in _MAY_DIFFER_ON_RESUME]
+  if differ:
+    raise ValueError(f"Cannot resume from {where}: this config differs from the run's own in {'; '.join(differ)}. "
+                     "Resume with the saved values, or train in a new workdir.")
+
+
 def _abstract_leaf(path, leaf):
   """An array becomes its ShapeDtypeStruct; either way the leaf must say which sharding to restore into."""
   if isinstance(leaf, jax.Array):

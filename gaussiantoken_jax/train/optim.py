@@ -36,7 +36,8 @@ _ADAM_EPS = 1e-8
 def _read_opt_cfg(opt_cfg: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
   """Returns the optimizer fields as a plain dict, after checking every one of them."""
   if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-    raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}.")
+    raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r} (a config that states its "
+                     "durations in epochs goes through config_lib.resolve_steps first).")
   missing = [name for name in _FIELDS if name not in opt_cfg]
   if missing:
     raise ValueError(f"`opt_cfg` lacks the field(s) {missing}; it must have all of {list(_FIELDS)}.")

@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gaussiantoken_jax import data, losses
+from gaussiantoken_jax import config_lib, data, losses
 from gaussiantoken_jax.evaluation import pictures
 from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
 from gaussiantoken_jax.train import step as step_lib
@@ -111,9 +111,12 @@ def _check_loop_config(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final state.
 
-  Returns early, after saving a checkpoint, when the process receives SIGTERM. Raises FloatingPointError on
-  a non-finite loss.
+  Durations stated in epochs are turned into steps first (`config_lib.resolve_steps`, logged once); the
+  resolved config is the one trained and saved. Returns early, after saving a checkpoint, when the process
+  receives SIGTERM. Raises FloatingPointError on a non-finite loss, and ValueError when the workdir holds a run
+  with another global batch size, seed or model (`checkpointing.check_resumable`).
   """
+  config = config_lib.resolve_steps(config, data.train_split_size(config))
   _check_loop_config(config)
   _silence_orbax_info_logs()
   # --- Processes and devices.
@@ -145,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                                             async_save=jax.process_count() == 1)
   try:
     if checkpointer.latest_step() is not None:
+      checkpointing.check_resumable(checkpointer.restore_config(), config, where=str(checkpointer.directory))
       restored = checkpointer.restore(fns.abstract_state, data=data.restore_args(train_iter))
       state = restored.state
       logging.info("Resumed from the checkpoint of step %d in %s.", restored.step, checkpointer.directory)

@@ -1,0 +1,101 @@
+"""Config files and config_lib: recipes in epochs turned into steps from the split size and the global batch,
+`*_steps` overrides, and the variants each config file declares."""
+import importlib.util
+import logging
+import pathlib
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from gaussiantoken_jax import config_lib, data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR10_TRAIN = 50_000
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def parse_command_line(*args):
+  """The config as `gaussiantoken_jax.main` receives it from these flags (the same config_flags definition)."""
+  argv = ["main", *args]
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                           sys_argv=argv)
+  flag_values(argv)
+  return holder.value
+
+
+def test_cifar10_at_batch_64_keeps_30_epochs_and_says_so(caplog):
+  config = parse_command_line(f"--config={REPO / 'configs/cifar10.py'}", "--config.batch_size=64")
+  with caplog.at_level(logging.INFO):
+    resolved = config_lib.resolve_steps(config, CIFAR10_TRAIN)
+  # Rounded up: 30 * 50,000 / 64 = 23,437.5 steps, so 23,438 (a run never trains less than its recipe).
+  assert resolved.total_steps == 23_438
+  assert resolved.optimizer.warmup_steps == resolved.disc_optimizer.warmup_steps == 782  # 781.25: 1 epoch
+  assert resolved.loss.gan_start_step == 3_907  # 5 epochs = 3,906.25 steps
+  assert config.total_steps is None  # the config given is left as it was
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training for ")]
+  assert lines == ["Training for 30 epochs = 23,438 steps of 64 images from a training split of 50,000 images; "
+                   "warm-up 1 epoch = 782 steps; GAN from epoch 5 = step 3,907."], lines
+  # The recipe's own batch (384) trains the same 30 epochs in fewer steps.
+  assert config_lib.resolve_steps(load_config("cifar10"), CIFAR10_TRAIN).total_steps == 3_907  # 3,906.25
+
+
+def test_steps_given_on_the_command_line_win_over_epochs(caplog):
+  config = parse_command_line(f"--config={REPO / 'configs/cifar10.py'}", "--config.batch_size=64",
+                              "--config.total_steps=24", "--config.optimizer.warmup_steps=3",
+                              "--config.loss.gan_start_step=7", "--config.total_epochs=2")
+  with caplog.at_level(logging.INFO):
+    resolved = config_lib.resolve_steps(config, CIFAR10_TRAIN)
+  assert (resolved.total_steps, resolved.optimizer.warmup_steps, resolved.loss.gan_start_step) == (24, 3, 7)
+  assert resolved.disc_optimizer.warmup_steps == 782  # not overridden: still 1 epoch
+  assert ("Training for 24 steps of 64 images (set in steps) from a training split of 50,000 images; warm-up 3 "
+          "steps (set in steps) (generator), 1 epoch = 782 steps (discriminator); GAN from step 7 (set in steps)."
+          in caplog.text)
+
+
+def test_the_demo_counts_in_steps_1200_of_16_with_warm_up_50_and_no_gan_before_1200():
+  config = load_config("demo")
+  assert config.total_epochs is None and config.loss.gan_start_epochs is None  # its "epoch" is artificial
+  resolved = config_lib.resolve_steps(config, data.train_split_size(config))
+  assert (resolved.total_steps, resolved.batch_size, resolved.loss.gan_start_step) == (1200, 16, 1200)
+  assert resolved.optimizer.warmup_steps == resolved.disc_optimizer.warmup_steps == 50
+  runlocal = config_lib.resolve_steps(load_config("demo", "runlocal"), 576)
+  assert (runlocal.total_steps, runlocal.batch_size, runlocal.optimizer.warmup_steps) == (20, 8, 5)
+
+
+def test_epochs_round_up_after_float_noise_and_a_duration_needs_one_field():
+  assert config_lib.epochs_to_steps(1.1, 50_000, 100) == 550  # 1.1 * 50000 / 100 = 550.0000000000001
+  assert config_lib.epochs_to_steps(0.0, 50_000, 64) == 0
+  config = load_config("demo")
+  config.total_steps = None
+  with pytest.raises(ValueError, match="Set config.total_epochs or config.total_steps"):
+    config_lib.resolve_steps(config, 576)
+
+
+@pytest.mark.parametrize("name, vq_mult", [("cifar10", (1, 1, 2)), ("demo", (1, 1, 2)),
+                                           ("imagenet", (1, 1, 2, 2, 4)), ("mini_imagenet", (1, 1, 2, 2, 4))])
+def test_each_config_file_applies_its_variants(name, vq_mult):
+  plain, vq, both = load_config(name), load_config(name, "baseline=vq"), load_config(name, "runlocal,baseline=vq")
+  assert plain.model.type == "gaussiantoken" and vq.model.type == "vq"
+  assert tuple(vq.model.encoder_ch_mult) == tuple(vq.model.decoder_ch_mult) == vq_mult
+  assert both.to_dict() == load_config(name, "baseline=vq,runlocal").to_dict()
+  assert (both.model.type, tuple(both.model.encoder_ch_mult), both.model.ch) == ("vq", vq_mult, 16)
+  assert (both.total_steps, both.batch_size, both.data.image_size) == (20, 8, 32)
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("fast", r"Unknown config variant 'fast' in 'fast'"),
+    ("baseline=vqvae", r"Unknown baseline 'vqvae'"),
+    ("baseline", r"write it as 'baseline=VALUE'"),
+    ("runlocal=1", r"write it as 'runlocal'"),
+])
+def test_unknown_or_malformed_variants_are_errors(arg, match):
+  with pytest.raises(ValueError, match=match):
+    load_config("cifar10", arg)
