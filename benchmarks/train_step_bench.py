@@ -1,0 +1,313 @@
+r"""Steady-state train step and encode throughput, against a float32 matmul measured in the same run.
+
+    python benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=8
+        [--steps=12] [--encode_batch_size=64] [--rounds=7] [--parts=true]
+
+What it times, all through the project's own code (`train.step.make_step_functions` on the mesh of
+`config.mesh`, the jitted and donated train step the trainer runs), on synthetic uint8 batches of the
+config's image size (no data is read):
+  step        one generator + discriminator step with `loss.lpips_weight = 0` (LPIPS skipped), and the same
+              step with LPIPS in the loss (the config's weight, or 1.0 where the config has 0): median over
+              `--steps` steps after compilation and two warm-up steps (the first runs the codebook's k-means);
+  encode      images -> tokens (`model.encode`, train=False, EMA parameters), median over `--rounds` calls at
+              `--encode_batch_size`;
+  matmul      a 2048^3 matmul in float32 (bfloat16 on GPU/TPU), timed once before every timed step or call
+              (so that on a shared machine it sees the same load as what it is compared with); its median
+              GFLOP/s is the peak every fraction here is taken against;
+  parts       (--parts) each part of the step on the step's own intermediate values, forward and
+              forward+backward (gradients w.r.t. its parameters and its input; LPIPS w.r.t. the reconstruction
+              only, its weights are frozen; the quantizer has no parameters): encoder, embedder, quantizer,
+              splat, decoder (GaussianToken; the VQ baseline has no embedder or splat), the discriminator
+              (one pass over B images, train-mode BatchNorm) and LPIPS (VGG16 over 2B images). "x/step" is how
+              often the step runs it (the discriminator three times: once inside the generator's loss, on the
+              real and the fake batch in its own), and "share" that many fwd+bwd times over the step's time.
+GFLOP are XLA's, from the compiled executable's cost analysis; "%peak" is achieved GFLOP/s over the matmul's
+(medians); "best %" is the fastest step or call over the fastest matmul, the figure least moved by other
+processes on a shared machine (their load only ever slows both down).
+
+LPIPS weights: the official ones when `losses.load_lpips_params` can load them (pip fetch, cached);
+otherwise randomly initialised VGG16 weights of the same shapes, which time the same, and the output says so.
+
+The last line printed is one JSON object: images_per_s, images_per_s_lpips, encode_images_per_s,
+gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops,
+peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
+lpips_overhead (median step time with LPIPS over without, minus 1), and the settings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from gaussiantoken_jax import config_lib, losses, splatting
+from gaussiantoken_jax import weights as weights_lib
+from gaussiantoken_jax.data import to_model_input
+from gaussiantoken_jax.train import sharding
+from gaussiantoken_jax.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py[:runlocal].",
+                                          lock_config=False)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Global train batch size.")
+_ENCODE_BATCH_SIZE = flags.DEFINE_integer("encode_batch_size", 64, "Batch size of the encode-only timing.")
+_STEPS = flags.DEFINE_integer("steps", 12, "Timed train steps per variant (after compilation and 2 warm-ups).")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls per encode, matmul and part row; the median is kept.")
+_PARTS = flags.DEFINE_bool("parts", True, "Also time each part of the step (forward and forward+backward).")
+flags.mark_flags_as_required(["config"])
+
+MATMUL_SIZE = 2048
+_WARMUP_STEPS = 2
+# Durations stated in epochs become steps for this many training images; schedules do not change the step's
+# cost (the GAN's weight multiplies, it does not branch).
+_NOMINAL_TRAIN_SIZE = 50_000
+
+
+def flops_of(compiled) -> float:
+  """FLOPs of a compiled executable, from XLA's cost analysis (0 where the backend reports none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per executable
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+class MatmulProbe:
+  """A MATMUL_SIZE^3 matmul (float32 on the CPU, bfloat16 elsewhere); `sample()` times one and keeps its GFLOP/s."""
+
+  def __init__(self):
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    keys = jax.random.split(jax.random.key(0))
+    self.operands = [jax.random.normal(k, (MATMUL_SIZE, MATMUL_SIZE), dtype) for k in keys]
+    self.dtype = jnp.dtype(dtype).name
+    self.matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(self.matmul(*self.operands))
+    self.gflops: list[float] = []
+
+  def sample(self) -> None:
+    start = time.perf_counter()
+    jax.block_until_ready(self.matmul(*self.operands))
+    self.gflops.append(2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9)
+
+
+def timed_calls(fn, *args, rounds: int, probe: MatmulProbe) -> list[float]:
+  """Wall times of `rounds` blocking calls after one warm-up call, each preceded by one matmul sample."""
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(rounds):
+    probe.sample()
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append(time.perf_counter() - start)
+  return samples
+
+
+def lpips_params_or_random(config):
+  """(LPIPS parameters, "official" | "random"): random VGG16 weights of the right shapes if none can load."""
+  try:
+    return losses.load_lpips_params(config.loss.lpips_weights_path), "official"
+  except (weights_lib.WeightsUnavailableError, OSError, ValueError) as err:
+    print(f"LPIPS weights unavailable ({str(err).splitlines()[0]}); timing randomly initialised VGG16 weights "
+          "of the same shapes.")
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    return losses.LPIPS().init(jax.random.key(0), dummy, dummy)["params"], "random"
+
+
+def synthetic_images(batch_size: int, size: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+
+
+def time_train_step(config, mesh, lpips_params, batch_size: int, steps: int, probe: MatmulProbe):
+  """(seconds of each timed step, compiled FLOPs per step, compile seconds, final TrainState, StepFunctions)."""
+  fns = step_lib.make_step_functions(config, mesh)
+  state = fns.init()
+  lpips_params = fns.replicate(lpips_params)
+  start = time.perf_counter()
+  compiled = fns.compile_train_step(state, lpips_params, batch_size)
+  compile_seconds = time.perf_counter() - start
+  batch = {"image": jax.device_put(synthetic_images(batch_size, config.data.image_size, 0), fns.batch_sharding)}
+  samples = []
+  for i in range(_WARMUP_STEPS + steps):
+    if i >= _WARMUP_STEPS:
+      probe.sample()
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, lpips_params)
+    jax.block_until_ready((state, metrics))
+    if i >= _WARMUP_STEPS:
+      samples.append(time.perf_counter() - start)
+  return samples, flops_of(compiled), compile_seconds, state, fns
+
+
+def time_encode(parts, state, image_size: int, batch_size: int, rounds: int, probe: MatmulProbe):
+  """(seconds of each timed call, compiled FLOPs per call) of images -> tokens with the EMA parameters."""
+  model = parts.model
+
+  def encode(params, model_state, images):
+    return model.apply({"params": params, **model_state}, to_model_input(images), train=False,
+                       method=model.encode)
+
+  images = jnp.asarray(synthetic_images(batch_size, image_size, 1))
+  compiled = jax.jit(encode).lower(state.ema_params, state.model_state, images).compile()
+  return timed_calls(compiled, state.ema_params, state.model_state, images, rounds=rounds, probe=probe), \
+      flops_of(compiled)
+
+
+def _sum_against(tree, cotangents):
+  return sum(jnp.sum(leaf * ct) for leaf, ct in zip(jax.tree.leaves(tree), cotangents))
+
+
+def time_part(fn, args, grad_argnums, rounds: int, probe: MatmulProbe):
+  """(fwd seconds, fwd FLOPs, fwd+bwd seconds, fwd+bwd FLOPs, output) of `fn(*args)`.
+
+  fwd+bwd returns the gradients w.r.t. `args[i]` for i in `grad_argnums` of <fn(*args), fixed random
+  cotangents>.
+  """
+  fwd = jax.jit(fn).lower(*args).compile()
+  output = fwd(*args)
+  rng = np.random.default_rng(2)
+  cotangents = [jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(output)]
+  fwd_bwd = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums))
+  fwd_bwd = fwd_bwd.lower(*args).compile()
+  fwd_seconds = statistics.median(timed_calls(fwd, *args, rounds=rounds, probe=probe))
+  fwd_bwd_seconds = statistics.median(timed_calls(fwd_bwd, *args, rounds=rounds, probe=probe))
+  return fwd_seconds, flops_of(fwd), fwd_bwd_seconds, flops_of(fwd_bwd), output
+
+
+def part_rows(parts, state, lpips_params, batch_size: int, rounds: int, probe: MatmulProbe):
+  """[(name, times per step, fwd s, fwd FLOPs, fwd+bwd s, fwd+bwd FLOPs)] on one batch's intermediate values."""
+  config, model = parts.config, parts.model
+  size = config.data.image_size
+  params, model_state = state.params, state.model_state
+  x = to_model_input(jnp.asarray(synthetic_images(batch_size, size, 0)))
+  keys = jax.random.split(jax.random.key(3), 3)
+  rows = []
+
+  def add(name, per_step, fn, args, grad_argnums):
+    fwd, fwd_flops, both, both_flops, output = time_part(fn, args, grad_argnums, rounds, probe)
+    rows.append((name, per_step, fwd, fwd_flops, both, both_flops))
+    print(f"  timed {name}", flush=True)
+    return output
+
+  features = add("encoder", 1, lambda p, a: model.encoder.apply({"params": p}, a), (params["encoder"], x), (0, 1))
+  gaussian = config.model.type == "gaussiantoken"
+  if gaussian:
+    def embed(p, a):
+      return model.embedder.apply({"params": p, "range_scheduler": model_state["range_scheduler"]["embedder"]},
+                                  a, train=True, rngs={"dropout": keys[0]}, mutable=["range_scheduler"])[0]
+    gaussians = add("embedder", 1, embed, (params["embedder"], features), (0, 1))
+    to_quantize = gaussians.features
+  else:
+    to_quantize = features
+
+  def quantize(a):
+    return model.quantizer.apply({"codebook": model_state["codebook"]["quantizer"]}, a, train=True,
+                                 rngs={"quantizer": keys[1]}, mutable=["codebook"])[0][0]
+  quantized = add("quantizer", 1, quantize, (to_quantize,), (0,))
+  if gaussian:
+    h, w = model.feature_shape
+
+    def splat(means, rotations, scales, feats):
+      return splatting.splat(means, rotations, scales, feats, height=h, width=w, cutoff=model.splat_cutoff,
+                             impl=model.splat_impl)
+    z_map = add("splat", 1, splat, (gaussians.means, gaussians.rotations, gaussians.scales, quantized),
+                (0, 1, 2, 3))
+  else:
+    z_map = quantized
+  x_hat = add("decoder", 1, lambda p, a: model.decoder.apply({"params": p}, a), (params["decoder"], z_map), (0, 1))
+
+  def discriminate(p, a):
+    return parts.discriminator.apply({"params": p, "batch_stats": state.disc_batch_stats}, a, train=True,
+                                     mutable=["batch_stats"])[0]
+  add("discriminator", 3, discriminate, (state.disc_params, x_hat), (0, 1))
+
+  def perceptual(y):
+    return losses.LPIPS(dtype=jnp.dtype(config.model.conv_dtype).type).apply(
+        {"params": lpips_params}, x, y, deterministic=False, rngs={"dropout": keys[2]})
+  add("LPIPS", 1, perceptual, (x_hat,), (0,))
+  return rows
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value.copy_and_resolve_references()
+  batch_size, rounds = _BATCH_SIZE.value, _ROUNDS.value
+  config.batch_size = batch_size
+  if hasattr(config_lib, "resolve_steps"):  # configs whose durations are in epochs
+    config = config_lib.resolve_steps(config, _NOMINAL_TRAIN_SIZE)
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}, {jax.device_count()} device(s), "
+        f"{os.cpu_count()} CPU cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"config {config.model.type}, image {config.data.image_size}, batch {batch_size}, "
+        f"conv_dtype {config.model.conv_dtype}, encode batch {_ENCODE_BATCH_SIZE.value}")
+  mesh = sharding.make_mesh(config.mesh)
+  lpips_params, lpips_source = lpips_params_or_random(config)
+  probe = MatmulProbe()
+
+  results = {}  # name -> (seconds of each timed call, FLOPs per call, images per call)
+  for name, lpips_weight in (("step", 0.0), ("step+lpips", config.loss.lpips_weight or 1.0)):
+    variant = config.copy_and_resolve_references()
+    variant.loss.lpips_weight = lpips_weight
+    samples, flops, compile_seconds, state, fns = time_train_step(variant, mesh, lpips_params, batch_size,
+                                                                  _STEPS.value, probe)
+    results[name] = (samples, flops, batch_size)
+    print(f"  {name}: compiled in {compile_seconds:.0f} s, median {statistics.median(samples) * 1e3:.0f} ms",
+          flush=True)
+  samples, flops = time_encode(fns.parts, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
+  results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value)
+  matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
+
+  print(f"\nmatmul {MATMUL_SIZE}^3 {probe.dtype}: {matmul:.0f} GFLOP/s (median of {len(probe.gflops)}; "
+        f"min {min(probe.gflops):.0f}, max {matmul_best:.0f})")
+  print(f"LPIPS weights: {lpips_source}")
+  print(f"\n{'what':<12} {'batch':>5} {'ms':>9} {'best ms':>9} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} "
+        f"{'%peak':>6} {'best %':>6}")
+  summary = {}
+  for name, (samples, flops, batch) in results.items():
+    seconds, best = statistics.median(samples), min(samples)
+    achieved = flops / seconds / 1e9
+    summary[name] = dict(images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
+                         peak_fraction=achieved / matmul, peak_fraction_best=flops / best / 1e9 / matmul_best,
+                         ms=seconds * 1e3)
+    print(f"{name:<12} {batch:>5} {seconds * 1e3:9.1f} {best * 1e3:9.1f} {batch / seconds:8.2f} "
+          f"{flops / batch / 1e9:10.2f} {achieved:8.0f} {100 * summary[name]['peak_fraction']:6.1f} "
+          f"{100 * summary[name]['peak_fraction_best']:6.1f}")
+
+  if _PARTS.value:
+    print("\nParts of the step (one call each, batch as above; f+b = forward and all gradients):", flush=True)
+    rows = part_rows(fns.parts, state, lpips_params, batch_size, rounds, probe)
+    step_seconds = statistics.median(results["step+lpips"][0])
+    parts_matmul = statistics.median(probe.gflops)
+    print(f"{'part':<14} {'fwd ms':>8} {'GFLOP':>7} {'%peak':>6} {'f+b ms':>8} {'GFLOP':>7} {'%peak':>6} "
+          f"{'x/step':>6} {'share':>6}")
+    for name, per_step, fwd, fwd_flops, both, both_flops in rows:
+      print(f"{name:<14} {fwd * 1e3:8.1f} {fwd_flops / 1e9:7.2f} {100 * fwd_flops / fwd / 1e9 / parts_matmul:6.1f} "
+            f"{both * 1e3:8.1f} {both_flops / 1e9:7.2f} {100 * both_flops / both / 1e9 / parts_matmul:6.1f} "
+            f"{per_step:>6} {100 * per_step * both / step_seconds:5.1f}%")
+    print(f"(%peak against the matmul median over the whole run, {parts_matmul:.0f} GFLOP/s; share: of the "
+          "median step with LPIPS)")
+
+  step, lpips, encode = summary["step"], summary["step+lpips"], summary["encode"]
+  print(json.dumps(dict(
+      images_per_s=round(step["images_per_s"], 3), images_per_s_lpips=round(lpips["images_per_s"], 3),
+      encode_images_per_s=round(encode["images_per_s"], 3), gflops_per_image=round(step["gflops_per_image"], 3),
+      gflops_per_image_lpips=round(lpips["gflops_per_image"], 3),
+      encode_gflops_per_image=round(encode["gflops_per_image"], 3),
+      matmul_gflops=round(matmul, 1), matmul_gflops_best=round(matmul_best, 1),
+      peak_fraction=round(step["peak_fraction"], 4), peak_fraction_lpips=round(lpips["peak_fraction"], 4),
+      encode_peak_fraction=round(encode["peak_fraction"], 4),
+      peak_fraction_best=round(step["peak_fraction_best"], 4),
+      peak_fraction_lpips_best=round(lpips["peak_fraction_best"], 4),
+      encode_peak_fraction_best=round(encode["peak_fraction_best"], 4),
+      lpips_overhead=round(lpips["ms"] / step["ms"] - 1.0, 4), step_ms=round(step["ms"], 1),
+      step_lpips_ms=round(lpips["ms"], 1), encode_ms=round(encode["ms"], 1), batch_size=batch_size,
+      encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform,
+      lpips_weights=lpips_source)))
+
+
+if __name__ == "__main__":
+  app.run(main)
