@@ -6,6 +6,7 @@ r"""Command line: train and evaluate a tokenizer, or describe the model with --d
 Only flags live here; the work is done by library functions a notebook can call as well.
 """
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -23,6 +24,11 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # config_flags loads the file lazily and would report a missing one as two chained tracebacks.
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]  # drop ":variants"
+  if not os.path.isfile(config_file):
+    raise app.UsageError(f"--config: no config file at {config_file!r} (relative to {os.getcwd()!r}); expected "
+                         "e.g. --config=configs/demo.py[:runlocal] from the repository root.")
   if _DRY_RUN.value:
     from gaussiantoken_jax import overview  # pylint: disable=import-outside-toplevel
     text, summary = overview.dry_run(_CONFIG.value)

@@ -1,0 +1,29 @@
+"""`python -m gaussiantoken_jax.main` refuses bad command lines with one clear message and a non-zero exit."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# `traceback`: whether a traceback may precede the message (absl prints the config file's own ValueError with one).
+@pytest.mark.parametrize("args, message, traceback", [
+    (["--config=configs/demo.py:runlocal"], "--workdir is required to train", False),
+    (["--config=configs/demo.py:runlocal", "--workdir=W", "--nonsense=1"], "Unknown command line flag 'nonsense'",
+     False),
+    (["--config=configs/no_such_config.py:runlocal", "--workdir=W"],
+     "--config: no config file at 'configs/no_such_config.py'", False),
+    (["--config=configs/demo.py:bogus", "--workdir=W"], "Unknown config variant 'bogus'", True),
+], ids=["no_workdir", "unknown_flag", "missing_config_file", "unknown_variant"])
+def test_bad_command_lines_exit_nonzero_with_a_clear_message(args, message, traceback, tmp_path):
+  args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-m", "gaussiantoken_jax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr + result.stdout
+  assert traceback or "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()  # nothing is written for a refused command line
