@@ -23,7 +23,8 @@ from PIL import Image
 
 from gaussiantoken_jax import data, losses, restore
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
-from gaussiantoken_jax.evaluation import cli_flags, inception
+from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax.evaluation import inception
 from gaussiantoken_jax.train import distributed
 
 FLAGS = flags.FLAGS

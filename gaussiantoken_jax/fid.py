@@ -17,20 +17,14 @@ import os
 import time
 
 from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 
 from gaussiantoken_jax.evaluation import fid as fid_lib
-from gaussiantoken_jax.evaluation import cli_flags, image_sets, inception
+from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax.evaluation import image_sets, inception
 
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  # Defined only when run as a command: data.inspect has a `--batch_size` too, and absl refuses a flag defined
-  # twice in one process (e.g. a test run importing both).
-  flags.DEFINE_integer("batch_size", 50, "Images per Inception batch.")
+_DEFAULT_BATCH_SIZE = 50  # Inception batch when --batch_size is not given
 
 
 def set_features(image_set: image_sets.ImageSet, params, batch_size: int) -> np.ndarray:
@@ -64,9 +58,11 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, *, batch_size:
 def main(argv):
   if len(argv) != 3:
     raise app.UsageError(f"Expected two paths (PATH_A PATH_B), got {argv[1:]}.")
-  params = None if cli_flags.INCEPTION_WEIGHTS.value is None else inception.load_inception_params(cli_flags.INCEPTION_WEIGHTS.value)
+  weights = cli_flags.INCEPTION_WEIGHTS.value
+  params = None if weights is None else inception.load_inception_params(weights)
   try:
-    result = compare(argv[1], argv[2], batch_size=FLAGS.batch_size, inception_params=params)
+    result = compare(argv[1], argv[2], batch_size=cli_flags.BATCH_SIZE.value or _DEFAULT_BATCH_SIZE,
+                     inception_params=params)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   for side in ("a", "b"):
@@ -78,5 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
   app.run(main)

@@ -26,13 +26,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from gaussiantoken_jax import cli_flags
 from gaussiantoken_jax.data import pipeline
 
 _DATA = flags.DEFINE_string("data", None, "'demo', an image folder / .tar archive, or a TFDS dataset name.")
 _SPLIT = flags.DEFINE_string("split", None, "Split: demo 'train'/'test' (default 'test'); TFDS split (default "
                              "'train'); folder subfolder (default '' = all files).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Side S of the square images.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size; the grid shows the first batch.")
+_DEFAULT_BATCH_SIZE = 64  # when --batch_size (shared with the other commands, cli_flags) is not given
 _EVAL_CROP = flags.DEFINE_enum("eval_crop", "resize_center", pipeline.EVAL_CROPS, "Evaluation crop.")
 _AUGMENT = flags.DEFINE_boolean("augment", False, "Show the training transform (random crops) instead.")
 _TRAIN_AUGMENT = flags.DEFINE_enum("train_augment", "random_resized_crop", pipeline.AUGMENTS,
@@ -98,7 +99,8 @@ def run(config: ml_collections.ConfigDict, *, augment: bool, output: str) -> dic
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = inspect_config(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value, _BATCH_SIZE.value,
+  batch_size = cli_flags.BATCH_SIZE.value or _DEFAULT_BATCH_SIZE
+  config = inspect_config(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value, batch_size,
                           eval_crop=_EVAL_CROP.value, augment=_TRAIN_AUGMENT.value, data_dir=_DATA_DIR.value,
                           split_file=_SPLIT_FILE.value, num_workers=_NUM_WORKERS.value, seed=_SEED.value)
   counts = run(config, augment=_AUGMENT.value, output=_OUTPUT.value)
