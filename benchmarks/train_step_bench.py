@@ -8,7 +8,8 @@ What it times, all through the project's own code (`train.step.make_step_functio
 config's image size (no data is read):
   step        one generator + discriminator step with `loss.lpips_weight = 0` (LPIPS skipped), and the same
               step with LPIPS in the loss (the config's weight, or 1.0 where the config has 0): median over
-              `--steps` steps after compilation and two warm-up steps (the first runs the codebook's k-means);
+              `--steps` steps after compilation and two warm-up steps (the first runs the codebook's k-means),
+              the two variants alternating step by step;
   encode      images -> tokens (`model.encode`, train=False, EMA parameters), median over `--rounds` calls at
               `--encode_batch_size`;
   matmul      a 2048^3 matmul in float32 (bfloat16 on GPU/TPU), timed once before every timed step or call
@@ -31,7 +32,8 @@ otherwise randomly initialised VGG16 weights of the same shapes, which time the 
 The last line printed is one JSON object: images_per_s, images_per_s_lpips, encode_images_per_s,
 gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops,
 peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
-lpips_overhead (median step time with LPIPS over without, minus 1), and the settings.
+lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
+minus 1), and the settings.
 """
 from __future__ import annotations
 
@@ -122,25 +124,27 @@ def synthetic_images(batch_size: int, size: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
 
 
-def time_train_step(config, mesh, lpips_params, batch_size: int, steps: int, probe: MatmulProbe):
-  """(seconds of each timed step, compiled FLOPs per step, compile seconds, final TrainState, StepFunctions)."""
-  fns = step_lib.make_step_functions(config, mesh)
-  state = fns.init()
-  lpips_params = fns.replicate(lpips_params)
-  start = time.perf_counter()
-  compiled = fns.compile_train_step(state, lpips_params, batch_size)
-  compile_seconds = time.perf_counter() - start
-  batch = {"image": jax.device_put(synthetic_images(batch_size, config.data.image_size, 0), fns.batch_sharding)}
-  samples = []
-  for i in range(_WARMUP_STEPS + steps):
-    if i >= _WARMUP_STEPS:
-      probe.sample()
+class StepRunner:
+  """One variant of the train step, compiled, with its own state; `step(timed)` runs one step."""
+
+  def __init__(self, config, mesh, lpips_params, batch_size: int):
+    self.fns = step_lib.make_step_functions(config, mesh)
+    self.state = self.fns.init()
+    self.lpips_params = self.fns.replicate(lpips_params)
     start = time.perf_counter()
-    state, metrics = compiled(state, batch, lpips_params)
-    jax.block_until_ready((state, metrics))
-    if i >= _WARMUP_STEPS:
-      samples.append(time.perf_counter() - start)
-  return samples, flops_of(compiled), compile_seconds, state, fns
+    self.compiled = self.fns.compile_train_step(self.state, self.lpips_params, batch_size)
+    self.compile_seconds = time.perf_counter() - start
+    self.flops = flops_of(self.compiled)
+    images = synthetic_images(batch_size, config.data.image_size, 0)
+    self.batch = {"image": jax.device_put(images, self.fns.batch_sharding)}
+    self.seconds: list[float] = []
+
+  def step(self, timed: bool) -> None:
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch, self.lpips_params)
+    jax.block_until_ready((self.state, metrics))
+    if timed:
+      self.seconds.append(time.perf_counter() - start)
 
 
 def time_encode(parts, state, image_size: int, batch_size: int, rounds: int, probe: MatmulProbe):
@@ -248,15 +252,21 @@ def main(argv):
   lpips_params, lpips_source = lpips_params_or_random(config)
   probe = MatmulProbe()
 
-  results = {}  # name -> (seconds of each timed call, FLOPs per call, images per call)
+  runners = {}
   for name, lpips_weight in (("step", 0.0), ("step+lpips", config.loss.lpips_weight or 1.0)):
     variant = config.copy_and_resolve_references()
     variant.loss.lpips_weight = lpips_weight
-    samples, flops, compile_seconds, state, fns = time_train_step(variant, mesh, lpips_params, batch_size,
-                                                                  _STEPS.value, probe)
-    results[name] = (samples, flops, batch_size)
-    print(f"  {name}: compiled in {compile_seconds:.0f} s, median {statistics.median(samples) * 1e3:.0f} ms",
-          flush=True)
+    runners[name] = StepRunner(variant, mesh, lpips_params, batch_size)
+    print(f"  {name}: compiled in {runners[name].compile_seconds:.0f} s", flush=True)
+  # The two variants alternate step by step, each step after one matmul sample, so that on a shared machine
+  # they all see the same load.
+  for i in range(_WARMUP_STEPS + _STEPS.value):
+    for runner in runners.values():
+      if i >= _WARMUP_STEPS:
+        probe.sample()
+      runner.step(timed=i >= _WARMUP_STEPS)
+  results = {name: (runner.seconds, runner.flops, batch_size) for name, runner in runners.items()}
+  fns, state = runners["step+lpips"].fns, runners["step+lpips"].state
   samples, flops = time_encode(fns.parts, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
   results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value)
   matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
@@ -292,6 +302,9 @@ def main(argv):
           "median step with LPIPS)")
 
   step, lpips, encode = summary["step"], summary["step+lpips"], summary["encode"]
+  # Median over the alternating pairs of steps of (with LPIPS / without) - 1.
+  lpips_overhead = statistics.median(b / a for a, b in zip(results["step"][0], results["step+lpips"][0])) - 1.0
+  print(f"\nLPIPS adds {100 * lpips_overhead:.0f}% to the step (median over the {_STEPS.value} alternating pairs)")
   print(json.dumps(dict(
       images_per_s=round(step["images_per_s"], 3), images_per_s_lpips=round(lpips["images_per_s"], 3),
       encode_images_per_s=round(encode["images_per_s"], 3), gflops_per_image=round(step["gflops_per_image"], 3),
@@ -303,7 +316,7 @@ def main(argv):
       peak_fraction_best=round(step["peak_fraction_best"], 4),
       peak_fraction_lpips_best=round(lpips["peak_fraction_best"], 4),
       encode_peak_fraction_best=round(encode["peak_fraction_best"], 4),
-      lpips_overhead=round(lpips["ms"] / step["ms"] - 1.0, 4), step_ms=round(step["ms"], 1),
+      lpips_overhead=round(lpips_overhead, 4), step_ms=round(step["ms"], 1),
       step_lpips_ms=round(lpips["ms"], 1), encode_ms=round(encode["ms"], 1), batch_size=batch_size,
       encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform,
       lpips_weights=lpips_source)))
