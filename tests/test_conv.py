@@ -1,4 +1,5 @@
-"""models.conv: im2col + dot equals lax.conv_general_dilated, values and gradients, and is chosen where it should be.
+"""The CPU formulations equal the plain ones, values and gradients: models.conv (im2col + dot for convolutions whose
+window exceeds their map) and the encoder/decoder's GroupNorm (per-channel sums, then per group).
 
 Tolerances come from float32 rounding. The two forms add the same products in different orders; each output (or
 gradient element) is a sum of n products, and the error of either order is at most a few ulp times sqrt(n) times
@@ -6,6 +7,9 @@ the sum of the products' magnitudes, which is the same bilinear map applied to |
     |im2col - conv| <= 4 * eps32 * sqrt(n) * op(|x|, |w|)   (per element)
 with n = kh*kw*C_in for the output, kh*kw*C_out for the input gradient and B*oh*ow for the kernel gradient.
 A wrong tap order or a transposed kernel moves outputs by about op(|x|, |w|) / sqrt(n), far above that.
+GroupNorm's statistics are sums of n = H*W*C/G elements; a mean off by eps*sqrt(n)*|mean| moves the
+normalised values by that over the std, hence 4 * eps32 * sqrt(n) * (1 + |mean| / std) of each leaf's largest
+value (measured: at most 0.23 of that bound without the mean term, 0.05 with it).
 """
 import flax.linen as nn
 import jax
@@ -16,6 +20,7 @@ import pytest
 from gaussiantoken_jax.losses import LPIPS
 from gaussiantoken_jax.models import conv
 from gaussiantoken_jax.models.discriminator import PatchDiscriminator
+from gaussiantoken_jax.models.encoder_decoder import GROUP_NORM_EPS, GroupNorm
 
 EPS32 = float(np.finfo(np.float32).eps)
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -145,3 +150,44 @@ def test_discriminator_equals_plain_convs_values_and_gradients(monkeypatch):
   for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
     r, g = np.asarray(r), np.asarray(g)
     assert np.max(np.abs(g - r)) <= tolerance * np.max(np.abs(r)), jax.tree_util.keystr(path)
+
+
+# (shape, mean, std, affine): the encoder's and decoder's CIFAR widths (G = 32), a large mean (the two-pass
+# variance's case), and a variance near epsilon without scale and bias (AdaGN's inner norm), where a misplaced
+# or wrong epsilon shows.
+GROUP_NORM_CASES = {
+    "32x32x128": ((2, 32, 32, 128), 0.0, 1.0, True),
+    "16x16x256_mean100": ((2, 16, 16, 256), 100.0, 1.0, True),
+    "8x8x64_var_near_eps_no_affine": ((2, 8, 8, 64), 0.0, 1e-3, False),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("case", list(GROUP_NORM_CASES))
+def test_group_norm_equals_flax_group_norm_values_and_gradients(case, backend, monkeypatch):
+  """GroupNorm + swish against nn.GroupNorm(two-pass) + swish; "gpu" traces the non-CPU reduction on the CPU."""
+  shape, mean, std, affine = GROUP_NORM_CASES[case]
+  channels = shape[-1]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(mean + std * (rng.normal(size=shape) + rng.normal(size=(channels,))), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  params = {"scale": jnp.asarray(1 + rng.normal(size=(channels,)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(channels,)), jnp.float32)} if affine else {}
+  flax_norm = nn.GroupNorm(num_groups=32, epsilon=GROUP_NORM_EPS, use_scale=affine, use_bias=affine,
+                           dtype=jnp.float32, use_fast_variance=False)
+
+  def values_and_grads(module):
+    def run(p, a):
+      out, vjp = jax.vjp(lambda p, a: nn.swish(module.apply({"params": p}, a)), p, a)
+      return out, vjp(cotangent)
+    return jax.jit(run)(params, x)
+
+  want = values_and_grads(flax_norm)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  got = values_and_grads(GroupNorm(32, use_scale=affine, use_bias=affine))
+  n = shape[1] * shape[2] * channels // 32
+  tolerance = 4 * EPS32 * np.sqrt(n) * (1 + abs(mean) / (std * np.sqrt(2)))
+  for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    r, g = np.asarray(r), np.asarray(g)
+    assert g.shape == r.shape
+    assert np.max(np.abs(g - r)) <= tolerance * np.max(np.abs(r)), f"{case} {backend} {jax.tree_util.keystr(path)}"
