@@ -67,7 +67,7 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
   config = restored.config
   logging.info("Restored the EMA weights of step %d from %s.", restored.step, workdir)
   loader = data.make_eval_loader(config, split=split)
-  evaluator = evaluator_lib.Evaluator(restored.fns, losses.load_lpips_params(config.loss.lpips_weights_path),
+  evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
                                       inception.load_inception_params(inception_weights))
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
   record = {**metrics, "step": restored.step, "config_name": config_name(config),

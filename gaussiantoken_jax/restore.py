@@ -31,20 +31,21 @@ class RestoredModel:
   Attributes:
     config: the run's config (from the checkpoint).
     step: the training step of the checkpoint.
-    fns: the run's step functions (model, mesh, batch sharding, jitted eval step) for this machine's devices.
-    params: the EMA generator parameters, sharded on `fns.mesh`.
+    steps: the run's `train.step.Steps` (model, mesh, batch sharding, jitted eval step) for this machine's
+      devices.
+    params: the EMA generator parameters, sharded on `steps.mesh`.
     model_state: the non-trainable collections ("codebook", and "range_scheduler" for GaussianToken).
   """
   config: ml_collections.ConfigDict
   step: int
-  fns: step_lib.StepFunctions
+  steps: step_lib.Steps
   params: Any
   model_state: Any
 
   @property
   def model(self):
     """The generator module (unbound): `model.apply({"params": params, **model_state}, x, train=False)`."""
-    return self.fns.parts.model
+    return self.steps.model
 
 
 def restore_model(workdir: epath.PathLike, step: int | None = None, *,
@@ -60,8 +61,8 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *,
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
     if config is None:
       config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    fns = step_lib.make_step_functions(config, sharding.make_mesh(config.mesh))
-    restored = ckpt.restore(fns.abstract_state, step=step)
+    steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+    restored = ckpt.restore(steps.abstract_state, step=step)
   state = restored.state
-  return RestoredModel(config=config, step=restored.step, fns=fns, params=state.ema_params,
+  return RestoredModel(config=config, step=restored.step, steps=steps, params=state.ema_params,
                        model_state=state.model_state)

@@ -102,9 +102,9 @@ def demo_config():
 
 def test_evaluate_command_on_a_checkpoint(tmp_path):
   config = demo_config()
-  fns = step_lib.make_step_functions(config, sharding.make_mesh(config.mesh))
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
   # Saved from host copies: Orbax would otherwise slice every replicated array per device (~20 s here).
-  state = jax.device_get(fns.init())
+  state = jax.device_get(steps.init())
   with checkpointing.Checkpointer(tmp_path / "run") as ckpt:
     ckpt.save(0, state, config=config)
   output = tmp_path / "out" / "eval.json"
@@ -120,8 +120,8 @@ def test_evaluate_command_on_a_checkpoint(tmp_path):
 
   # Recompute the pixel metrics independently from the saved EMA parameters and the same 8 images.
   images = next(iter(data.make_eval_loader(config)))["image"][:8]
-  apply = jax.jit(lambda params, model_state, x: fns.parts.model.apply({"params": params, **model_state}, x,
-                                                                       train=False))
+  apply = jax.jit(lambda params, model_state, x: steps.model.apply({"params": params, **model_state}, x,
+                                                                   train=False))
   out = apply(state.ema_params, state.model_state, data.to_model_input(images))
   x_hat = np.clip(np.asarray(out.reconstruction, np.float64), -1, 1)
   real, recon = images / 255.0, (x_hat + 1) / 2

@@ -73,10 +73,10 @@ def worker(process_id: int, num_processes: int, out_path: str) -> None:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("runlocal")
-  fns = step_lib.make_step_functions(config, sharding.make_mesh(config.mesh))
-  state, lpips_params = fns.init(), fns.replicate(losses.load_lpips_params())
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  state, lpips_params = steps.init(), steps.replicate(losses.load_lpips_params())
   # Compile first, then meet: gloo gives up on a collective whose peers arrive more than 30 s apart.
-  train_step = fns.compile_train_step(state, lpips_params, config.batch_size)
+  train_step = steps.train_step.lower(state, steps.abstract_batch(config.batch_size), lpips_params).compile()
   distributed.barrier("test_multiprocess.compiled")
   local = config.batch_size // num_processes
   step_metrics = []  # per step: generator loss, discriminator loss, both gradient norms
@@ -84,9 +84,8 @@ def worker(process_id: int, num_processes: int, out_path: str) -> None:
   for step in range(NUM_STEPS):
     images = np.random.default_rng(step).integers(0, 256, (config.batch_size, 32, 32, 3), dtype=np.uint8)
     mine = images[process_id * local:(process_id + 1) * local]
-    state, metrics = train_step(state, to_global_array({"image": mine}, fns.batch_sharding), lpips_params)
-    step_metrics.append([float(metrics.loss.total), float(metrics.disc_loss.total), float(metrics.grad_norm.total),
-                         float(metrics.disc_grad_norm.total)])
+    state, metrics = train_step(state, to_global_array({"image": mine}, steps.batch_sharding), lpips_params)
+    step_metrics.append([float(metrics[name]) for name in ("loss", "disc_loss", "grad_norm", "disc_grad_norm")])
     if step in (0, NUM_STEPS - 1):
       # Parameters and codebook are replicated: every process holds whole copies.
       # Adam's first moments after step 1 are (1 - b1) x the step-1 gradients of G and D.
@@ -98,7 +97,7 @@ def worker(process_id: int, num_processes: int, out_path: str) -> None:
                      for path, leaf in leaves if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)})
   if process_id == 0:
     np.savez(out_path, metrics=np.asarray(step_metrics),
-             learning_rates=[float(fns.parts.gen_schedule(t)) for t in range(NUM_STEPS)], **arrays)
+             learning_rates=[float(steps.gen_schedule(t)) for t in range(NUM_STEPS)], **arrays)
 
 
 def test_two_processes_reach_the_parameters_of_one_process(tmp_path):

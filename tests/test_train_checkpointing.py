@@ -123,7 +123,8 @@ def test_resuming_with_another_batch_seed_or_model_names_both_values(tmp_path, m
 
 
 def test_round_trip_of_a_sharded_train_state_with_optimizer_state(tmp_path, mesh):
-  """The pieces as the train loop combines them: init_sharded state with optax state, eval_shape abstract."""
+  """The pieces as the train loop combines them: a state with optax state created in its shardings (as
+  `Steps.init` does), and its eval_shape abstract."""
   tx = optim.make_optimizer(dict(name="adamw", learning_rate=0.1, init_learning_rate=0.01, b1=0.9, b2=0.999,
                                  weight_decay=0.05, warmup_steps=2, grad_clip_norm=1.0), total_steps=10)
 
@@ -132,10 +133,10 @@ def test_round_trip_of_a_sharded_train_state_with_optimizer_state(tmp_path, mesh
     return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
   rng = jax.random.key(0)
-  state = sharding.init_sharded(init, mesh, rng, min_weight_size=16)
   abstract = jax.eval_shape(init, rng)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                          sharding.param_shardings(mesh, abstract, min_weight_size=16))
+  shardings = sharding.param_shardings(mesh, abstract, min_weight_size=16)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     ckpt.save(7, state)
     ckpt.wait()

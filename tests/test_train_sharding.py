@@ -1,5 +1,4 @@
 """Mesh, batch and parameter shardings on the 8 host CPU devices that conftest.py sets up."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,26 +83,3 @@ def test_param_shardings_rule(mesh_4x2):
     sharding.param_shardings(mesh_4x2, {"bad": "not an array"})
   with pytest.raises(ValueError, match="mesh"):
     sharding.param_shardings("not a mesh", abstract)
-
-
-def test_init_sharded_matches_unsharded_init(mesh_4x2):
-  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(6)])
-  x = jnp.ones((2, 10))
-
-  def init_fn(rng):
-    return model.init(rng, x)
-
-  rng = jax.random.key(3)
-  params = sharding.init_sharded(init_fn, mesh_4x2, rng, min_weight_size=50)
-  reference = init_fn(rng)
-  want = sharding.param_shardings(mesh_4x2, jax.eval_shape(init_fn, rng), min_weight_size=50)
-  for got_leaf, want_sharding, ref_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(want),
-                                               jax.tree.leaves(reference)):
-    assert got_leaf.sharding.is_equivalent_to(want_sharding, got_leaf.ndim)
-    np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(ref_leaf))
-  # The first kernel (10 x 16 = 160 elements) is split over fsdp along its 16 outputs: 8 per device.
-  kernel = params["params"]["layers_0"]["kernel"]
-  assert kernel.sharding.spec == P(None, "fsdp")
-  assert {shard.data.shape for shard in kernel.addressable_shards} == {(10, 8)}
-  with pytest.raises(ValueError, match="init_fn"):
-    sharding.init_sharded("not callable", mesh_4x2, rng)

@@ -1,5 +1,6 @@
-"""The jitted train and eval steps: every config trains one step; loss arithmetic, EMAs, schedules, the GAN
-switch, PSNR and code counts against NumPy; 8 devices against 1 device; argument checks.
+"""The jitted train and eval steps: every config trains one step; the state created in its shardings; loss
+arithmetic, EMAs, schedules, the GAN switch, PSNR and code counts against NumPy; 8 devices against 1 device;
+argument checks.
 
 Compiled step functions are cached per (config, devices) for the whole module: each costs one compile.
 """
@@ -32,15 +33,15 @@ def load_config(name, arg):
 
 
 @functools.cache
-def step_functions(name, arg, num_devices=8):
+def steps_for(name, arg, num_devices=8):
   config = load_config(name, arg)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1), devices=jax.devices()[:num_devices])
-  return step_lib.make_step_functions(config, mesh)
+  return step_lib.make_steps(config, mesh)
 
 
 @functools.cache
 def lpips_params_on(name, arg, num_devices=8):
-  return step_functions(name, arg, num_devices).replicate(losses.load_lpips_params())
+  return steps_for(name, arg, num_devices).replicate(losses.load_lpips_params())
 
 
 def random_images(config, seed, batch_size=None):
@@ -49,12 +50,12 @@ def random_images(config, seed, batch_size=None):
   return rng.integers(0, 256, (batch_size or config.batch_size, size, size, 3), dtype=np.uint8)
 
 
-def run_step(fns, lpips_params, state, images):
+def run_step(steps, lpips_params, state, images):
   """One train step; returns (host copy of the state before, new state, computed metrics as floats)."""
   before = jax.device_get(state)  # the step donates `state`
-  batch = to_global_array({"image": images}, fns.batch_sharding)
-  new_state, metrics = fns.train_step(state, batch, lpips_params)
-  return before, new_state, {name: float(value) for name, value in metrics.compute().items()}
+  batch = to_global_array({"image": images}, steps.batch_sharding)
+  new_state, metrics = steps.train_step(state, batch, lpips_params)
+  return before, new_state, {name: float(value) for name, value in metrics.items()}
 
 
 def timm_cosine_lr(opt, total_steps, t):
@@ -75,23 +76,25 @@ def check_loss_arithmetic(config, metrics):
 
 @pytest.fixture(scope="module")
 def demo_first_step():
-  """The demo runlocal config's first step on 8 devices: (fns, state before (host), state after, metrics)."""
-  fns = step_functions("demo", "runlocal")
-  before, after, metrics = run_step(fns, lpips_params_on("demo", "runlocal"), fns.init(),
-                                    random_images(fns.parts.config, 0))
-  return fns, before, after, metrics
+  """The demo runlocal config's first step on 8 devices: (steps, state before (host), state after, metrics)."""
+  steps = steps_for("demo", "runlocal")
+  before, after, metrics = run_step(steps, lpips_params_on("demo", "runlocal"), steps.init(),
+                                    random_images(steps.config, 0))
+  return steps, before, after, metrics
 
 
 @pytest.mark.parametrize("name, arg", CONFIGS, ids=[f"{n}:{a}" for n, a in CONFIGS])
 def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, demo_first_step):
   if (name, arg) == ("demo", "runlocal"):
-    fns, before, after, metrics = demo_first_step
+    steps, before, after, metrics = demo_first_step
   else:
-    fns = step_functions(name, arg)
-    before, after, metrics = run_step(fns, lpips_params_on(name, arg), fns.init(), random_images(fns.parts.config, 0))
-  config = fns.parts.config
+    steps = steps_for(name, arg)
+    before, after, metrics = run_step(steps, lpips_params_on(name, arg), steps.init(), random_images(steps.config, 0))
+  config = steps.config
   assert all(math.isfinite(value) for value in metrics.values()), metrics
   assert ("scale_max" in metrics) == (config.model.type == "gaussiantoken")
+  if "scale_max" in metrics:  # the schedule's value after the step, read from the new model state
+    assert metrics["scale_max"] == float(after.model_state["range_scheduler"]["embedder"]["scale_max"])
   after = jax.device_get(after)
   assert int(after.step) == 1
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(after))
@@ -105,9 +108,26 @@ def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, de
                              rtol=1e-6)
 
 
+def test_init_creates_the_state_in_its_shardings_equal_to_a_replicated_init():
+  config = load_config("demo", "runlocal")
+  config.mesh.fsdp_min_weight_size = 1024  # so that the larger kernels (and their Adam moments) are fsdp-split
+  steps = step_lib.make_steps(config, sharding.make_mesh(dict(data=4, fsdp=2)))
+  state = steps.init()
+  reference = jax.device_get(steps_for("demo", "runlocal").init())  # every leaf replicated (compiled already)
+  split = 0
+  for (path, got), want_sharding, want in zip(jax.tree_util.tree_leaves_with_path(state),
+                                              jax.tree.leaves(steps.state_shardings), jax.tree.leaves(reference)):
+    assert got.sharding.is_equivalent_to(want_sharding, got.ndim), jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=jax.tree_util.keystr(path))
+    if "fsdp" in got.sharding.spec:
+      split += 1
+      assert {shard.data.size for shard in got.addressable_shards} == {got.size // 2}
+  assert split >= 3  # a kernel, its EMA and its Adam moments at least
+
+
 def test_weight_ema_and_lecam_emas_follow_their_formulas(demo_first_step):
-  fns, before, after, metrics = demo_first_step
-  config = fns.parts.config
+  steps, before, after, metrics = demo_first_step
+  config = steps.config
   after = jax.device_get(after)
   decay = config.ema_decay
   for ema0, ema1, param1 in zip(jax.tree.leaves(before.ema_params), jax.tree.leaves(after.ema_params),
@@ -116,19 +136,21 @@ def test_weight_ema_and_lecam_emas_follow_their_formulas(demo_first_step):
     np.testing.assert_allclose(ema1, expected, rtol=1e-5, atol=1e-7)
   # Initial EMAs are 0, so after one update they are (1 - decay) * the mean logits of this step.
   lecam_decay = config.loss.lecam_decay
-  np.testing.assert_allclose(after.lecam_ema, [(1 - lecam_decay) * metrics["logits_real"],
-                                               (1 - lecam_decay) * metrics["logits_fake"]], rtol=1e-5)
+  np.testing.assert_allclose([after.lecam_ema_real, after.lecam_ema_fake],
+                             [(1 - lecam_decay) * metrics["logits_real"], (1 - lecam_decay) * metrics["logits_fake"]],
+                             rtol=1e-5)
+  assert metrics["lecam_ema_real"] == after.lecam_ema_real and metrics["lecam_ema_fake"] == after.lecam_ema_fake
   np.testing.assert_array_equal(np.asarray(before.ema_params["decoder"]["conv_out"]["kernel"]),
                                 np.asarray(before.params["decoder"]["conv_out"]["kernel"]))
 
 
 def test_gan_term_switches_on_at_gan_start_step_with_the_scheduled_learning_rates(demo_first_step):
-  fns, _, after, _ = demo_first_step
-  config = fns.parts.config
+  steps, _, after, _ = demo_first_step
+  config = steps.config
   start = config.loss.gan_start_step
   state = jax.device_put(jax.device_get(after).replace(step=np.int32(start)), jax.tree.map(lambda x: x.sharding,
-                                                                                           fns.abstract_state))
-  _, new_state, metrics = run_step(fns, lpips_params_on("demo", "runlocal"), state, random_images(config, 1))
+                                                                                           steps.abstract_state))
+  _, new_state, metrics = run_step(steps, lpips_params_on("demo", "runlocal"), state, random_images(config, 1))
   assert int(new_state.step) == start + 1
   assert metrics["gan_weight"] == pytest.approx(config.loss.gan_weight)
   check_loss_arithmetic(config, metrics)
@@ -142,9 +164,9 @@ def test_adaptive_gan_weight_equals_vqgan_formula_on_full_gradients():
   config = load_config("demo", "runlocal")
   config.loss.adaptive_gan_weight = True
   mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
-  fns = step_lib.make_step_functions(config, mesh)
-  lpips_params = fns.replicate(losses.load_lpips_params())
-  state = fns.init()
+  steps = step_lib.make_steps(config, mesh)
+  lpips_params = steps.replicate(losses.load_lpips_params())
+  state = steps.init()
   state = state.replace(step=jax.device_put(np.int32(config.loss.gan_start_step), state.step.sharding))
   images = random_images(config, 5)
 
@@ -152,12 +174,13 @@ def test_adaptive_gan_weight_equals_vqgan_formula_on_full_gradients():
   def last_layer_gradients(state, images, lpips_params):
     x = images.astype(np.float32) / 127.5 - 1.0
     keys = tuple(jax.random.split(jax.random.fold_in(state.rng, state.step), 3))
-    terms = lambda params, i: step_lib._generator_terms(fns.parts, params, state, x, lpips_params, keys)[i]  # noqa: E731
-    return [jax.grad(terms)(state.params, i)["decoder"]["conv_out"]["kernel"] for i in (0, 1)]
+    terms = lambda params: step_lib._generator_terms(steps, params, state, x, lpips_params, keys)  # noqa: E731
+    return [jax.grad(lambda p: terms(p).reconstruction)(state.params)["decoder"]["conv_out"]["kernel"],
+            jax.grad(lambda p: terms(p).gan)(state.params)["decoder"]["conv_out"]["kernel"]]
 
   rec_grad, gan_grad = (np.asarray(g, np.float64) for g in last_layer_gradients(state, images, lpips_params))
   expected = config.loss.gan_weight * np.linalg.norm(rec_grad) / (np.linalg.norm(gan_grad) + 1e-4)
-  _, _, metrics = run_step(fns, lpips_params, state, images)
+  _, _, metrics = run_step(steps, lpips_params, state, images)
   assert expected > 0
   np.testing.assert_allclose(metrics["gan_weight"], expected, rtol=1e-4)
   check_loss_arithmetic(config, metrics)
@@ -167,8 +190,8 @@ def test_eight_devices_and_one_device_give_the_same_step():
   images = random_images(load_config("demo", "runlocal"), 2)
   results = []
   for num_devices in (8, 1):
-    fns = step_functions("demo", "runlocal", num_devices)
-    _, state, metrics = run_step(fns, lpips_params_on("demo", "runlocal", num_devices), fns.init(), images)
+    steps = steps_for("demo", "runlocal", num_devices)
+    _, state, metrics = run_step(steps, lpips_params_on("demo", "runlocal", num_devices), steps.init(), images)
     results.append((metrics, jax.device_get(state)))
   (metrics8, state8), (metrics1, state1) = results
   for key in ("loss", "l1", "lpips", "commitment", "disc_loss", "perplexity"):
@@ -192,13 +215,13 @@ def test_eight_devices_and_one_device_give_the_same_step():
 
 
 def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
-  fns, _, after, _ = demo_first_step
-  config = fns.parts.config
+  steps, _, after, _ = demo_first_step
+  config = steps.config
   images = random_images(config, 3)
   mask = np.arange(config.batch_size) < 5
-  batch = to_global_array({"image": images, "mask": mask}, fns.batch_sharding)
+  batch = to_global_array({"image": images, "mask": mask}, steps.batch_sharding)
   lpips_params = lpips_params_on("demo", "runlocal")
-  metrics, counts, reconstructions = fns.eval_step(after.ema_params, after.model_state, batch, lpips_params)
+  metrics, counts, reconstructions = steps.eval_step(after.ema_params, after.model_state, batch, lpips_params)
   reconstructions = np.asarray(reconstructions, np.float64)
   assert reconstructions.min() >= -1 and reconstructions.max() <= 1
   originals = images.astype(np.float64) / 255.0
@@ -230,19 +253,19 @@ def test_code_usage_and_perplexity():
 
 
 def test_bad_batches_raise_value_errors(demo_first_step):
-  fns, _, after, _ = demo_first_step
-  config = fns.parts.config
+  steps, _, after, _ = demo_first_step
+  config = steps.config
   lpips_params = lpips_params_on("demo", "runlocal")
   images = random_images(config, 4)
   with pytest.raises(ValueError, match=r"batch\['image'\].*uint8"):
-    fns.train_step(after, to_global_array({"image": images.astype(np.float32)}, fns.batch_sharding), lpips_params)
+    steps.train_step(after, to_global_array({"image": images.astype(np.float32)}, steps.batch_sharding), lpips_params)
   with pytest.raises(ValueError, match=r"batch\['image'\].*uint8 \[B, 32, 32, 3\]"):
-    fns.train_step(after, to_global_array({"image": images[:, :16, :16]}, fns.batch_sharding), lpips_params)
+    steps.train_step(after, to_global_array({"image": images[:, :16, :16]}, steps.batch_sharding), lpips_params)
   with pytest.raises(ValueError, match="`batch` must be a dict with keys"):
-    fns.eval_step(after.ema_params, after.model_state, to_global_array({"image": images}, fns.batch_sharding),
+    steps.eval_step(after.ema_params, after.model_state, to_global_array({"image": images}, steps.batch_sharding),
                   lpips_params)
   with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh"):
-    step_lib.make_step_functions(config, None)
+    step_lib.make_steps(config, None)
 
 
 def test_initialize_from_env_checks_its_variables():

@@ -81,13 +81,29 @@ def load_demo_config(arg):
 @functools.cache
 def abstract_state():
   config = load_demo_config("runlocal")
-  return step_lib.make_step_functions(config, sharding.make_mesh(config.mesh)).abstract_state
+  return step_lib.make_steps(config, sharding.make_mesh(config.mesh)).abstract_state
 
 
 def restore(workdir, step=None):
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
     restored = ckpt.restore(abstract_state(), step=step)
     return restored.step, jax.device_get(restored.state)
+
+
+def test_interval_metrics_average_the_steps_but_keep_the_last_learning_rates_and_scale_max():
+  per_step = [{"loss": np.float32(v), "learning_rate": np.float32(v / 10), "disc_learning_rate": np.float32(v / 100),
+               "scale_max": np.float32(4 - v)} for v in (1.0, 2.0, 6.0)]
+  assert trainer._interval_metrics(per_step) == pytest.approx(
+      {"loss": 3.0, "learning_rate": 0.6, "disc_learning_rate": 0.06, "scale_max": -2.0})
+
+
+def test_check_finite_names_the_first_bad_step():
+  per_step = [(5, {"loss": np.float32(1), "disc_loss": np.float32(1)}),
+              (6, {"loss": np.float32(1), "disc_loss": np.float32(np.inf)}),
+              (7, {"loss": np.float32(np.nan), "disc_loss": np.float32(np.nan)})]
+  trainer._check_finite(per_step[:1])
+  with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 6: \{'disc_loss': inf\}"):
+    trainer._check_finite(per_step)
 
 
 TOTAL, EVERY = 8, 2  # run A trains 2N = 8 steps, checkpointing every 2

@@ -1,8 +1,8 @@
-"""The device side of the input pipeline: assembling global batches and scaling uint8 pixels to [-1, 1]."""
+"""The device side of the input pipeline: assembling global batches (the uint8 -> [-1, 1] scaling is
+`gaussiantoken_jax.pixels.to_model_input`, run inside the jitted steps)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -31,13 +31,3 @@ def to_global_array(batch: dict, sharding: jax.sharding.Sharding) -> dict:
     raise ValueError(f"the arrays of `batch` must share their leading (batch) size, got {leading}.")
   return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in batch.items()}
 
-
-def to_model_input(images: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, 3] pixels -> float32 in [-1, 1] (x / 127.5 - 1); meant to run inside the jitted step."""
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"`images` must have shape [B, H, W, 3], got {tuple(images.shape)}.")
-  if images.dtype != jnp.uint8:
-    raise ValueError(f"`images` must have dtype uint8, got {images.dtype}.")
-  # Centre first: x / 127.5 - 1 compiles to x * float32(1 / 127.5) - 1, which gives 1.0000001 for 255, while
-  # (x - 127.5) * float32(1 / 127.5) rounds to exactly -1 and 1 at the ends.
-  return (jnp.asarray(images).astype(jnp.float32) - 127.5) / 127.5

@@ -1,7 +1,7 @@
 """Host-side image transforms: decoding to RGB uint8, training crops and the evaluation protocols.
 
 Everything here is NumPy/PIL on the host and returns uint8 [H, W, 3]; scaling to [-1, 1] happens on the
-device (`gaussiantoken_jax.data.device.to_model_input`), so the host ships a quarter of the bytes.
+device (`gaussiantoken_jax.pixels.to_model_input`), so the host ships a quarter of the bytes.
 
 Resizing uses PIL's bilinear filter, which widens its support when it shrinks (antialiasing), like the
 reference's torchvision `RandomResizedCrop(antialias=True)`. Crop boxes are in pixel-edge coordinates:

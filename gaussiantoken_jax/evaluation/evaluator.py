@@ -1,7 +1,7 @@
 """One evaluation pass of a tokenizer: every metric of the paper's Table 1 and the pictures, for the command
 line and for the training loop alike.
 
-    evaluator = Evaluator(fns, lpips_params, inception_params)      # once per run (jits the batch function)
+    evaluator = Evaluator(steps, lpips_params, inception_params)    # once per run (jits the batch function)
     metrics, pictures = evaluator.evaluate(ema_params, model_state, eval_loader)
 
 Per batch, on the device (one jitted function, sharded like the eval step): `train.step.eval_step` (per-image
@@ -11,10 +11,11 @@ is fetched to the host until the pass is over (except for the progress lines); t
 in float64 (`evaluation.fid`).
 
 rFID, as in the reference, is the FID between the originals of the evaluation set and their reconstructions
-(reconstructions clipped to [0, 255], not quantised, as the reference feeds Inception floats). It needs the
-Inception parameters; with `inception_params=None` (the training loop on a small subset) the keys "rfid",
-"kid" and "kid_std" are left out. `MIN_FID_IMAGES` is the smallest evaluation for which rFID is worth its
-cost: below the feature dimension (2048) the covariance is singular and FID mostly measures its own bias.
+(reconstructions clipped to [0, 255], not quantised, as the reference feeds Inception floats:
+`pixels.to_pixels`). It needs the Inception parameters; with `inception_params=None` (the training loop on a
+small subset) the keys "rfid", "kid" and "kid_std" are left out. `MIN_FID_IMAGES` is the smallest evaluation
+for which rFID is worth its cost: below the feature dimension (2048) the covariance is singular and FID mostly
+measures its own bias.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from gaussiantoken_jax import data
+from gaussiantoken_jax import data, pixels
 from gaussiantoken_jax.evaluation import fid, image_metrics, inception, pictures
 from gaussiantoken_jax.train import step as step_lib
 from gaussiantoken_jax.train import writers
@@ -37,11 +38,6 @@ MIN_FID_IMAGES = inception.FEATURE_DIM
 NUM_PICTURES = 8
 METRIC_KEYS = ("rfid", "kid", "kid_std", "psnr", "psnr_block_baseline", "psnr_uint8", "ssim", "lpips",
                "codebook_usage", "perplexity", "num_images")
-
-
-def _to_uint8(x_hat: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> rounded uint8 pixels, for pictures (the metrics use `image_metrics`' conversions)."""
-  return np.round((np.clip(x_hat, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -58,35 +54,34 @@ class Evaluator:
   """Evaluates the EMA generator of a run on batches of uint8 images; see the module docstring.
 
   Args:
-    fns: the run's `train.step.StepFunctions` (model, mesh, batch sharding).
+    steps: the run's `train.step.Steps` (model, mesh, batch sharding).
     lpips_params: LPIPS-VGG parameters (`losses.load_lpips_params()`), on the host or replicated.
     inception_params: FID Inception parameters (`inception.load_inception_params()`), or None to skip
       rFID / KID (and the cost of running Inception).
     num_pictures: images shown in the pictures (the first ones of the pass).
   """
 
-  def __init__(self, fns: step_lib.StepFunctions, lpips_params, inception_params=None, *,
+  def __init__(self, steps: step_lib.Steps, lpips_params, inception_params=None, *,
                num_pictures: int = NUM_PICTURES):
     if not isinstance(num_pictures, int) or num_pictures < 1:
       raise ValueError(f"Evaluator: `num_pictures` must be a positive int, got {num_pictures!r}.")
-    self._fns = fns
-    self._lpips_params = fns.replicate(lpips_params)
-    self._inception_params = None if inception_params is None else fns.replicate(inception_params)
+    self._steps = steps
+    self._lpips_params = steps.replicate(lpips_params)
+    self._inception_params = None if inception_params is None else steps.replicate(inception_params)
     self._num_pictures = num_pictures
-    parts = fns.parts
     with_fid = inception_params is not None
 
     def batch_outputs(ema_params, model_state, batch, lpips_params, inception_params):
-      metrics, counts, x_hat = step_lib.eval_step(parts, ema_params, model_state, batch, lpips_params)
+      metrics, counts, x_hat = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params)
       mse_uint8, ssim = image_metrics.reference_protocol_metrics(batch["image"], x_hat)
       outputs = dict(metrics=metrics, counts=counts, mse_uint8=mse_uint8, ssim=ssim)
       if with_fid:
         outputs["real"] = inception.features(inception_params, batch["image"])
-        outputs["fake"] = inception.features(inception_params, image_metrics.reconstruction_to_pixels(x_hat))
+        outputs["fake"] = inception.features(inception_params, pixels.to_pixels(x_hat))
       return outputs
 
     def picture_outputs(ema_params, model_state, images):
-      output = parts.model.apply({"params": ema_params, **model_state}, data.to_model_input(images), train=False)
+      output = steps.model.apply({"params": ema_params, **model_state}, pixels.to_model_input(images), train=False)
       return output.reconstruction, output.indices, output.gaussians
 
     self._batch_outputs = jax.jit(batch_outputs)
@@ -140,7 +135,7 @@ class Evaluator:
         mask = local_batch["mask"] & (np.cumsum(local_batch["mask"]) + seen <= local_limit)
         local_batch = {**local_batch, "mask": mask}
       seen += int(np.sum(local_batch["mask"]))
-      batch = data.to_global_array(local_batch, self._fns.batch_sharding)
+      batch = data.to_global_array(local_batch, self._steps.batch_sharding)
       out = self._batch_outputs(ema_params, model_state, batch, self._lpips_params, self._inception_params)
       metrics = out["metrics"] if metrics is None else metrics.merge(out["metrics"])
       counts = out["counts"] if counts is None else counts + out["counts"]
@@ -186,7 +181,7 @@ class Evaluator:
     images, mask, (x_hat, indices, gaussians) = multihost_utils.process_allgather(
         (batch["image"], batch["mask"], outputs), tiled=True)
     chosen = np.flatnonzero(np.asarray(mask))[:self._num_pictures]
-    shown = {"images": np.asarray(images)[chosen], "reconstructions": _to_uint8(np.asarray(x_hat)[chosen]),
+    shown = {"images": np.asarray(images)[chosen], "reconstructions": pixels.to_uint8(np.asarray(x_hat)[chosen]),
              "indices": np.asarray(indices)[chosen]}
     if gaussians is not None:
       shown.update({name: np.asarray(getattr(gaussians, name))[chosen] for name in ("means", "rotations", "scales")})
@@ -200,5 +195,5 @@ class Evaluator:
     if "means" in shown:
       result["gaussians"] = pictures.gaussian_overlay(
           shown["images"], shown["means"], shown["rotations"], shown["scales"], shown["indices"],
-          feature_shape=self._fns.parts.model.feature_shape)
+          feature_shape=self._steps.model.feature_shape)
     return result

@@ -14,7 +14,8 @@ K2 0.03, data range 1, sample (N - 1) covariances, the mean over the windows tha
 crops the 3-pixel border its reflect padding affects) and over channels, on the truncated uint8 images / 255.
 dm-pix's `ssim` does not fit: it has only a Gaussian window and population covariances.
 
-Originals are uint8 pixels; reconstructions are the model's [-1, 1] floats, mapped to [0, 255] and clipped.
+Originals are uint8 pixels; reconstructions are the model's [-1, 1] floats, mapped to [0, 255] and clipped
+(`pixels.to_pixels`), then truncated (`pixels.truncate_to_uint8`).
 The originals' uint8 values are used as they are (the reference's float round trip can truncate a pixel to
 one below its value; that artefact is not reproduced).
 """
@@ -25,6 +26,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gaussiantoken_jax import pixels
 
 REFERENCE_BATCH = 64
 SSIM_WINDOW = 7
@@ -40,16 +43,6 @@ def _check_pair(where: str, a, b) -> None:
                        f"{getattr(x, 'shape', type(x).__name__)}.")
   if tuple(a.shape) != tuple(b.shape):
     raise ValueError(f"{where}: `a` and `b` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-
-
-def reconstruction_to_pixels(x_hat: jax.Array) -> jax.Array:
-  """Model output in [-1, 1] -> float pixel values in [0, 255] (clipped, not rounded)."""
-  return jnp.clip((x_hat.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)
-
-
-def truncate_to_uint8(pixels: jax.Array) -> jax.Array:
-  """Float pixel values in [0, 255] -> the uint8 the reference gets with `.to(torch.uint8)` (truncation)."""
-  return jnp.floor(jnp.clip(pixels, 0.0, 255.0)).astype(jnp.uint8)
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -147,5 +140,5 @@ def reference_protocol_metrics(originals: jax.Array, x_hat: jax.Array) -> tuple[
   if originals.dtype != jnp.uint8:
     raise ValueError(f"reference_protocol_metrics: `originals` must be uint8 pixels, got {originals.dtype}.")
   a = originals.astype(jnp.float32) / 255.0
-  b = truncate_to_uint8(reconstruction_to_pixels(x_hat)).astype(jnp.float32) / 255.0
+  b = pixels.truncate_to_uint8(pixels.to_pixels(x_hat)).astype(jnp.float32) / 255.0
   return mse(a, b), ssim(a, b)

@@ -1,4 +1,4 @@
-"""Device mesh, batch and parameter shardings, and initialisation straight into those shardings.
+"""Device mesh, batch and parameter shardings (the train state is created in them: `train.step.Steps.init`).
 
 One mesh with the axes ("data", "fsdp") serves every scale: 1 CPU, 8 devices, many hosts. The batch is
 split over all devices (both axes); parameters are replicated, except that with fsdp > 1 every weight of at
@@ -15,7 +15,7 @@ one of them = all remaining devices) and `fsdp_min_weight_size`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -96,16 +96,3 @@ def param_shardings(mesh: Mesh, abstract_params, min_weight_size: int = DEFAULT_
 
   return jax.tree_util.tree_map_with_path(rule, abstract_params)
 
-
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, min_weight_size: int = DEFAULT_MIN_WEIGHT_SIZE):
-  """Runs `init_fn(*args)` so that every output leaf is created directly in its `param_shardings` sharding.
-
-  The shapes come from `jax.eval_shape` (nothing is computed), the shardings from `param_shardings`, and
-  the init runs under `jax.jit(..., out_shardings=...)`, so each device only ever holds its own shards:
-  there is never a full host or single-device copy of a large state.
-  """
-  if not callable(init_fn):
-    raise ValueError(f"`init_fn` must be callable, got {type(init_fn).__name__}.")
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = param_shardings(mesh, abstract, min_weight_size)
-  return jax.jit(init_fn, out_shardings=shardings)(*args)

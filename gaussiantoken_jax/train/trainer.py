@@ -1,12 +1,13 @@
 """The training loop: `train_and_evaluate(config, workdir)`, for `main.py` and notebooks alike.
 
-One flat function in sections (big_vision's layout): distributed start-up, mesh and step functions, input,
+One flat function in sections (big_vision's layout): distributed start-up, mesh and steps (`step.make_steps`), input,
 restore-or-init, then the loop. Per step: next local batch -> global array -> jitted train step. Around it:
 
-* NaN/Inf: the losses of step t are fetched after step t+1 has been dispatched, so the host never waits for
-  the device; before any checkpoint the current step is checked too. A non-finite loss raises
-  FloatingPointError, leaving the last good checkpoint as the newest one.
-* Metrics: clu Collections merged over `log_every_steps`, written with steps/s, images/s and ETA.
+* Metrics: the step's dicts of scalars stay on the device until the log step, then are averaged on the host
+  (`_interval_metrics`) and written with steps/s, images/s and ETA.
+* NaN/Inf: checked in one place, at each log or checkpoint step, for every step since the last check (as
+  big_vision does at its log steps), so the host does not wait for the device in between. A non-finite loss
+  raises FloatingPointError before anything is written, leaving the last good checkpoint as the newest one.
 * Checkpoints every `checkpoint_every_steps` and at the end: the state, the config and every process's data
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
@@ -29,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gaussiantoken_jax import config_lib, data, losses
+from gaussiantoken_jax import config_lib, data, losses, pixels
 from gaussiantoken_jax.evaluation import pictures
 from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
 from gaussiantoken_jax.train import step as step_lib
@@ -38,32 +39,37 @@ from gaussiantoken_jax.train import step as step_lib
 _GRID_IMAGES = 8
 
 
-def _check_finite(step: int, step_metrics) -> None:
-  """Raises FloatingPointError if step `step`'s generator or discriminator loss is NaN or Inf."""
-  values = {"loss": float(step_metrics.loss.total), "disc_loss": float(step_metrics.disc_loss.total)}
-  bad = {name: value for name, value in values.items() if not math.isfinite(value)}
-  if bad:
-    raise FloatingPointError(
-        f"Non-finite loss at step {step}: {bad}. Training stopped; the newest checkpoint is the last good "
-        f"state (lower the learning rate or check the data before resuming).")
+def _check_finite(per_step: list[tuple[int, dict]]) -> None:
+  """Raises FloatingPointError at the first of these (step, metrics) whose generator or discriminator loss is
+  NaN or Inf."""
+  values = jax.device_get([{"loss": m["loss"], "disc_loss": m["disc_loss"]} for _, m in per_step])
+  for (step, _), step_values in zip(per_step, values):
+    bad = {name: float(value) for name, value in step_values.items() if not math.isfinite(float(value))}
+    if bad:
+      raise FloatingPointError(
+          f"Non-finite loss at step {step}: {bad}. Training stopped; the newest checkpoint is the last good "
+          f"state (lower the learning rate or check the data before resuming).")
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 pixels, the inverse of `data.to_model_input`."""
-  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+def _interval_metrics(per_step: list[dict]) -> dict[str, float]:
+  """The train step's metrics over a logging interval, on the host: each one's mean over the steps, except the
+  learning rates and scale_max (`step.LAST_VALUE_METRICS`): their last value."""
+  per_step = jax.device_get(per_step)
+  return {name: float(per_step[-1][name]) if name in step_lib.LAST_VALUE_METRICS
+          else float(np.mean([metrics[name] for metrics in per_step])) for name in per_step[0]}
 
 
-def evaluate(fns: step_lib.StepFunctions, eval_step, state: step_lib.TrainState, lpips_params, eval_loader,
+def evaluate(eval_step, batch_sharding, state: step_lib.TrainState, lpips_params, eval_loader,
              num_batches: int) -> tuple[dict[str, float], np.ndarray | None]:
   """EMA-weight metrics over the first `num_batches` eval batches, and a reconstruction picture.
 
-  `eval_step` is `fns.eval_step` or its compiled form (`fns.compile_eval_step`).
-  Returns ({"psnr", "lpips", "codebook_usage", "perplexity", "num_images"}, uint8 grid image or None).
-  Every process must call it (the picture is gathered from all of them).
+  `eval_step` is `Steps.eval_step` or its compiled form; `batch_sharding` lays out the global batches
+  (`Steps.batch_sharding`). Returns ({"psnr", "psnr_block_baseline", "lpips", "codebook_usage", "perplexity",
+  "num_images"}, uint8 grid image or None). Every process must call it (the picture is gathered from all of them).
   """
   metrics, counts, grid = None, None, None
   for index, local_batch in zip(range(num_batches), eval_loader):
-    batch = data.to_global_array(local_batch, fns.batch_sharding)
+    batch = data.to_global_array(local_batch, batch_sharding)
     batch_metrics, batch_counts, reconstructions = eval_step(state.ema_params, state.model_state, batch,
                                                              lpips_params)
     metrics = batch_metrics if metrics is None else metrics.merge(batch_metrics)
@@ -74,7 +80,8 @@ def evaluate(fns: step_lib.StepFunctions, eval_step, state: step_lib.TrainState,
       shown = np.flatnonzero(np.asarray(mask))[:_GRID_IMAGES]
       if shown.size:
         # Upscaled with nearest neighbour: 32-pixel crops are too small to judge at their own size.
-        grid = pictures.reconstruction_grid(np.asarray(images)[shown], _to_uint8(np.asarray(reconstructions)[shown]))
+        grid = pictures.reconstruction_grid(np.asarray(images)[shown],
+                                            pixels.to_uint8(np.asarray(reconstructions)[shown]))
   if metrics is None:
     raise ValueError("evaluate: the eval loader yielded no batch.")
   usage, perplexity = step_lib.code_usage_and_perplexity(np.asarray(counts))
@@ -131,8 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                dict(mesh.shape), jax.device_count(), jax.local_device_count())
 
   # --- Model, optimizers, shardings and jitted steps; frozen LPIPS weights on every device.
-  fns = step_lib.make_step_functions(config, mesh)
-  lpips_params = fns.replicate(losses.load_lpips_params(config.loss.lpips_weights_path))
+  steps = step_lib.make_steps(config, mesh)
+  lpips_params = steps.replicate(losses.load_lpips_params(config.loss.lpips_weights_path))
 
   # --- Input.
   train_iter = iter(data.make_train_loader(config))
@@ -149,11 +156,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   try:
     if checkpointer.latest_step() is not None:
       checkpointing.check_resumable(checkpointer.restore_config(), config, where=str(checkpointer.directory))
-      restored = checkpointer.restore(fns.abstract_state, data=data.restore_args(train_iter))
+      restored = checkpointer.restore(steps.abstract_state, data=data.restore_args(train_iter))
       state = restored.state
       logging.info("Resumed from the checkpoint of step %d in %s.", restored.step, checkpointer.directory)
     else:
-      state = fns.init()
+      state = steps.init()
       logging.info("Initialised a new run in %s.", workdir)
     first_step = int(state.step)
     if first_step >= config.total_steps:
@@ -162,8 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       return state
 
     # --- Compile ahead of time; then all processes start the loop together (see distributed.barrier).
-    train_step = fns.compile_train_step(state, lpips_params, config.batch_size)
-    eval_step = fns.compile_eval_step(state, lpips_params, eval_loader.batch_size * jax.process_count())
+    train_step = steps.train_step.lower(state, steps.abstract_batch(config.batch_size), lpips_params).compile()
+    eval_batch = steps.abstract_batch(eval_loader.batch_size * jax.process_count(), with_mask=True)
+    eval_step = steps.eval_step.lower(state.ema_params, state.model_state, eval_batch, lpips_params).compile()
     distributed.barrier("gaussiantoken_jax.trainer.compiled")
     logging.info("Train and eval steps compiled.")
 
@@ -171,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
 
     def run_eval(step: int) -> None:
-      results, grid = evaluate(fns, eval_step, state, lpips_params, eval_loader, num_eval_batches)
+      results, grid = evaluate(eval_step, steps.batch_sharding, state, lpips_params, eval_loader, num_eval_batches)
       writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
       cells = step_lib.block_baseline_cells(config)
       logging.info("Eval at step %d: PSNR %.2f dB; the trivial answer (%dx%d block means, as many values as tokens) "
@@ -183,28 +191,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
     progress = writers.ProgressReporter(total_steps=config.total_steps, batch_size=config.batch_size,
                                         writer=writer, first_step=first_step)
-    interval_metrics, previous = None, None  # previous: (step, metrics) not yet checked for NaN
+    interval, unchecked = [], []  # this interval's metrics (on device); (step, metrics) not yet checked for NaN
     step = first_step
     with checkpointing.PreemptionGuard(sync_every_steps=config.log_every_steps) as guard:
       while step < config.total_steps:
-        batch = data.to_global_array(next(train_iter), fns.batch_sharding)
+        batch = data.to_global_array(next(train_iter), steps.batch_sharding)
         state, step_metrics = train_step(state, batch, lpips_params)
         step += 1
         if profiler is not None:
           profiler(step)
-        if previous is not None:
-          _check_finite(*previous)
-        previous = (step, step_metrics)
-        interval_metrics = step_metrics if interval_metrics is None else interval_metrics.merge(step_metrics)
-
-        if step % config.log_every_steps == 0 or step == config.total_steps:
-          _check_finite(*previous)
-          writer.write_scalars(step, {name: float(value) for name, value in interval_metrics.compute().items()})
-          interval_metrics = None
-          progress.report(step)
+        interval.append(step_metrics)
+        unchecked.append((step, step_metrics))
         stop = guard.should_stop(step)
-        if stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-          _check_finite(*previous)
+        log_now = step % config.log_every_steps == 0 or step == config.total_steps
+        save_now = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
+        if log_now or save_now:
+          _check_finite(unchecked)
+          unchecked = []
+        if log_now:
+          writer.write_scalars(step, _interval_metrics(interval))
+          interval = []
+          progress.report(step)
+        if save_now:
           save(step)
         if stop:
           logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
