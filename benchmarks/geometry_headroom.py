@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gaussiantoken_jax import restore
+from gaussiantoken_jax import pixels, restore
 from gaussiantoken_jax.data import demo as demo_data
 from gaussiantoken_jax.evaluation import image_metrics
 
@@ -48,8 +48,8 @@ def main(argv):
     return model.apply(variables, gaussians, method=lambda m, g: m.decode(g))
 
   def held_out_psnr(gaussians) -> float:
-    pixels = image_metrics.reconstruction_to_pixels(reconstruct(gaussians)) / 255.0
-    return float(jnp.mean(image_metrics.psnr(pixels, jnp.asarray(images, jnp.float32) / 255.0)))
+    reconstructed = pixels.to_pixels(reconstruct(gaussians)) / 255.0
+    return float(jnp.mean(image_metrics.psnr(reconstructed, jnp.asarray(images, jnp.float32) / 255.0)))
 
   print(f"{restored.config.model.type} step {restored.step}, {len(images)} held-out crops, "
         f"{_STEPS.value} Adam steps at lr {_LR.value} per row")

@@ -3,7 +3,7 @@ r"""Steady-state train step and encode throughput, against a float32 matmul meas
     python benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=8
         [--steps=12] [--encode_batch_size=64] [--rounds=7] [--parts=true]
 
-What it times, all through the project's own code (`train.step.make_step_functions` on the mesh of
+What it times, all through the project's own code (`train.step.make_steps` on the mesh of
 `config.mesh`, the jitted and donated train step the trainer runs), on synthetic uint8 batches of the
 config's image size (no data is read):
   step        one generator + discriminator step with `loss.lpips_weight = 0` (LPIPS skipped), and the same
@@ -128,15 +128,16 @@ class StepRunner:
   """One variant of the train step, compiled, with its own state; `step(timed)` runs one step."""
 
   def __init__(self, config, mesh, lpips_params, batch_size: int):
-    self.fns = step_lib.make_step_functions(config, mesh)
-    self.state = self.fns.init()
-    self.lpips_params = self.fns.replicate(lpips_params)
+    self.steps = step_lib.make_steps(config, mesh)
+    self.state = self.steps.init()
+    self.lpips_params = self.steps.replicate(lpips_params)
     start = time.perf_counter()
-    self.compiled = self.fns.compile_train_step(self.state, self.lpips_params, batch_size)
+    self.compiled = self.steps.train_step.lower(self.state, self.steps.abstract_batch(batch_size),
+                                                self.lpips_params).compile()
     self.compile_seconds = time.perf_counter() - start
     self.flops = flops_of(self.compiled)
     images = synthetic_images(batch_size, config.data.image_size, 0)
-    self.batch = {"image": jax.device_put(images, self.fns.batch_sharding)}
+    self.batch = {"image": jax.device_put(images, self.steps.batch_sharding)}
     self.seconds: list[float] = []
 
   def step(self, timed: bool) -> None:
@@ -147,9 +148,9 @@ class StepRunner:
       self.seconds.append(time.perf_counter() - start)
 
 
-def time_encode(parts, state, image_size: int, batch_size: int, rounds: int, probe: MatmulProbe):
+def time_encode(steps, state, image_size: int, batch_size: int, rounds: int, probe: MatmulProbe):
   """(seconds of each timed call, compiled FLOPs per call) of images -> tokens with the EMA parameters."""
-  model = parts.model
+  model = steps.model
 
   def encode(params, model_state, images):
     return model.apply({"params": params, **model_state}, to_model_input(images), train=False,
@@ -182,9 +183,9 @@ def time_part(fn, args, grad_argnums, rounds: int, probe: MatmulProbe):
   return fwd_seconds, flops_of(fwd), fwd_bwd_seconds, flops_of(fwd_bwd), output
 
 
-def part_rows(parts, state, lpips_params, batch_size: int, rounds: int, probe: MatmulProbe):
+def part_rows(steps, state, lpips_params, batch_size: int, rounds: int, probe: MatmulProbe):
   """[(name, times per step, fwd s, fwd FLOPs, fwd+bwd s, fwd+bwd FLOPs)] on one batch's intermediate values."""
-  config, model = parts.config, parts.model
+  config, model = steps.config, steps.model
   size = config.data.image_size
   params, model_state = state.params, state.model_state
   x = to_model_input(jnp.asarray(synthetic_images(batch_size, size, 0)))
@@ -225,7 +226,7 @@ def part_rows(parts, state, lpips_params, batch_size: int, rounds: int, probe: M
   x_hat = add("decoder", 1, lambda p, a: model.decoder.apply({"params": p}, a), (params["decoder"], z_map), (0, 1))
 
   def discriminate(p, a):
-    return parts.discriminator.apply({"params": p, "batch_stats": state.disc_batch_stats}, a, train=True,
+    return steps.discriminator.apply({"params": p, "batch_stats": state.disc_batch_stats}, a, train=True,
                                      mutable=["batch_stats"])[0]
   add("discriminator", 3, discriminate, (state.disc_params, x_hat), (0, 1))
 
@@ -266,8 +267,8 @@ def main(argv):
         probe.sample()
       runner.step(timed=i >= _WARMUP_STEPS)
   results = {name: (runner.seconds, runner.flops, batch_size) for name, runner in runners.items()}
-  fns, state = runners["step+lpips"].fns, runners["step+lpips"].state
-  samples, flops = time_encode(fns.parts, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
+  steps, state = runners["step+lpips"].steps, runners["step+lpips"].state
+  samples, flops = time_encode(steps, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
   results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value)
   matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
 
@@ -289,7 +290,7 @@ def main(argv):
 
   if _PARTS.value:
     print("\nParts of the step (one call each, batch as above; f+b = forward and all gradients):", flush=True)
-    rows = part_rows(fns.parts, state, lpips_params, batch_size, rounds, probe)
+    rows = part_rows(steps, state, lpips_params, batch_size, rounds, probe)
     step_seconds = statistics.median(results["step+lpips"][0])
     parts_matmul = statistics.median(probe.gflops)
     print(f"{'part':<14} {'fwd ms':>8} {'GFLOP':>7} {'%peak':>6} {'f+b ms':>8} {'GFLOP':>7} {'%peak':>6} "
