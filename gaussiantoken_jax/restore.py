@@ -1,16 +1,17 @@
-"""Loading a trained tokenizer from a training workdir: its config, EMA parameters and model state.
+"""Loading a trained tokenizer from a training workdir: its config, (EMA) parameters and model state.
 
     restored = restore.restore_model("/tmp/gt_demo")            # the newest complete checkpoint
     out = restored.model.apply({"params": restored.params, **restored.model_state}, x, train=False)
 
 The config comes from the checkpoint itself (saved beside the state), so the config file is not needed. The
 model state holds the codebook and the scale schedule. Evaluation and the tokenizer use the EMA parameters,
-as the reference does.
+as the reference does (`use_ema=False` gives the raw trained ones).
 
-The state is restored through `train.checkpointing.Checkpointer`, whose restore reads the whole train state:
-the optimizer and discriminator are read too and dropped here (about twice the generator's size in memory,
-briefly). The parameters keep the shardings of the training mesh built from the config's `mesh` section
-on the devices at hand.
+Only the fields the generator needs ("step", "ema_params" or "params", "model_state") are read from the
+checkpoint (`Checkpointer.restore_fields`, an Orbax partial restore): the optimizer and discriminator never
+reach memory, and a checkpoint whose optimizer or discriminator fields differ from today's TrainState (an
+older version's) still restores. The parameters get the shardings of the training mesh built from the
+config's `mesh` section on the devices at hand, or of the mesh the caller passes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import ml_collections
 from etils import epath
+from jax.sharding import Mesh
 
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
@@ -33,14 +35,17 @@ class RestoredModel:
     step: the training step of the checkpoint.
     steps: the run's `train.step.Steps` (model, mesh, batch sharding, jitted eval step) for this machine's
       devices.
-    params: the EMA generator parameters, sharded on `steps.mesh`.
+    params: the generator parameters (the EMA ones unless restored with `use_ema=False`), sharded on
+      `steps.mesh`.
     model_state: the non-trainable collections ("codebook", and "range_scheduler" for GaussianToken).
+    use_ema: whether `params` are the EMA parameters.
   """
   config: ml_collections.ConfigDict
   step: int
   steps: step_lib.Steps
   params: Any
   model_state: Any
+  use_ema: bool = True
 
   @property
   def model(self):
@@ -48,21 +53,52 @@ class RestoredModel:
     return self.steps.model
 
 
-def restore_model(workdir: epath.PathLike, step: int | None = None, *,
-                  config: ml_collections.ConfigDict | None = None) -> RestoredModel:
-  """The EMA generator of checkpoint `step` (default: the newest complete one) of a training workdir.
+def locate_checkpoint(path: epath.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
+  """(workdir, step) for a training workdir, its `checkpoints` directory, or one step directory in it.
+
+  A step directory fixes the step (ValueError if `step` names another). FileNotFoundError, naming the path,
+  when it does not exist or holds no checkpoint directory.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"Checkpoint path {path} does not exist.")
+  if path.name.isdigit() and path.parent.name == checkpointing.CHECKPOINT_SUBDIR:
+    if step is not None and step != int(path.name):
+      raise ValueError(f"`step`={step} contradicts the step directory {path}.")
+    return path.parent.parent, int(path.name)
+  if path.name == checkpointing.CHECKPOINT_SUBDIR and not (path / checkpointing.CHECKPOINT_SUBDIR).exists():
+    return path.parent, step
+  if not (path / checkpointing.CHECKPOINT_SUBDIR).is_dir():
+    raise FileNotFoundError(f"{path} holds no checkpoints: expected a training workdir (with a "
+                            f"'{checkpointing.CHECKPOINT_SUBDIR}' directory), its '{checkpointing.CHECKPOINT_SUBDIR}' "
+                            "directory, or one step directory in it.")
+  return path, step
+
+
+def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: bool = True,
+                  config: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None) -> RestoredModel:
+  """The generator of checkpoint `step` (default: the newest complete one) of a training workdir.
 
   Args:
-    workdir: the training run's `--workdir`.
+    workdir: the training run's `--workdir`, its `checkpoints` directory, or one step directory in it.
     step: the checkpoint step; None for the newest. FileNotFoundError names the available steps.
+    use_ema: restore the EMA parameters (evaluation's and the tokenizer's choice); False for the raw ones.
     config: the config to build the model from; default the one saved with the checkpoint (pass one only to
       change what does not touch the parameters, e.g. the mesh or the data section).
+    mesh: the device mesh to restore onto; default `sharding.make_mesh(config.mesh)` on all devices.
+
+  Raises FileNotFoundError for a path without checkpoints, ValueError for a checkpoint whose generator
+  differs from the config's model (names the differing parameters).
   """
+  workdir, step = locate_checkpoint(workdir, step)
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
     if config is None:
       config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
-    restored = ckpt.restore(steps.abstract_state, step=step)
-  state = restored.state
-  return RestoredModel(config=config, step=restored.step, steps=steps, params=state.ema_params,
-                       model_state=state.model_state)
+    steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh) if mesh is None else mesh)
+    abstract = steps.abstract_state
+    params_field = "ema_params" if use_ema else "params"
+    restored = ckpt.restore_fields({"step": abstract.step, params_field: getattr(abstract, params_field),
+                                    "model_state": abstract.model_state}, step=step)
+  fields = restored.state
+  return RestoredModel(config=config, step=restored.step, steps=steps, params=fields[params_field],
+                       model_state=fields["model_state"], use_ema=use_ema)

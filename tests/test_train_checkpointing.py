@@ -91,6 +91,28 @@ def test_restore_into_arrays_and_json_data_item(tmp_path, mesh):
   assert restored.data == {"epoch": 2}
 
 
+def test_restore_fields_reads_only_the_fields_asked_for(tmp_path, mesh):
+  state = {**_state(mesh, 4), "opt_state": jax.device_put(np.ones((3,), np.float32), NamedSharding(mesh, P()))}
+  with checkpointing.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(4, state)
+    abstract = _abstract(mesh, P(None, "fsdp"))
+    restored = ckpt.restore_fields({"params": abstract["params"], "step": abstract["step"]})
+    assert restored.step == 4 and sorted(restored.state) == ["params", "step"]
+    _assert_state_is(restored.state, mesh, 4, P(None, "fsdp"))
+    # Today's state may differ in the fields not read (an older checkpoint's optimizer): not looked at.
+    with pytest.raises(ValueError, match=r"has no state field\(s\) \['disc_params'\]; it has \['opt_state', "
+                       r"'params', 'step'\]"):
+      ckpt.restore_fields({"disc_params": abstract["params"]})
+    wrong = {"params": {**abstract["params"], "bias": jax.ShapeDtypeStruct((7,), jnp.float32,
+                                                                           sharding=NamedSharding(mesh, P()))}}
+    with pytest.raises(ValueError, match=r"another model config.*\['params'\]\['bias'\]: saved float32\[6\], "
+                       r"expected float32\[7\]"):
+      ckpt.restore_fields(wrong)
+    extra = {"params": {**abstract["params"], "scale": abstract["params"]["bias"]}}
+    with pytest.raises(ValueError, match=r"\['params'\]\['scale'\]: not in the checkpoint"):
+      ckpt.restore_fields(extra)
+
+
 def _run_config(**changes):
   config = ml_collections.ConfigDict(dict(
       seed=0, batch_size=8, total_steps=20, model=dict(ch=16, ch_mult=(1, 2), splat_impl="auto", embedder=dict(

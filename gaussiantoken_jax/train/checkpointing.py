@@ -2,7 +2,8 @@
 
 Layout: `workdir/checkpoints/<step>/` with three Orbax items:
   state   the train-state pytree (params, EMA params, optimizer states, ...), saved from and restored into
-          any sharding (`ocp.args.StandardSave` / `StandardRestore`);
+          any sharding (`ocp.args.StandardSave` / `StandardRestore`), or only some of its top-level fields
+          (`Checkpointer.restore_fields`, Orbax partial restore: what a tokenizer reads);
   data    optional: the input pipeline's position, as any `ocp.args` item the caller picks (e.g.
           `grain.checkpoint.CheckpointSave(iterator)` or `ocp.args.JsonSave(dict)`);
   config  the run's config as JSON, so a tokenizer can rebuild the model without the config file.
@@ -112,8 +113,26 @@ def _abstract_leaf(path, leaf):
   return leaf
 
 
+def _leaf_differences(saved_tree, abstract_tree) -> list[str]:
+  """'path: what differs' for each leaf of `abstract_tree` missing from, or shaped or typed otherwise than,
+  the saved metadata tree `saved_tree` (and each saved leaf the abstract tree lacks)."""
+  def flat(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved, wanted = flat(saved_tree), flat(abstract_tree)
+  differ = []
+  for key, leaf in wanted.items():
+    if key not in saved:
+      differ.append(f"{key}: not in the checkpoint")
+    elif tuple(saved[key].shape) != tuple(leaf.shape) or np.dtype(saved[key].dtype) != np.dtype(leaf.dtype):
+      differ.append(f"{key}: saved {np.dtype(saved[key].dtype)}{list(saved[key].shape)}, expected "
+                    f"{np.dtype(leaf.dtype)}{list(leaf.shape)}")
+  differ.extend(f"{key}: in the checkpoint only" for key in saved if key not in wanted)
+  return differ
+
+
 class Restored(NamedTuple):
-  """What `Checkpointer.restore` returns: the step, the state, and the data item (None if not asked for)."""
+  """What `Checkpointer.restore` returns: the step, the state, and the data item (None if not asked for);
+  `restore_fields` returns the step and a dict of the fields asked for."""
   step: int
   state: Any
   data: Any
@@ -224,6 +243,46 @@ class Checkpointer:
       items[DATA] = data
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return Restored(step=step, state=restored[STATE], data=restored[DATA] if data is not None else None)
+
+  def saved_state_metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The saved state's tree of `step` (default: the latest complete one) as Orbax metadata (shape and dtype
+    per leaf, top level keyed by the TrainState's field names); reads no arrays."""
+    step = self._resolve_step(step)
+    return dict(ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / STATE).item_metadata)
+
+  def restore_fields(self, abstract_fields: Mapping[str, Any], *, step: int | None = None) -> Restored:
+    """Restores only some top-level fields of the saved state, e.g. {"step", "ema_params", "model_state"}.
+
+    `abstract_fields` maps field names of the saved state to pytrees like the saved ones, whose leaves say
+    shape, dtype and sharding as in `restore`. Only these fields are read (Orbax partial restore), so a
+    checkpoint whose other fields (optimizer, discriminator) differ from today's TrainState still restores,
+    and the optimizer state never reaches memory. Returns `Restored` with `state` a dict of the fields.
+
+    Raises ValueError, naming what differs, when a field or leaf is not in the checkpoint or has another
+    shape or dtype there (another model config), instead of Orbax's own error (or its silent return of the
+    abstract leaf for a missing one).
+    """
+    step = self._resolve_step(step)
+    if not isinstance(abstract_fields, Mapping) or not abstract_fields:
+      raise ValueError(f"`abstract_fields` must be a non-empty mapping of state field names, got {abstract_fields!r}.")
+    abstract_fields = jax.tree_util.tree_map_with_path(_abstract_leaf, dict(abstract_fields))
+    saved = self.saved_state_metadata(step)
+    missing = sorted(set(abstract_fields) - set(saved))
+    if missing:
+      raise ValueError(f"Checkpoint step {step} in {self.directory} has no state field(s) {missing}; it has "
+                       f"{sorted(saved)}.")
+    differ = _leaf_differences({name: saved[name] for name in abstract_fields}, abstract_fields)
+    if differ:
+      shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
+      raise ValueError(f"Checkpoint step {step} in {self.directory} does not match the model to restore into "
+                       f"(was it trained with another model config?): {shown}.")
+    item = ocp.args.PyTreeRestore(item=abstract_fields,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_fields),
+                                  partial_restore=True)
+    # Its own PyTree checkpointer: the manager may have registered the state item as a StandardSave already.
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(self.directory / str(step) / STATE, args=item)
+    return Restored(step=step, state=dict(restored), data=None)
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config saved with `step` (default: the latest complete one), as a plain dict."""
