@@ -48,7 +48,5 @@ def get_config(arg=None):
   if arg.runlocal:
     # The README's first command and the tests' training runs: 20 steps of 8 crops, warm-up and GAN from step
     # 5, toy widths (learning rate 1e-3 and EMA 0.99 as above).
-    c.update(dict(total_steps=20, batch_size=8))
-    c.optimizer.warmup_steps = c.disc_optimizer.warmup_steps = c.loss.gan_start_step = 5
-    config_lib.shrink_for_cpu(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
+    config_lib.runlocal(c)  # ch 16, K = 16, 64 codes, D ndf 8; logs every 5 steps, evaluates every 10
   return c

@@ -63,13 +63,25 @@ def describe(gen_vars, disc_vars) -> str:
   return "\n".join(lines)
 
 
+def tokens(model, gen_vars, images) -> dict[str, int]:
+  """What one image becomes: {"tokens": codebook indices per image (K Gaussians, or the h*w grid of the VQ
+  baseline), "token_dim": the size of each quantized vector (z), "codebook_size": codes}."""
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), gen_vars, images)
+  codebook_size, token_dim = gen_vars["codebook"]["quantizer"]["embed"].shape
+  return {"tokens": math.prod(out.indices.shape[1:]), "token_dim": token_dim, "codebook_size": codebook_size}
+
+
 def dry_run(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-  """(printable overview, the dry-run summary dict {"params": {...}, "gflops_per_image": x})."""
+  """(printable overview, the dry-run summary dict {"params": {...}, "gflops_per_image": x, "tokens": K,
+  "token_dim": z, "codebook_size": n})."""
   model, images, gen_vars, disc_vars = abstract_variables(config)
   summary = {"params": param_counts(gen_vars, disc_vars),
-             "gflops_per_image": round(forward_gflops(model, gen_vars, images), 3)}
+             "gflops_per_image": round(forward_gflops(model, gen_vars, images), 3),
+             **tokens(model, gen_vars, images)}
   generator = sum(v for k, v in summary["params"].items() if k not in ("quantizer", "discriminator"))
   text = (f"{describe(gen_vars, disc_vars)}\n\nmodel type {config.model.type}, image "
           f"{config.data.image_size}x{config.data.image_size}, generator {generator:,} trainable parameters, "
-          f"{summary['gflops_per_image']} GFLOPs per image (forward)")
+          f"{summary['gflops_per_image']} GFLOPs per image (forward)\n"
+          f"{summary['tokens']} tokens per image, each a code of dimension {summary['token_dim']} from a codebook "
+          f"of {summary['codebook_size']}")
   return text, summary

@@ -1,8 +1,11 @@
 """Config files and config_lib: recipes in epochs turned into steps from the split size and the global batch,
 `*_steps` overrides, and the variants each config file declares."""
 import importlib.util
+import json
 import logging
 import pathlib
+import subprocess
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -79,7 +82,7 @@ def test_epochs_round_up_after_float_noise_and_a_duration_needs_one_field():
     config_lib.resolve_steps(config, 576)
 
 
-@pytest.mark.parametrize("name, vq_mult", [("cifar10", (1, 1, 2)), ("demo", (1, 1, 2)),
+@pytest.mark.parametrize("name, vq_mult", [("cifar10", (1, 1, 2)), ("cifar100", (1, 1, 2)), ("demo", (1, 1, 2)),
                                            ("imagenet", (1, 1, 2, 2, 4)), ("mini_imagenet", (1, 1, 2, 2, 4))])
 def test_each_config_file_applies_its_variants(name, vq_mult):
   plain, vq, both = load_config(name), load_config(name, "baseline=vq"), load_config(name, "runlocal,baseline=vq")
@@ -96,6 +99,71 @@ def test_each_config_file_applies_its_variants(name, vq_mult):
     ("baseline", r"write it as 'baseline=VALUE'"),
     ("runlocal=1", r"write it as 'runlocal'"),
 ])
-def test_unknown_or_malformed_variants_are_errors(arg, match):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet", "mini_imagenet", "demo"])
+def test_unknown_or_malformed_variants_are_errors(arg, match, name):
   with pytest.raises(ValueError, match=match):
-    load_config("cifar10", arg)
+    load_config(name, arg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's settings (Table 1 and Sec. 4.1), each one variant away from the reference code's.
+
+
+@pytest.mark.parametrize("name, dataset", [("cifar100", "cifar100"), ("cifar10", "cifar10")])
+def test_cifar_configs_read_their_tfds_dataset_with_the_reference_recipe(name, dataset):
+  config = load_config(name)
+  assert (config.data.source, config.data.name, config.data.image_size) == ("tfds", dataset, 32)
+  assert (config.data.train_split, config.data.eval_split) == ("train", "test")
+  # The reference's cifar-gqgan-1 recipe, the same in both files.
+  assert (config.model.num_gaussians, config.model.feature_dim, config.model.codebook_size) == (64, 3, 1024)
+  assert (config.optimizer.name, config.optimizer.learning_rate, config.total_epochs) == ("adamw", 2e-4, 30.0)
+  assert config_lib.resolve_steps(config, CIFAR10_TRAIN).total_steps == 3_907  # 30 epochs at batch 384
+  other = load_config("cifar10" if name == "cifar100" else "cifar100")
+  other.data.name = dataset
+  assert other.to_dict() == config.to_dict()  # nothing but the dataset differs
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_vq_baseline_is_the_papers_vqgan_row_64_tokens_of_dimension_4(name):
+  """Table 1: VQGAN on CIFAR, 8x8 tokens of embedding dimension 4; GaussianToken 64 Gaussians of z = 3."""
+  from gaussiantoken_jax import overview  # pylint: disable=import-outside-toplevel
+  gt, vq = load_config(name), load_config(name, "baseline=vq")
+  assert (vq.model.type, vq.model.feature_dim, gt.model.feature_dim) == ("vq", 4, 3)
+  assert vq.model.ch == gt.model.ch and vq.model.num_res_blocks == gt.model.num_res_blocks  # the same widths
+  if name == "cifar10":  # the command line the issue names, once
+    out = subprocess.run([sys.executable, "-m", "gaussiantoken_jax.main", "--config=configs/cifar10.py:baseline=vq",
+                          "--dry_run"], cwd=REPO, capture_output=True, text=True, check=True, timeout=300)
+    assert "64 tokens per image, each a code of dimension 4 from a codebook of 1024" in out.stdout
+    vq_summary = json.loads(out.stdout.strip().splitlines()[-1])
+  else:
+    _, vq_summary = overview.dry_run(vq)
+  assert (vq_summary["tokens"], vq_summary["token_dim"], vq_summary["codebook_size"]) == (64, 4, 1024)
+  assert vq_summary["params"]["quantizer"] == 1024 * 4
+  _, gt_summary = overview.dry_run(load_config(name, "runlocal"))
+  assert (gt_summary["tokens"], gt_summary["token_dim"]) == (16, 3)  # runlocal's K = 16
+
+
+@pytest.mark.parametrize("name, paper_epochs, code_optimizer", [
+    ("imagenet", 20.0, dict(name="adam", learning_rate=2e-4, b1=0.5, b2=0.9, weight_decay=0.0)),
+    ("mini_imagenet", 30.0, dict(name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, weight_decay=0.01)),
+    ("cifar100", 30.0, dict(name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, weight_decay=0.01)),
+])
+def test_paper_variant_is_the_papers_schedule_and_the_default_the_codes(name, paper_epochs, code_optimizer):
+  """Paper Sec. 4.1: Adam 1e-4, betas (0.5, 0.9), weight decay 0; 30, 30 and 20 epochs for CIFAR, Mini-ImageNet
+  and ImageNet. The reference code: 30 epochs at 2e-4 everywhere (AdamW on CIFAR and Mini-ImageNet)."""
+  code, paper = load_config(name), load_config(name, "paper")
+  fields = tuple(code_optimizer)
+  for opt in (code.optimizer, code.disc_optimizer):
+    assert {k: opt[k] for k in fields} == code_optimizer
+  for opt in (paper.optimizer, paper.disc_optimizer):
+    assert {k: opt[k] for k in fields} == dict(name="adam", learning_rate=1e-4, b1=0.5, b2=0.9, weight_decay=0.0)
+  assert (code.total_epochs, paper.total_epochs) == (30.0, paper_epochs)
+  assert paper.optimizer.warmup_epochs == code.optimizer.warmup_epochs == 1.0
+  assert paper.model.to_dict() == code.model.to_dict() and paper.data.to_dict() == code.data.to_dict()
+  both = load_config(name, "paper,runlocal")
+  assert (both.total_steps, both.optimizer.learning_rate) == (20, 1e-4)
+  train_size = 1_281_167 if name == "imagenet" else 50_000
+  steps = config_lib.resolve_steps(paper, train_size).total_steps
+  assert steps == config_lib.epochs_to_steps(paper_epochs, train_size, paper.batch_size)
+  if name == "imagenet":
+    assert steps == 1_067_640  # 20 epochs of 1,281,167 images at batch 24 (the code's 30: 1,601,459)

@@ -455,3 +455,44 @@ def test_shared_cifar10_test_tar_reads_in_place():
     batch = next(iterator)
     assert batch["mask"].all() and batch["image"].shape == (250, 32, 32, 3)
     assert batch["image"].reshape(250, -1).std(axis=1).min() > 1.0  # Real pictures, not padding.
+
+
+def _numpy_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The reference's `torchvision.transforms.CenterCrop(size)` on an HWC array, written out independently: a
+  black size x size canvas; each axis either pads (the image pasted at floor((size - n) / 2)) or crops (starting
+  at round half to even of (n - size) / 2, as torchvision's `int(round(...))`)."""
+  out = np.zeros((size, size, 3), image.dtype)
+  src, dst = [], []
+  for n in image.shape[:2]:
+    if n >= size:
+      start = int(np.round((n - size) / 2))
+      src.append(slice(start, start + size))
+      dst.append(slice(0, size))
+    else:
+      start = (size - n) // 2
+      src.append(slice(0, n))
+      dst.append(slice(start, start + n))
+  out[dst[0], dst[1]] = image[src[0], src[1]]
+  return out
+
+
+def test_eval_center_crop_matches_numpy_on_random_images(tmp_path):
+  """`data.eval_crop="center"` (the reference's ImageNet / Mini-ImageNet evaluation crop: no resize) through the
+  whole evaluation pipeline equals a NumPy centre crop on small random images larger, smaller and mixed against
+  the crop; the default `"resize_center"` resizes instead (it differs on the same images)."""
+  rng = np.random.default_rng(12)
+  shapes = [(17, 23), (9, 10), (12, 31), (30, 8), (12, 12), (13, 14)]  # odd and even margins, both directions
+  images = []
+  for index, shape in enumerate(shapes):
+    images.append(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    Image.fromarray(images[-1]).save(tmp_path / f"{index:02d}.png")
+  batches = list(data.make_eval_loader(_config(path=str(tmp_path), eval_split="", eval_crop="center",
+                                               image_size=12, batch_size=len(shapes))))
+  delivered = np.concatenate([b["image"][b["mask"]] for b in batches])
+  assert delivered.shape == (len(shapes), 12, 12, 3)
+  for image, got in zip(images, delivered):
+    np.testing.assert_array_equal(got, _numpy_center_crop(image, 12))
+  resized = next(iter(data.make_eval_loader(_config(path=str(tmp_path), eval_split="", image_size=12,
+                                                    batch_size=len(shapes)))))["image"]
+  np.testing.assert_array_equal(resized[4], images[4])  # 12 x 12: nothing to resize or crop
+  assert not np.array_equal(resized[0], delivered[0])
