@@ -12,3 +12,13 @@ def check_float_array(where: str, name: str, x, layout: str, rank: int, last_dim
     raise ValueError(f"{where}: `{name}` must have shape {layout}, got shape {tuple(x.shape)}.")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{where}: `{name}` must be a floating-point array, got dtype {x.dtype}.")
+
+
+def check_nhwc(where: str, name: str, x, *, channels: int | None = None, spatial_divisor: int = 1) -> None:
+  """Raises ValueError unless `x` is a floating-point [B, H, W, C] array with the given C and H, W multiples."""
+  check_float_array(where, name, x, f"[B, H, W, {channels if channels is not None else 'C'}] (NHWC)", 4,
+                    last_dim=channels)
+  height, width = x.shape[1:3]
+  if height % spatial_divisor or width % spatial_divisor:
+    raise ValueError(f"{where}: the height and width of `{name}` must be multiples of {spatial_divisor}, got "
+                     f"shape {tuple(x.shape)}.")

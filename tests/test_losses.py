@@ -85,14 +85,7 @@ def test_adaptive_gan_weight_by_hand():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: l1_loss(jnp.zeros((2, 4)), jnp.zeros((2, 5))), "same shape"),
-    (lambda: l1_loss(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), jnp.int32)), "`x` must be floating"),
-    (lambda: l1_loss(np.float32(1.0), np.float32(1.0)), "`x` must have rank >= 1"),
-    (lambda: generator_gan_loss(jnp.zeros((4,))), "`fake_logits` must have rank >= 2"),
-    (lambda: generator_gan_loss([[0.0]]), "`fake_logits` must be an array"),
-    (lambda: discriminator_hinge_loss(jnp.zeros((2, 3), jnp.int8), jnp.zeros((2, 3))), "`real_logits` must be"),
-    (lambda: lecam_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros((1,)), jnp.float32(0)), "`ema_real`"),
     (lambda: update_lecam_ema(jnp.float32(0), jnp.zeros((2, 3)), decay=1.5), "`decay` must be"),
-    (lambda: update_lecam_ema(jnp.int32(0), jnp.zeros((2, 3))), "`ema` must be floating"),
     (lambda: adaptive_gan_weight({"w": jnp.ones(2)}, {"v": jnp.ones(2)}), "same tree structure"),
     (lambda: adaptive_gan_weight({"w": jnp.ones(2)}, {"w": jnp.ones(3)}), "equal shapes"),
     (lambda: adaptive_gan_weight({}, {}), "non-empty"),

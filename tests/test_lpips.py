@@ -169,7 +169,7 @@ def test_channel_normalisation_gradient_is_finite_at_zero():
 @pytest.mark.parametrize("x_shape, y_shape, dtype, message", [
     ((1, 32, 32), (1, 32, 32), np.float32, r"`x` must have shape \[B, H, W, 3\]"),
     ((1, 32, 32, 4), (1, 32, 32, 4), np.float32, r"`x` must have shape \[B, H, W, 3\]"),
-    ((1, 32, 32, 3), (1, 32, 32, 3), np.uint8, "`x` must be floating"),
+    ((1, 32, 32, 3), (1, 32, 32, 3), np.uint8, "`x` must be a floating-point array"),
     ((1, 8, 8, 3), (1, 8, 8, 3), np.float32, "at least 16x16"),
     ((1, 32, 32, 3), (2, 32, 32, 3), np.float32, "same shape"),
 ])

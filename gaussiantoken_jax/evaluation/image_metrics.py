@@ -1,6 +1,6 @@
 """Per-image PSNR (two protocols) and SSIM, on the device; the batch pooling of the reference's PSNR on the host.
 
-Two PSNRs are reported because the reference's number is not the usual one (reference-implementation.md 4.1):
+Two PSNRs are reported because the reference's number is not the usual one (docs/evaluation.md):
 
 * `psnr`: the usual per-image PSNR on [0, 1] floats, averaged over images (what `train.step.eval_step` reports).
 * `psnr_uint8`: the reference's protocol: both images quantised to uint8 by truncation, divided by 255, and the

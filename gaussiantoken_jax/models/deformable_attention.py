@@ -3,7 +3,7 @@
 Each query predicts, per head, `num_points` sampling offsets (in feature-map pixels) around its reference point
 plus one extra point fixed at ZERO offset, i.e. at the reference point itself, and softmax weights over those
 `num_points + 1` samples. The reference code meant the extra point to sit at zero but, through an init bug,
-freezes it at a random offset; we use the intended zero (docs: DESIGN.md section 6).
+freezes it at a random offset; we use the intended zero (docs/differences.md).
 
 Sampling is bilinear with zeros outside the map at pixel coordinate `loc * W - 0.5` (PyTorch's `grid_sample`
 with `align_corners=False, padding_mode="zeros"`): pixel (row i, column j) sits at the normalised point
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussiantoken_jax.checks import check_float_array
 
 # The four bilinear corners as (row step, column step) from the top-left neighbour.
 _CORNER_ROW_STEPS = np.array([0, 0, 1, 1])
@@ -38,13 +37,7 @@ def bilinear_sample(value: jax.Array, locations: jax.Array) -> jax.Array:
     [B, Q, heads, P, dh] float32. Corner pixels outside the map contribute zero; differentiable in both
     arguments (the gradient in `locations` is that of the piecewise-bilinear interpolant).
   """
-  where = "bilinear_sample"
-  check_float_array(where, "value", value, "[B, h, w, heads, dh]", 5)
-  check_float_array(where, "locations", locations, "[B, Q, heads, P, 2]", 5, last_dim=2)
   batch, height, width, heads, head_dim = value.shape
-  if locations.shape[0] != batch or locations.shape[2] != heads:
-    raise ValueError(f"{where}: `locations` must share B = {batch} and heads = {heads} with `value` "
-                     f"{tuple(value.shape)}, got shape {tuple(locations.shape)}.")
   num_queries, num_points = locations.shape[1], locations.shape[3]
   value = value.astype(jnp.float32)
   locations = locations.astype(jnp.float32)
@@ -81,8 +74,6 @@ def grid_offset_bias_init(num_heads: int, num_points: int):
 
   def init(key, shape, dtype=jnp.float32):
     del key  # deterministic
-    if tuple(shape) != (num_heads * num_points * 2,):
-      raise ValueError(f"grid_offset_bias_init: expected shape ({num_heads * num_points * 2},), got {shape}.")
     angles = np.arange(num_heads) * (2.0 * math.pi / num_heads)
     directions = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
     directions /= np.abs(directions).max(axis=-1, keepdims=True)
@@ -117,18 +108,6 @@ class DeformableAttention(nn.Module):
     self.value_proj = nn.Dense(self.dim, kernel_init=xavier)
     self.output_proj = nn.Dense(self.dim, kernel_init=xavier)
 
-  def _check(self, query, reference_points, spatial_shape: Sequence[int]) -> None:
-    where = "DeformableAttention"
-    check_float_array(where, "query", query, f"[B, Q, {self.dim}]", 3, last_dim=self.dim)
-    check_float_array(where, "reference_points", reference_points, "[B, Q, 2]", 3, last_dim=2)
-    if reference_points.shape[:2] != query.shape[:2]:
-      raise ValueError(f"{where}: `reference_points` must have shape [B, Q, 2] = [{query.shape[0]}, "
-                       f"{query.shape[1]}, 2] like `query`, got shape {tuple(reference_points.shape)}.")
-    if (not isinstance(spatial_shape, (tuple, list)) or len(spatial_shape) != 2 or
-        not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in spatial_shape)):
-      raise ValueError(f"{where}: `spatial_shape` must be a pair of positive Python ints (h, w), "
-                       f"got {spatial_shape!r}.")
-
   def sampling_locations(self, query: jax.Array, reference_points: jax.Array,
                          spatial_shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
     """Where each query samples and with what weight.
@@ -142,7 +121,6 @@ class DeformableAttention(nn.Module):
       locations [B, Q, heads, points + 1, 2] normalised (x, y), point 0 the fixed one at the reference point;
       weights [B, Q, heads, points + 1], softmax-normalised over the points of each head.
     """
-    self._check(query, reference_points, spatial_shape)
     batch, num_queries, _ = query.shape
     height, width = spatial_shape
     query = query.astype(jnp.float32)
@@ -166,14 +144,8 @@ class DeformableAttention(nn.Module):
     Returns:
       [B, Q, D] float32.
     """
-    locations, weights = self.sampling_locations(query, reference_points, spatial_shape)  # checks those three
+    locations, weights = self.sampling_locations(query, reference_points, spatial_shape)
     height, width = spatial_shape
-    check_float_array("DeformableAttention", "value", value, f"[B, h*w = {height * width}, {self.dim}]", 3,
-                      last_dim=self.dim)
-    if value.shape[:2] != (query.shape[0], height * width):
-      raise ValueError(f"DeformableAttention: `value` must have shape [B, h*w, D] = [{query.shape[0]}, "
-                       f"{height * width}, {self.dim}] for spatial_shape {tuple(spatial_shape)}, got shape "
-                       f"{tuple(value.shape)}.")
     batch, num_queries, _ = query.shape
     head_dim = self.dim // self.num_heads
     value_map = self.value_proj(value.astype(jnp.float32)).reshape(batch, height, width, self.num_heads, head_dim)

@@ -3,7 +3,7 @@
 conv4 s2 (bias) -> LeakyReLU, then `n_layers` x [conv4 (no bias) -> BatchNorm -> LeakyReLU] with stride 2 for
 all but the last, then conv4 s1 -> 1 logit channel; every conv pads 1 on each side (PyTorch padding=1). With
 ndf 64 and 3 layers that is 2.77M parameters and a 2x2 logit map for 32x32 images, 30x30 for 256x256
-(reference-implementation.md section 2.7). The convolutions are `models.conv.Conv` (im2col + dot on the CPU for
+(the reference's CIFAR setting). The convolutions are `models.conv.Conv` (im2col + dot on the CPU for
 the 4x4 kernels on the 4x4 and 3x3 maps of 32-pixel inputs).
 
 Init as taming's `weights_init`: conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02) and bias 0. That function
@@ -21,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaussiantoken_jax.checks import check_nhwc
 from gaussiantoken_jax.models.conv import Conv
-from gaussiantoken_jax.models.encoder_decoder import check_nhwc, torch_default_bias_init
+from gaussiantoken_jax.models.encoder_decoder import torch_default_bias_init
 
 _KERNEL = 4
 _PAD1 = ((1, 1), (1, 1))

@@ -4,7 +4,6 @@ Encoder: conv_in -> per level `num_res_blocks` ResBlocks (+ a stride-2 conv afte
 -> `num_res_blocks` mid ResBlocks -> GroupNorm -> swish -> 1x1 conv. No attention anywhere.
 Decoder: conv_in -> mid ResBlocks -> per level from the top down: AdaptiveGroupNorm conditioned on the decoder
 input, ResBlocks, and (above level 0) a conv + depth-to-space x2 upsampler -> GroupNorm -> swish -> 3x3 conv.
-Sizes: reference-implementation.md sections 2.3, 2.4 and 8.
 
 Layout is NHWC. Parameters are float32; `dtype` is the compute dtype of the convolutions only. GroupNorm and
 the AdaGN statistics always run in float32 (bfloat16 group statistics over a 256x256 map lose too many bits),
@@ -24,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaussiantoken_jax.checks import check_nhwc
 from gaussiantoken_jax.models.conv import Conv
 
 # Both GroupNorm variants (plain and adaptive) use the reference's epsilon; AdaGN also adds it to the variance of
@@ -45,21 +45,6 @@ def torch_default_bias_init(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def check_nhwc(where: str, name: str, x, *, channels: int | None = None, spatial_divisor: int = 1) -> None:
-  """Raises ValueError unless `x` is a floating-point [B, H, W, C] array with the given C and H, W multiples."""
-  expected = f"[B, H, W, {channels if channels is not None else 'C'}]"
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{where}: `{name}` must be an array of shape {expected}, got {type(x).__name__}.")
-  if x.ndim != 4 or (channels is not None and x.shape[-1] != channels):
-    raise ValueError(f"{where}: `{name}` must have shape {expected} (NHWC), got shape {tuple(x.shape)}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{where}: `{name}` must be a floating-point array, got dtype {x.dtype}.")
-  height, width = x.shape[1:3]
-  if height % spatial_divisor or width % spatial_divisor:
-    raise ValueError(f"{where}: the height and width of `{name}` must be multiples of {spatial_divisor}, got "
-                     f"shape {tuple(x.shape)}.")
 
 
 def _check_fields(where: str, ch: int, ch_mult: Sequence[int], num_res_blocks: int, num_groups: int) -> None:
@@ -113,11 +98,7 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_nhwc("GroupNorm", "x", x)
     batch, height, width, channels = x.shape
-    if channels % self.num_groups:
-      raise ValueError(f"GroupNorm: `num_groups` ({self.num_groups}) must divide the channel count of `x`, got "
-                       f"shape {tuple(x.shape)}.")
     x = x.astype(jnp.float32).reshape(batch, height * width, channels)
     centred = x - _group_mean(x, self.num_groups)
     multiplier = jax.lax.rsqrt(_group_mean(jnp.square(centred), self.num_groups) + GROUP_NORM_EPS)
@@ -160,7 +141,6 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_nhwc("ResBlock", "x", x)
     in_channels = x.shape[-1]
     h = nn.swish(_group_norm(self.num_groups, "norm1")(x.astype(jnp.float32)))
     h = _conv(self.out_channels, 3, in_channels=in_channels, use_bias=False, dtype=self.dtype, name="conv1")(h)
@@ -184,11 +164,6 @@ class AdaptiveGroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, style: jax.Array) -> jax.Array:
-    check_nhwc("AdaptiveGroupNorm", "x", x)
-    check_nhwc("AdaptiveGroupNorm", "style", style)
-    if style.shape[0] != x.shape[0]:
-      raise ValueError(f"AdaptiveGroupNorm: `style` must have the batch size of `x` ({x.shape[0]}), got shape "
-                       f"{tuple(style.shape)}.")
     channels, style_channels = x.shape[-1], style.shape[-1]
     style = style.astype(jnp.float32)
     style_std = jnp.sqrt(jnp.var(style, axis=(1, 2)) + GROUP_NORM_EPS)  # [B, z]

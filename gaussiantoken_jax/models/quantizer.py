@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 
+from gaussiantoken_jax.checks import check_float_array
+
 GRADIENTS = ("rotation", "straight_through")
 
 # Distance and cluster-sum matmuls run at full float32 precision: the GPU default (TF32, 10-bit mantissa)
@@ -55,12 +57,9 @@ class QuantizerOutput:
 
 
 def _check_matrix(fn: str, name: str, x, rows: int | None, cols: int | None, layout: str) -> None:
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{fn}: `{name}` must be an array of shape {layout}, got {type(x).__name__}.")
-  if x.ndim != 2 or (rows is not None and x.shape[0] != rows) or (cols is not None and x.shape[1] != cols):
+  check_float_array(fn, name, x, layout, 2, last_dim=cols)
+  if rows is not None and x.shape[0] != rows:
     raise ValueError(f"{fn}: `{name}` must have shape {layout}, got shape {tuple(x.shape)}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{fn}: `{name}` must be a floating-point array, got dtype {x.dtype}.")
 
 
 def _check_mask(fn: str, mask, shape: tuple[int, ...]) -> None:

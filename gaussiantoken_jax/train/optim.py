@@ -1,7 +1,7 @@
 """Optimizers, learning-rate schedule and weight EMA, as the reference trains them.
 
 The reference builds both optimizers (autoencoder and discriminator) with timm and steps a timm
-`CosineLRScheduler` once per generator step (reference-implementation.md section 2.8):
+`CosineLRScheduler` once per generator step:
 
 * AdamW (CIFAR, Mini-ImageNet) or Adam (ImageNet), on plain parameter lists, so weight decay hits every
   parameter, norms and biases included;

@@ -1,6 +1,6 @@
 """The train state and the train and eval steps, built once per run by `make_steps(config, mesh)` (`Steps`).
 
-One training step, as the reference does it (reference-implementation.md sections 2.7-2.8), on one global batch:
+One training step, as the reference does it (docs/training.md, "One step"), on one global batch:
 
   x      = to_model_input(images)                           uint8 -> [-1, 1]
   x_hat  = G(x)  (train mode: dropout, codebook EMA, k-means init on step 0, scale-range schedule)
