@@ -4,6 +4,9 @@ Both are Flax modules whose submodules are passed in as fields, so the parameter
 entries "encoder", ("embedder"), "decoder", and the codebook state lives in the "codebook" collection. Build
 them from a config with `build_model`.
 
+Both decode tokens through one interface, `decode_indices(indices, means=None, rotations=None, scales=None)`
+(the baseline's tokens have no geometry), and `encode_tokens(images)` gives (indices, Gaussians or None).
+
 Variable collections:
   params           trainable weights;
   codebook         EMA codebook statistics (updated when `train=True` and the collection is mutable);
@@ -46,6 +49,10 @@ def check_images(images, image_size: int, where: str) -> None:
     raise ValueError(f"{where}: `images` must be floating point in [-1, 1], got dtype {images.dtype}.")
 
 
+def _shape_of(x) -> str:
+  return "None" if x is None else str(tuple(getattr(x, "shape", ())))
+
+
 class GaussianToken(nn.Module):
   """Image -> K featured 2D Gaussians with quantized features -> image."""
   encoder: nn.Module
@@ -71,8 +78,20 @@ class GaussianToken(nn.Module):
                                   height=h, width=w, cutoff=self.splat_cutoff, impl=self.splat_impl)
     return self.decoder(feature_map)
 
-  def decode_indices(self, indices, means, rotations, scales):
-    """Tokens (codebook indices plus continuous geometry) -> reconstruction [B,H,W,3]."""
+  def encode_tokens(self, images):
+    """images [B,H,W,3] in [-1,1] -> (indices int32 [B,K], Gaussians whose features are the quantized codes),
+    in eval mode; the tokens that `decode_indices` takes."""
+    gaussians, vq = self.encode(images, train=False)
+    return vq.indices, gaussians
+
+  def decode_indices(self, indices, means=None, rotations=None, scales=None):
+    """Tokens (codebook indices [B,K] plus the Gaussians' continuous geometry) -> reconstruction [B,H,W,3].
+
+    The same signature as `VQBaseline.decode_indices`, whose tokens have no geometry."""
+    if means is None or rotations is None or scales is None:
+      raise ValueError("GaussianToken.decode_indices: tokens need `means`, `rotations` and `scales` besides "
+                       f"`indices`, got means={_shape_of(means)}, rotations={_shape_of(rotations)}, "
+                       f"scales={_shape_of(scales)}.")
     features = self.quantizer.lookup(indices)
     return self.decode(Gaussians(means=means, rotations=rotations, scales=scales, features=features))
 
@@ -96,7 +115,18 @@ class VQBaseline(nn.Module):
     quantized, vq = self.quantizer(self.encoder(images), train=train)
     return quantized, vq.replace(indices=vq.indices.reshape(vq.indices.shape[0], -1))
 
-  def decode_indices(self, indices):
+  def encode_tokens(self, images):
+    """images -> (indices int32 [B, h*w], None): the baseline's tokens carry no geometry (eval mode)."""
+    _, vq = self.encode(images, train=False)
+    return vq.indices, None
+
+  def decode_indices(self, indices, means=None, rotations=None, scales=None):
+    """Tokens (indices [B, h*w], row-major over the code grid) -> reconstruction [B,H,W,3].
+
+    The same signature as `GaussianToken.decode_indices`; the geometry must be None (the baseline has none)."""
+    if means is not None or rotations is not None or scales is not None:
+      raise ValueError("VQBaseline.decode_indices: the plain-VQ baseline's tokens are indices only; got "
+                       f"means={_shape_of(means)}, rotations={_shape_of(rotations)}, scales={_shape_of(scales)}.")
     h, w = self.feature_shape
     return self.decoder(self.quantizer.lookup(indices.reshape(indices.shape[0], h, w)))
 

@@ -1,0 +1,247 @@
+"""GaussianTokenizer and Tokens on a real (tiny) training run: the demo's `:runlocal` trained for a few steps
+through the command line, and a freshly initialised plain-VQ baseline checkpoint.
+
+The training run uses the same command line as tests/test_trainer.py's run A (8 steps), so that the two share
+JAX's persistent compilation cache.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaussiantoken_jax
+from gaussiantoken_jax import data, pixels
+from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
+from gaussiantoken_jax.train import checkpointing, sharding
+from gaussiantoken_jax.train import step as step_lib
+from test_trainer import finish, load_demo_config, start_run
+
+TOTAL, EVERY = 8, 2  # as test_trainer's run A
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("tokenizer_run")
+  returncode = finish(start_run(workdir, f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
+                                f"--config.log_every_steps={EVERY}", log_path=workdir / "log.txt"))
+  assert returncode == 0, (workdir / "log.txt").read_text()[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workdir):
+  return GaussianTokenizer.from_checkpoint(workdir)
+
+
+@pytest.fixture(scope="module")
+def images():
+  """The first 8 held-out demo photographs, uint8 [8, 32, 32, 3]."""
+  return np.asarray(next(iter(data.make_eval_loader(load_demo_config("runlocal"))))["image"][:8])
+
+
+@pytest.fixture(scope="module")
+def saved_state(workdir):
+  """The whole saved TrainState of the last step, through the training-side restore (not the tokenizer's)."""
+  config = load_demo_config("runlocal")
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    return steps, jax.device_get(ckpt.restore(steps.abstract_state).state)
+
+
+@pytest.fixture(scope="module")
+def vq_workdir(tmp_path_factory):
+  """A freshly initialised plain-VQ baseline, saved as training saves it (its codebook is the init's)."""
+  config = load_demo_config("runlocal,baseline=vq")
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  # Host copies: Orbax would otherwise slice every replicated array per device.
+  state = jax.device_get(steps.init())
+  workdir = tmp_path_factory.mktemp("vq_run")
+  with checkpointing.Checkpointer(workdir) as ckpt:
+    ckpt.save(0, state, config=config)
+  return workdir, steps, state
+
+
+def eval_reconstruction(steps, params, model_state, images):
+  """What the eval step reconstructs: the model in eval mode on to_model_input(images), clipped to [-1, 1]."""
+  apply = jax.jit(lambda p, s, x: steps.model.apply({"params": p, **s}, pixels.to_model_input(x), train=False))
+  output = apply(params, model_state, images)
+  return output, np.clip(np.asarray(output.reconstruction), -1.0, 1.0)
+
+
+def assert_tokens_equal(a: Tokens, b: Tokens):
+  for name in ("indices", "means", "rotations", "scales"):
+    x, y = getattr(a, name), getattr(b, name)
+    assert (x is None) == (y is None), name
+    if x is not None:
+      x, y = np.asarray(x), np.asarray(y)
+      assert x.dtype == y.dtype and x.shape == y.shape, name
+      np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_round_trip_equals_the_eval_reconstruction_of_the_ema_model(tokenizer, saved_state, images):
+  steps, state = saved_state
+  assert tokenizer.step == TOTAL and tokenizer.model_type == "gaussiantoken"
+  k = tokenizer.num_tokens
+  tokens = tokenizer.encode(images)
+  assert tokens.indices.dtype == jnp.int32 and tokens.indices.shape == (8, k)
+  assert tokens.means.shape == (8, k, 2) and tokens.rotations.shape == (8, k) and tokens.scales.shape == (8, k, 2)
+  decoded = tokenizer.decode(tokens)
+  assert decoded.dtype == jnp.float32 and decoded.shape == images.shape
+
+  output, expected = eval_reconstruction(steps, state.ema_params, state.model_state, images)
+  np.testing.assert_array_equal(np.asarray(tokens.indices), np.asarray(output.indices))
+  for name in ("means", "rotations", "scales"):
+    np.testing.assert_allclose(np.asarray(getattr(tokens, name)), np.asarray(getattr(output.gaussians, name)),
+                               rtol=1e-5, atol=1e-5, err_msg=name)
+  # The forward pass decodes the straight-through features (x + (code - x)), the tokens the codes themselves.
+  np.testing.assert_allclose(np.asarray(decoded), expected, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(tokenizer.reconstruct(images)), np.asarray(decoded))
+
+  # Inside one's own jit: the pure forms with the parameters as an argument, and the methods themselves.
+  pure = jax.jit(lambda v, x: tokenizer.decode_fn(v, tokenizer.encode_fn(v, x)))(tokenizer.variables, images)
+  np.testing.assert_allclose(np.asarray(pure), np.asarray(decoded), atol=1e-5)  # one XLA program: other fusions
+  traced = jax.jit(lambda x: tokenizer.encode(x).indices)(jnp.asarray(images))
+  np.testing.assert_array_equal(np.asarray(traced), np.asarray(tokens.indices))
+
+
+def test_ema_or_raw_parameters_and_every_form_of_the_path(workdir, tokenizer, saved_state):
+  _, state = saved_state
+  params = jax.device_get(tokenizer.variables["params"])
+  jax.tree.map(np.testing.assert_array_equal, params, state.ema_params)
+  raw = GaussianTokenizer.from_checkpoint(workdir / "checkpoints", use_ema=False)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw.variables["params"]), state.params)
+  # After 8 steps the EMA (decay 0.99) is still mostly the init: the two must differ.
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+  older = GaussianTokenizer.from_checkpoint(workdir / "checkpoints" / str(TOTAL - EVERY))
+  assert older.step == TOTAL - EVERY
+  assert GaussianTokenizer.from_checkpoint(workdir, step=TOTAL - EVERY).step == TOTAL - EVERY
+  assert gaussiantoken_jax.GaussianTokenizer is GaussianTokenizer and gaussiantoken_jax.Tokens is Tokens
+
+
+def test_uint8_and_the_equivalent_floats_give_the_same_tokens(tokenizer, images):
+  images = images.copy()
+  images[0, 0, 0], images[0, 0, 1] = 0, 255  # the ends of the range: -1 and 1 are valid floats
+  tokens = tokenizer.encode(images)
+  # Scaled as the tokenizer scales uint8: bit-identical tokens.
+  assert_tokens_equal(tokenizer.encode(np.asarray(pixels.to_model_input(images))), tokens)
+  # Scaled on the host (XLA's scaling may differ from numpy's by one float32 ulp): the same codes, the same
+  # geometry up to rounding.
+  on_host = (images.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+  assert on_host.min() == -1.0 and on_host.max() == 1.0
+  floats = tokenizer.encode(on_host)
+  np.testing.assert_array_equal(np.asarray(floats.indices), np.asarray(tokens.indices))
+  for name in ("means", "rotations", "scales"):
+    np.testing.assert_allclose(np.asarray(getattr(floats, name)), np.asarray(getattr(tokens, name)), atol=1e-5)
+
+
+def test_tokens_save_and_load_bit_exactly(tokenizer, images, tmp_path):
+  tokens = tokenizer.encode(images)
+  path = tmp_path / "tokens.npz"
+  tokens.save(path)
+  loaded = Tokens.load(path)
+  assert_tokens_equal(loaded, tokens)
+  assert loaded.means.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(tokenizer.decode(loaded)), np.asarray(tokenizer.decode(tokens)))
+  # Tokens are a pytree: they pass through jax.tree functions and keep their class.
+  assert jax.tree.map(lambda x: x, loaded).__class__ is Tokens and len(jax.tree.leaves(loaded)) == 4
+
+  np.savez(tmp_path / "other.npz", indices=np.zeros((1, 3), np.int32), colour=np.zeros(3))
+  with pytest.raises(ValueError, match=r"not a tokens file.*got \['colour', 'indices'\]"):
+    Tokens.load(tmp_path / "other.npz")
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    Tokens.load(tmp_path / "missing.npz")
+
+
+def test_the_vq_baseline_restores_through_the_same_class(vq_workdir, images, tmp_path):
+  workdir, steps, state = vq_workdir
+  tokenizer = GaussianTokenizer.from_checkpoint(workdir)
+  assert tokenizer.model_type == "vq" and not tokenizer.has_geometry
+  tokens = tokenizer.encode(images)
+  h, w = steps.model.feature_shape
+  assert tokens.indices.shape == (8, h * w) and tokenizer.num_tokens == h * w
+  assert tokens.means is None and tokens.rotations is None and tokens.scales is None
+  output, expected = eval_reconstruction(steps, state.ema_params, state.model_state, images)
+  np.testing.assert_array_equal(np.asarray(tokens.indices), np.asarray(output.indices))
+  np.testing.assert_allclose(np.asarray(tokenizer.decode(tokens)), expected, atol=1e-5)
+  tokens.save(tmp_path / "vq.npz")
+  assert_tokens_equal(Tokens.load(tmp_path / "vq.npz"), tokens)
+  with pytest.raises(ValueError, match=r"plain-VQ baseline, whose tokens are indices only; got \['means'\]"):
+    tokenizer.decode(tokens.replace(means=np.zeros((8, h * w, 2), np.float32)))
+
+
+def test_both_models_decode_tokens_through_one_interface(vq_workdir, tokenizer):
+  _, steps, state = vq_workdir
+  variables = {"params": state.ema_params, **state.model_state}
+  indices = jnp.zeros((1, tokenizer.num_tokens), jnp.int32)
+  with pytest.raises(ValueError, match=r"VQBaseline.decode_indices: .*indices only; got means=\(1, 16, 2\)"):
+    steps.model.apply(variables, indices, jnp.zeros((1, 16, 2)), method="decode_indices")
+  with pytest.raises(ValueError, match=r"GaussianToken.decode_indices: tokens need `means`.*got means=None"):
+    tokenizer.model.apply(tokenizer.variables, indices, method="decode_indices")
+
+
+def _bad_images(images):
+  float_images = np.asarray(pixels.to_model_input(images))
+  with_nan, too_large = float_images.copy(), float_images.copy()
+  with_nan[3, 4, 5, 1] = np.nan
+  too_large[0, 0, 0, 0], too_large[5, 1, 2, 2] = 1.5, -3.0
+  return [
+      (images[0], r"must have shape \[B, 32, 32, 3\] .*got shape \(32, 32, 3\)"),
+      (images[:, :16, :16], r"must have shape \[B, 32, 32, 3\] .*got shape \(8, 16, 16, 3\)"),
+      (np.concatenate([images, images[..., :1]], -1), r"3 channels\), got shape \(8, 32, 32, 4\)"),
+      (images.astype(np.int32), r"uint8 \(0..255\) or floating point in \[-1, 1\], got dtype int32"),
+      (too_large, r"must lie in \[-1, 1\] .*got values in \[-3, 1.5\]"),
+      (jnp.asarray(images, jnp.float32), r"must lie in \[-1, 1\] .*got values in \[\d+, \d+\]"),
+      (with_nan, r"`images` contains NaN"),
+      (images.tolist(), r"must be an array of shape \[B, 32, 32, 3\], got list"),
+  ]
+
+
+def test_bad_images_raise_value_errors_naming_the_problem(tokenizer, images):
+  for bad, message in _bad_images(images):
+    with pytest.raises(ValueError, match=r"GaussianTokenizer.encode: .*" + message):
+      tokenizer.encode(bad)
+
+
+def test_bad_tokens_raise_value_errors_naming_the_problem(tokenizer, images):
+  tokens = jax.device_get(tokenizer.encode(images))
+  k, size = tokenizer.num_tokens, tokenizer.codebook_size
+  out_of_range, negative = tokens.indices.copy(), tokens.indices.copy()
+  out_of_range[2, 3] = size
+  negative[0, 0] = -1
+  cases = [
+      (tokens.replace(indices=out_of_range), rf"must lie in \[0, {size}\) \(the codebook size\), got values in "
+                                             rf"\[\d+, {size}\]"),
+      (tokens.replace(indices=negative), rf"must lie in \[0, {size}\).*got values in \[-1, "),
+      (tokens.replace(indices=tokens.indices[:, :-1]), rf"`tokens.indices` must have shape \[B, {k}\] .*got shape "
+                                                       rf"\(8, {k - 1}\)"),
+      (tokens.replace(indices=tokens.indices.astype(np.float32)), r"must be an integer array, got float32"),
+      (tokens.replace(means=tokens.means[:, :-1]), rf"`tokens.means` must be a float array of shape \[8, {k}, 2\] "
+                                                   rf"\(B and K as in `tokens.indices`\), got float32 of shape "
+                                                   rf"\(8, {k - 1}, 2\)"),
+      (tokens.replace(rotations=tokens.rotations[:4]), rf"`tokens.rotations` must be a float array of shape "
+                                                       rf"\[8, {k}\].*\(4, {k}\)"),
+      (tokens.replace(scales=None), r"`tokens.scales` must be a float array of shape .*got NoneType"),
+      (tokens.indices, r"`tokens` must be a Tokens, got ndarray"),
+  ]
+  for bad, message in cases:
+    with pytest.raises(ValueError, match=r"GaussianTokenizer.decode: .*" + message):
+      tokenizer.decode(bad)
+
+
+def test_missing_or_foreign_checkpoints_raise_clear_errors(tmp_path, workdir, vq_workdir):
+  with pytest.raises(FileNotFoundError, match=f"Checkpoint path {tmp_path / 'nowhere'} does not exist"):
+    GaussianTokenizer.from_checkpoint(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} holds no checkpoints"):
+    GaussianTokenizer.from_checkpoint(tmp_path / "empty")
+  (tmp_path / "empty" / "checkpoints").mkdir()
+  with pytest.raises(FileNotFoundError, match=f"No complete checkpoint in {tmp_path / 'empty' / 'checkpoints'}"):
+    GaussianTokenizer.from_checkpoint(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match=rf"No complete checkpoint for step 5 .*there are \[4, 6, 8\]"):
+    GaussianTokenizer.from_checkpoint(workdir, step=5)
+  # The VQ baseline's parameters saved under the GaussianToken config: named, not an Orbax traceback.
+  _, _, vq_state = vq_workdir
+  with checkpointing.Checkpointer(tmp_path / "foreign") as ckpt:
+    ckpt.save(0, vq_state, config=load_demo_config("runlocal"))
+  with pytest.raises(ValueError, match=r"another model config\?\): \['ema_params'\]\['decoder'\]"):
+    GaussianTokenizer.from_checkpoint(tmp_path / "foreign")
