@@ -60,15 +60,15 @@ def write_outputs(output: pathlib.Path, record: dict, pictures: dict) -> list[pa
 
 
 def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, split: str | None = None,
-        num_images: int | None = None, inception_weights: str | None = None) -> dict:
+        num_images: int | None = None, inception_weights: str | None = None, with_fid: bool = True) -> dict:
   """Evaluates checkpoint `step` of `workdir` and writes `output` and the pictures (process 0); returns the
-  record written (see the module docstring)."""
+  record written (see the module docstring; without `with_fid`, no Inception network and no rfid / kid)."""
   restored = restore.restore_model(workdir, step)
   config = restored.config
   logging.info("Restored the EMA weights of step %d from %s.", restored.step, workdir)
   loader = data.make_eval_loader(config, split=split)
   evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
-                                      inception.load_inception_params(inception_weights))
+                                      inception.load_inception_params(inception_weights) if with_fid else None)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
   record = {**metrics, "step": restored.step, "config_name": config_name(config),
             "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}

@@ -1,0 +1,52 @@
+"""benchmarks/paper_table1_small.py end to end at a few steps, so that the script cannot rot.
+
+Subprocesses: the script defines absl flags (`config`, `data_dir`, `seed`, ...) that other modules of the
+package define too, so it is never imported into the test process. The JAX compilation cache of the other
+training tests (`run_env`) keeps the second and later runs short.
+"""
+import json
+import math
+import subprocess
+import sys
+
+from test_trainer import REPO, run_env
+
+SCRIPT = REPO / "benchmarks" / "paper_table1_small.py"
+TIMEOUT = 900  # 2 shared CPU cores; with a warm compilation cache the run takes about a minute
+
+
+def run_script(*args, check=True):
+  out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=run_env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+  if check:
+    assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def test_paper_table1_small_trains_and_evaluates_both_models_at_equal_tokens(tmp_path):
+  out = run_script("--variant=runlocal", "--steps=2", "--nofid", "--num_eval_images=8",
+                   "--set=model.num_gaussians=64", f"--workdir={tmp_path}")
+  lines = out.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert set(result) == {"gaussiantoken", "vq"}
+  gt, vq = result["gaussiantoken"], result["vq"]
+  # The paper's comparison: the same number of tokens; GaussianToken's z = 3 against the VQGAN row's 4.
+  assert (gt["tokens"], gt["token_dim"], vq["tokens"], vq["token_dim"]) == (64, 3, 64, 4)
+  assert (gt["config_name"], vq["config_name"]) == ("gaussiantoken-demo-32px", "vq-demo-32px")
+  for row in (gt, vq):
+    assert (row["steps"], row["batch_size"], row["num_images"], row["codebook_size"]) == (2, 8, 8, 64)
+    assert all(math.isfinite(row[k]) for k in ("psnr", "psnr_block_baseline", "ssim", "lpips", "perplexity"))
+    assert 0 < row["codebook_usage"] <= 1 and "rfid" not in row  # --nofid
+    assert (tmp_path / row["config_name"].split("-")[0] / "eval.json").is_file()
+  table = [line for line in lines if line.startswith("| ")]
+  assert [line.split(" | ")[0] for line in table] == ["| model", "| gaussiantoken", "| vq", "| difference"]
+  psnr_column = table[0].split(" | ").index("PSNR")
+  assert float(table[3].split(" | ")[psnr_column]) == round(gt["psnr"] - vq["psnr"], 2)
+
+
+def test_paper_table1_small_refuses_unequal_tokens_and_a_missing_data_dir(tmp_path):
+  out = run_script("--variant=runlocal", "--steps=2", f"--workdir={tmp_path}", check=False)
+  assert out.returncode != 0 and "GaussianToken has 16 tokens per image and the baseline 64" in out.stderr
+  out = run_script(f"--data_dir={tmp_path}", f"--workdir={tmp_path}", check=False)
+  assert out.returncode != 0 and "cifar10-jpeg-train.tar" in out.stderr
+  assert not (tmp_path / "gaussiantoken").exists()  # nothing was trained
