@@ -4,17 +4,22 @@ through the command line, and a freshly initialised plain-VQ baseline checkpoint
 The training run uses the same command line as tests/test_trainer.py's run A (8 steps), so that the two share
 JAX's persistent compilation cache.
 """
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import gaussiantoken_jax
-from gaussiantoken_jax import data, pixels
+from gaussiantoken_jax import data, pixels, tokenize
 from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
-from test_trainer import finish, load_demo_config, start_run
+from test_trainer import REPO, finish, load_demo_config, run_env, start_run
 
 TOTAL, EVERY = 8, 2  # as test_trainer's run A
 
@@ -245,3 +250,55 @@ def test_missing_or_foreign_checkpoints_raise_clear_errors(tmp_path, workdir, vq
     ckpt.save(0, vq_state, config=load_demo_config("runlocal"))
   with pytest.raises(ValueError, match=r"another model config\?\): \['ema_params'\]\['decoder'\]"):
     GaussianTokenizer.from_checkpoint(tmp_path / "foreign")
+
+
+def write_image_folder(folder, images):
+  """PNGs in two subfolders (ids are relative paths, sorted) plus one file that does not decode."""
+  for i, image in enumerate(images):
+    path = folder / ("b" if i % 2 else "a") / f"img_{i:02d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+  (folder / "a" / "broken.png").write_bytes(b"not a png")
+  return folder
+
+
+def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, images, tmp_path, capsys):
+  photos = np.concatenate([images, images[:3, ::-1]])  # 11 images of the trained size (the crop keeps them)
+  folder = write_image_folder(tmp_path / "images", photos)
+  expected_ids = sorted(f"{'b' if i % 2 else 'a'}/img_{i:02d}.png" for i in range(len(photos)))
+  order = [int(name[-6:-4]) for name in expected_ids]
+
+  whole = tokenize.export(workdir, str(folder), tmp_path / "whole.npz", batch_size=8)
+  assert whole == {"num_images": 11, "num_skipped": 1, "batches_encoded": 2, "batches_reused": 0, "complete": True}
+  ids, tokens = tokenize.load_export(tmp_path / "whole.npz")
+  assert list(ids) == expected_ids
+  assert list(np.load(tmp_path / "whole.npz")["skipped"]) == ["a/broken.png"]
+  assert not tokenize.parts_dir(tmp_path / "whole.npz").exists()
+  direct = tokenizer.encode(photos[order[:8]])  # the first batch as the tokenizer encodes it
+  np.testing.assert_array_equal(tokens.indices[:8], np.asarray(direct.indices))
+  for name in ("means", "rotations", "scales"):
+    np.testing.assert_allclose(getattr(tokens, name)[:8], np.asarray(getattr(direct, name)), atol=1e-5)
+  assert tokens.indices.shape == (11, tokenizer.num_tokens) and tokens.scales.shape == (11, tokenizer.num_tokens, 2)
+
+  # Interrupted after one batch, then resumed: only the missing batch is encoded; the result is identical.
+  partial = tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=8, stop_after_batches=1)
+  assert partial["batches_encoded"] == 1 and not partial["complete"] and not (tmp_path / "resumed.npz").exists()
+  with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(batch_size: before 8, "
+                     r"now 4\)"):
+    tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=4)
+  resumed = tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=8)
+  assert resumed["batches_encoded"] == 1 and resumed["batches_reused"] == 1 and resumed["num_images"] == 11
+  a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
+  assert sorted(a.files) == sorted(b.files) == ["ids", "indices", "means", "rotations", "scales", "skipped"]
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+  # The command line, in its own process: the same file, and the summary as the last line.
+  command = [sys.executable, "-m", "gaussiantoken_jax.tokenize", f"--workdir={workdir}", f"--data={folder}",
+             f"--output={tmp_path / 'command.npz'}", "--batch_size=8"]
+  result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])["num_images"] == 11
+  c = np.load(tmp_path / "command.npz")
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], c[name], err_msg=name)

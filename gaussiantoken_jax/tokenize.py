@@ -1,0 +1,203 @@
+r"""Exports the tokens of every image of a folder (or uncompressed .tar) with a trained tokenizer.
+
+  python -m gaussiantoken_jax.tokenize --workdir=/tmp/gt_demo --data=/path/to/images --output=/tmp/tokens.npz
+  python -m gaussiantoken_jax.tokenize --workdir=DIR --step=600 --data=images.tar --output=OUT.npz --batch_size=128
+
+The images are read in the order of their relative paths, decoded to RGB and brought to the trained size by
+the run's evaluation crop (`config.data.eval_crop`, as evaluation sees them). Files that do not decode are
+skipped, logged and counted, as the data pipeline does. The output `.npz` holds, one row per readable image:
+
+  ids        str [N]          the image's path relative to --data (the source key)
+  indices    int32 [N, K]     codebook indices
+  means      float32 [N, K, 2]  (GaussianToken only; absent for the plain-VQ baseline)
+  rotations  float32 [N, K]
+  scales     float32 [N, K, 2]
+  skipped    str [M]          the files that could not be read
+
+Read it back with `load_export(path)` -> (ids, Tokens). Resumable: each batch is written as it is done to
+`<output>.parts/<batch>.npz` (atomically, by rename), and a rerun with the same arguments encodes only the
+batches missing there; the output is assembled from the parts at the end and the parts are then removed. One
+process (the batch is split over its devices); several processes are not supported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+from etils import epath
+
+from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax.data import pipeline, sources
+from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
+
+FLAGS = flags.FLAGS
+DEFAULT_BATCH_SIZE = 64
+_TOKEN_FIELDS = ("indices", "means", "rotations", "scales")
+_MANIFEST = "manifest.json"
+
+
+def _define_flags() -> None:
+  # Defined only when run as a command (the other commands define `workdir` and `output` too).
+  flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints dir, or a step dir).")
+  flags.DEFINE_string("data", None, "An image folder or an uncompressed .tar of images.")
+  flags.DEFINE_string("output", None, "The .npz to write.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
+  flags.DEFINE_bool("use_ema", True, "Use the EMA parameters (as evaluation does).")
+
+
+def parts_dir(output: epath.PathLike) -> epath.Path:
+  """Where the per-batch parts of an export to `output` are kept until it is complete."""
+  output = epath.Path(output)
+  return output.parent / f"{output.name}.parts"
+
+
+def _part_path(parts: epath.Path, batch: int) -> epath.Path:
+  return parts / f"{batch:06d}.npz"
+
+
+def _write_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Writes `path` atomically: a reader (or a resumed run) sees the whole file or none."""
+  temporary = path.parent / f".{path.name}.tmp"
+  with temporary.open("wb") as f:
+    np.savez(f, **arrays)
+  temporary.replace(path)  # overwrites: a rerun may write the same part or output again
+
+
+def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+  with path.open("rb") as f, np.load(f) as npz:
+    return {name: npz[name] for name in npz.files}
+
+
+def _check_manifest(parts: epath.Path, manifest: dict[str, Any]) -> None:
+  """Writes the export's manifest, or checks that the one of an interrupted export is the same."""
+  path = parts / _MANIFEST
+  if not path.exists():
+    path.write_text(json.dumps(manifest, indent=2))
+    return
+  saved = json.loads(path.read_text())
+  differ = [f"{key}: before {saved.get(key)!r}, now {value!r}" for key, value in manifest.items()
+            if saved.get(key) != value]
+  if differ:
+    raise ValueError(f"{parts} holds an interrupted export made with other arguments ({'; '.join(differ)}); rerun "
+                     f"with those, or delete {parts} to start over.")
+
+
+def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, batch_size: int,
+                  crop) -> dict[str, np.ndarray]:
+  """The part for records [first, last): ids, token arrays of the readable images, and the skipped ids."""
+  ids, images, skipped = [], [], []
+  for index in range(first, last):
+    record = source[index]
+    image = pipeline._load_record_image(record)  # None (logged and counted) if it does not decode
+    if image is None:
+      skipped.append(record["key"])
+    else:
+      ids.append(record["key"])
+      images.append(crop(image))
+  size = tokenizer.image_size
+  batch = np.zeros((batch_size, size, size, 3), np.uint8)  # padded to one shape: one compilation
+  if images:
+    batch[:len(images)] = np.stack(images)
+  tokens = jax.device_get(tokenizer.encode(batch))
+  part = {"ids": np.asarray(ids, dtype=str), "skipped": np.asarray(skipped, dtype=str)}
+  for name in _TOKEN_FIELDS:
+    value = getattr(tokens, name)
+    if value is not None:
+      part[name] = np.asarray(value)[:len(images)]
+  return part
+
+
+def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: int | None = None,
+           use_ema: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, stop_after_batches: int | None = None
+           ) -> dict[str, int]:
+  """Writes the tokens of every image under `data` to `output` (see the module docstring).
+
+  Args:
+    workdir: the checkpoint (`GaussianTokenizer.from_checkpoint`'s path).
+    data: an image folder or an uncompressed .tar.
+    output: the .npz to write.
+    step, use_ema: which parameters (see `GaussianTokenizer.from_checkpoint`).
+    batch_size: images per encode call.
+    stop_after_batches: encode at most this many new batches, then return without assembling the output (an
+      interruption, for tests and for splitting a long export into jobs).
+
+  Returns {"num_images", "num_skipped", "batches_encoded", "batches_reused", "complete"} (the counts of images
+  None when stopped early).
+  """
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+  if jax.process_count() > 1:
+    raise ValueError(f"tokenize runs in one process; this is one of {jax.process_count()}.")
+  output = epath.Path(output)
+  tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema)
+  source = sources.ImageFolderSource(os.fspath(data))
+  config = tokenizer.config
+  crop = pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
+  num_batches = -(-len(source) // batch_size)
+  parts = parts_dir(output)
+  parts.mkdir(parents=True, exist_ok=True)
+  _check_manifest(parts, {"checkpoint": os.fspath(workdir), "step": tokenizer.step, "use_ema": use_ema,
+                          "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size})
+  logging.info("Tokenizing %d files of %s in %d batches of %d with step %d of %s.", len(source), data,
+               num_batches, batch_size, tokenizer.step, workdir)
+
+  encoded = reused = 0
+  start = time.monotonic()
+  for batch in range(num_batches):
+    path = _part_path(parts, batch)
+    if path.exists():
+      reused += 1
+      continue
+    if stop_after_batches is not None and encoded >= stop_after_batches:
+      logging.info("Stopping after %d new batches; %d of %d done.", encoded, encoded + reused, num_batches)
+      return {"num_images": None, "num_skipped": None, "batches_encoded": encoded, "batches_reused": reused,
+              "complete": False}
+    first = batch * batch_size
+    _write_npz(path, _encode_batch(tokenizer, source, first, min(first + batch_size, len(source)), batch_size,
+                                   crop))
+    encoded += 1
+    elapsed = time.monotonic() - start
+    remaining = num_batches - reused - encoded
+    logging.info("Batch %d/%d done (%.1f images/s; about %.0f s left).", batch + 1, num_batches,
+                 encoded * batch_size / elapsed, remaining * elapsed / encoded)
+
+  assembled = [_read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
+  arrays = {name: np.concatenate([part[name] for part in assembled]) for name in assembled[0]}
+  output.parent.mkdir(parents=True, exist_ok=True)
+  _write_npz(output, arrays)
+  shutil.rmtree(os.fspath(parts))
+  summary = {"num_images": len(arrays["ids"]), "num_skipped": len(arrays["skipped"]), "batches_encoded": encoded,
+             "batches_reused": reused, "complete": True}
+  logging.info("Wrote %s: %s.", output, summary)
+  return summary
+
+
+def load_export(path: epath.PathLike) -> tuple[np.ndarray, Tokens]:
+  """(ids str [N], Tokens with N rows) of an export."""
+  arrays = _read_npz(epath.Path(path))
+  if "ids" not in arrays or "indices" not in arrays:
+    raise ValueError(f"{path} is not a token export: expected arrays 'ids' and 'indices', got {sorted(arrays)}.")
+  return arrays["ids"], Tokens(**{name: arrays[name] for name in _TOKEN_FIELDS if name in arrays})
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.data or not FLAGS.output:
+    raise app.UsageError("--workdir, --data and --output are required.")
+  summary = export(FLAGS.workdir, FLAGS.data, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
+                   batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
