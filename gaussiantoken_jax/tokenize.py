@@ -14,7 +14,8 @@ skipped, logged and counted, as the data pipeline does. The output `.npz` holds,
   scales     float32 [N, K, 2]
   skipped    str [M]          the files that could not be read
 
-Read it back with `load_export(path)` -> (ids, Tokens). Resumable: each batch is written as it is done to
+Read it back with `load_export(path)` -> (ids, Tokens), or batch by batch through grain with
+`token_dataset(path, batch_size)` -> (ids, Tokens) batches. Resumable: each batch is written as it is done to
 `<output>.parts/<batch>.npz` (atomically, by rename), and a rerun with the same arguments encodes only the
 batches missing there; the output is assembled from the parts at the end and the parts are then removed. One
 process (the batch is split over its devices); several processes are not supported.
@@ -30,6 +31,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import grain
 import jax
 import numpy as np
 from etils import epath
@@ -186,6 +188,39 @@ def load_export(path: epath.PathLike) -> tuple[np.ndarray, Tokens]:
   if "ids" not in arrays or "indices" not in arrays:
     raise ValueError(f"{path} is not a token export: expected arrays 'ids' and 'indices', got {sorted(arrays)}.")
   return arrays["ids"], Tokens(**{name: arrays[name] for name in _TOKEN_FIELDS if name in arrays})
+
+
+class _ExportRows:
+  """Random access to an export's rows, {"id", "indices", ...} per image (the whole file is read into memory)."""
+
+  def __init__(self, path: epath.PathLike):
+    ids, tokens = load_export(path)
+    self._columns = {"id": ids, **{name: value for name, value in tokens._fields().items() if value is not None}}
+
+  def __len__(self) -> int:
+    return len(self._columns["id"])
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {name: column[index] for name, column in self._columns.items()}
+
+
+def _to_ids_and_tokens(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, Tokens]:
+  return batch["id"], Tokens(**{name: batch[name] for name in _TOKEN_FIELDS if name in batch})
+
+
+def token_dataset(path: epath.PathLike, batch_size: int, *, shuffle_seed: int | None = None,
+                  drop_remainder: bool = False) -> grain.MapDataset:
+  """An export as a grain dataset of (ids str [b], Tokens with b rows) batches, for a downstream pipeline.
+
+  In the export's order, or shuffled (per epoch of `grain`'s own) with `shuffle_seed`; the last batch is
+  shorter unless `drop_remainder`. `.to_iter_dataset()` gives grain's prefetching iterator.
+  """
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+  dataset = grain.MapDataset.source(_ExportRows(path))
+  if shuffle_seed is not None:
+    dataset = dataset.shuffle(seed=shuffle_seed)
+  return dataset.batch(batch_size, drop_remainder=drop_remainder).map(_to_ids_and_tokens)
 
 
 def main(argv):

@@ -252,6 +252,17 @@ def test_missing_or_foreign_checkpoints_raise_clear_errors(tmp_path, workdir, vq
     GaussianTokenizer.from_checkpoint(tmp_path / "foreign")
 
 
+def test_a_mesh_of_the_callers_choice(workdir, tokenizer, images):
+  devices = jax.devices()[6:8]
+  two = GaussianTokenizer.from_checkpoint(workdir, mesh=sharding.make_mesh(dict(data=2, fsdp=1), devices))
+  assert {d for leaf in jax.tree.leaves(two.variables) for d in leaf.devices()} == set(devices)
+  tokens = two.encode(images)
+  assert tokens.indices.devices() == set(devices)
+  np.testing.assert_array_equal(np.asarray(tokens.indices), np.asarray(tokenizer.encode(images).indices))
+  with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh or None, got list"):
+    GaussianTokenizer.from_checkpoint(workdir, mesh=devices)
+
+
 def write_image_folder(folder, images):
   """PNGs in two subfolders (ids are relative paths, sorted) plus one file that does not decode."""
   for i, image in enumerate(images):
@@ -292,6 +303,15 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   assert sorted(a.files) == sorted(b.files) == ["ids", "indices", "means", "rotations", "scales", "skipped"]
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+  # Read back batch by batch through grain: in order, every row once.
+  batches = list(tokenize.token_dataset(tmp_path / "whole.npz", 4))
+  assert [len(batch_ids) for batch_ids, _ in batches] == [4, 4, 3]
+  assert [i for batch_ids, _ in batches for i in batch_ids] == expected_ids
+  for name in ("indices", "means", "rotations", "scales"):
+    np.testing.assert_array_equal(np.concatenate([getattr(t, name) for _, t in batches]), a[name], err_msg=name)
+  shuffled = [i for batch_ids, _ in tokenize.token_dataset(tmp_path / "whole.npz", 4, shuffle_seed=0) for i in batch_ids]
+  assert sorted(shuffled) == expected_ids and shuffled != expected_ids
 
   # The command line, in its own process: the same file, and the summary as the last line.
   command = [sys.executable, "-m", "gaussiantoken_jax.tokenize", f"--workdir={workdir}", f"--data={folder}",

@@ -248,7 +248,8 @@ class Checkpointer:
     """The saved state's tree of `step` (default: the latest complete one) as Orbax metadata (shape and dtype
     per leaf, top level keyed by the TrainState's field names); reads no arrays."""
     step = self._resolve_step(step)
-    return dict(ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / STATE).item_metadata)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      return dict(checkpointer.metadata(self.directory / str(step) / STATE).item_metadata)
 
   def restore_fields(self, abstract_fields: Mapping[str, Any], *, step: int | None = None) -> Restored:
     """Restores only some top-level fields of the saved state, e.g. {"step", "ema_params", "model_state"}.
