@@ -16,7 +16,7 @@ import pytest
 
 from gaussiantoken_jax import losses
 from gaussiantoken_jax.data import to_global_array
-from gaussiantoken_jax.train import distributed, sharding
+from gaussiantoken_jax.train import distributed, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -186,32 +186,69 @@ def test_adaptive_gan_weight_equals_vqgan_formula_on_full_gradients():
   check_loss_arithmetic(config, metrics)
 
 
-def test_eight_devices_and_one_device_give_the_same_step():
-  images = random_images(load_config("demo", "runlocal"), 2)
-  results = []
-  for num_devices in (8, 1):
-    steps = steps_for("demo", "runlocal", num_devices)
-    _, state, metrics = run_step(steps, lpips_params_on("demo", "runlocal", num_devices), steps.init(), images)
-    results.append((metrics, jax.device_get(state)))
-  (metrics8, state8), (metrics1, state1) = results
+def assert_same_first_step(first, second):
+  """Two first steps from the same init and images, as (metrics, host state), agree to float32 reduction order."""
+  (metrics_a, state_a), (metrics_b, state_b) = first, second
   for key in ("loss", "l1", "lpips", "commitment", "disc_loss", "perplexity"):
-    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-5, err_msg=key)
   # The gradients themselves, per leaf, for G and D: after one step Adam's first moment is exactly (1 - b1) g.
   # (The parameters cannot show a wrong gradient: Adam's first update is ~ +-lr per weight whatever g's size.)
   # Reduction-order error: the losses agree to 2e-5 relative; a leaf's gradient sums many such terms, so it is
   # held to 1e-3 of that leaf's largest entry, plus 1e-5 of the largest gradient anywhere for leaves whose true
   # gradient is zero (a bias right before a GroupNorm: pure rounding, ~1e-9). A sign-flipped or doubled gradient
   # misses that by ~1000x.
-  for tree8, tree1 in ((state8.opt_state, state1.opt_state), (state8.disc_opt_state, state1.disc_opt_state)):
-    mu8, mu1 = optax.tree_utils.tree_get(tree8, "mu"), optax.tree_utils.tree_get(tree1, "mu")
-    largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(mu1))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu8), jax.tree.leaves(mu1)):
+  for tree_a, tree_b in ((state_a.opt_state, state_b.opt_state), (state_a.disc_opt_state, state_b.disc_opt_state)):
+    mu_a, mu_b = optax.tree_utils.tree_get(tree_a, "mu"), optax.tree_utils.tree_get(tree_b, "mu")
+    largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(mu_b))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu_a), jax.tree.leaves(mu_b)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b).max() + 1e-5 * largest,
                                  err_msg=jax.tree_util.keystr(path))
   # The codes are k-means means (10 Lloyd iterations) of features that carry the forward's reduction-order error,
   # the 2e-5 relative tolerance of the losses above; 5x that, relative to the largest code, bounds their drift.
-  embed8, embed1 = (s.model_state["codebook"]["quantizer"]["embed"] for s in (state8, state1))
-  np.testing.assert_allclose(embed8, embed1, rtol=0, atol=5 * 2e-5 * np.abs(embed1).max())
+  embed_a, embed_b = (s.model_state["codebook"]["quantizer"]["embed"] for s in (state_a, state_b))
+  np.testing.assert_allclose(embed_a, embed_b, rtol=0, atol=5 * 2e-5 * np.abs(embed_b).max())
+
+
+def test_eight_devices_and_one_device_give_the_same_step(demo_first_step):
+  steps8, _, state8, metrics8 = demo_first_step
+  steps1 = steps_for("demo", "runlocal", 1)
+  _, state1, metrics1 = run_step(steps1, lpips_params_on("demo", "runlocal", 1), steps1.init(),
+                                 random_images(steps1.config, 0))
+  assert_same_first_step((metrics8, jax.device_get(state8)), (metrics1, jax.device_get(state1)))
+
+
+@pytest.mark.parametrize("fsdp", [2, 4])
+def test_fsdp_step_equals_the_data_parallel_step(fsdp, demo_first_step):
+  _, _, state_dp, metrics_dp = demo_first_step
+  config = load_config("demo", "runlocal")
+  config.mesh.update(data=8 // fsdp, fsdp=fsdp, fsdp_min_weight_size=1024)  # so that the larger kernels split
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  _, state, metrics = run_step(steps, steps.replicate(losses.load_lpips_params()), steps.init(),
+                               random_images(config, 0))
+  split = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+           if "fsdp" in leaf.sharding.spec]
+  assert len(split) >= 3, split  # the weights really are split over the fsdp axis
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+    if "fsdp" in leaf.sharding.spec:
+      assert {shard.data.size for shard in leaf.addressable_shards} == {leaf.size // fsdp}, jax.tree_util.keystr(path)
+  assert_same_first_step((metrics, jax.device_get(state)), (metrics_dp, jax.device_get(state_dp)))
+
+
+def test_bfloat16_convolutions_train_a_step_close_to_float32(demo_first_step):
+  _, _, _, metrics32 = demo_first_step
+  config = load_config("demo", "runlocal")
+  config.model.conv_dtype = "bfloat16"
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  _, state, metrics = run_step(steps, steps.replicate(losses.load_lpips_params()), steps.init(),
+                               random_images(config, 0))
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(state)))
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))  # the weights stay float32
+  # bfloat16 keeps 8 significant bits: each rounded operand is off by up to 2^-9 relative, and through the
+  # ~20 convolutions of the runlocal generator and discriminator such errors add up to ~1% on a loss; 3% is
+  # allowed. The losses must differ at all (the convolutions really ran in bfloat16).
+  for key in ("l1", "disc_loss", "hinge"):
+    np.testing.assert_allclose(metrics[key], metrics32[key], rtol=3e-2, err_msg=key)
+  assert metrics["l1"] != metrics32["l1"]
 
 
 def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
@@ -280,3 +317,72 @@ def test_initialize_from_env_checks_its_variables():
                                      distributed.ENV_NUM_PROCESSES: "2", distributed.ENV_PROCESS_ID: "2"})
   with pytest.raises(ValueError, match="'auto' or unset"):
     distributed.initialize_from_env({distributed.ENV_AUTO: "yes"})
+
+
+@pytest.fixture(scope="module")
+def demo_second_step(demo_first_step):
+  """Step 2 of the demo runlocal run from a state with nonzero LeCAM EMAs: (steps, state before (host), after,
+  metrics). The EMAs are set by hand so that their decay is part of what the step is checked against."""
+  steps, _, after, _ = demo_first_step
+  state = jax.device_get(after).replace(lecam_ema_real=np.float32(0.25), lecam_ema_fake=np.float32(-0.4))
+  state = jax.device_put(state, steps.state_shardings)
+  before, after, metrics = run_step(steps, lpips_params_on("demo", "runlocal"), state, random_images(steps.config, 6))
+  return steps, before, jax.device_get(after), metrics
+
+
+def test_discriminator_step_equals_its_formulas_on_independently_computed_logits(demo_second_step):
+  """D's BatchNorm statistics after the step are those of D(x) then D(x_hat) from the old ones (the generator
+  pass's own update is dropped), and its hinge, LeCAM and EMAs equal the formulas in float64 on logits computed
+  here from the state before the step."""
+  steps, before, after, metrics = demo_second_step
+  config = steps.config
+  x = random_images(config, 6).astype(np.float32) / 127.5 - 1.0
+  dropout_key, quantizer_key, _ = jax.random.split(jax.random.fold_in(before.rng, before.step), 3)
+
+  @jax.jit
+  def discriminator_outputs(before, x):
+    output, _ = steps.model.apply({"params": before.params, **before.model_state}, x, train=True,
+                                  mutable=list(before.model_state),
+                                  rngs={"dropout": dropout_key, "quantizer": quantizer_key})
+    real, stats = steps.discriminator.apply({"params": before.disc_params, "batch_stats": before.disc_batch_stats},
+                                            x, train=True, mutable=["batch_stats"])
+    fake, stats = steps.discriminator.apply({"params": before.disc_params, **stats}, output.reconstruction,
+                                            train=True, mutable=["batch_stats"])
+    return real, fake, stats["batch_stats"]
+
+  real, fake, batch_stats = discriminator_outputs(before, x)
+  # The logits carry the forward's float32 reduction-order error (8 devices in the step, 1 here): ~1e-6 relative,
+  # held to 1e-4. One BatchNorm update too many moves the running statistics by (1 - momentum) of a batch's.
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(after.disc_batch_stats),
+                               jax.tree.leaves(batch_stats)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  decay = config.loss.lecam_decay
+  ema_real = decay * 0.25 + (1 - decay) * real.mean()
+  ema_fake = decay * -0.4 + (1 - decay) * fake.mean()
+  hinge = 0.5 * (np.maximum(1 - real, 0).mean() + np.maximum(1 + fake, 0).mean())
+  lecam = np.mean(np.maximum(real - ema_fake, 0) ** 2) + np.mean(np.maximum(ema_real - fake, 0) ** 2)
+  assert lecam > 0.01  # both EMAs were set so that both of LeCAM's terms count
+  np.testing.assert_allclose([metrics["hinge"], metrics["lecam"], float(after.lecam_ema_real),
+                              float(after.lecam_ema_fake)], [hinge, lecam, ema_real, ema_fake], rtol=1e-4)
+  np.testing.assert_allclose(metrics["disc_loss"], hinge + config.loss.lecam_weight * lecam, rtol=1e-4)
+
+
+def test_trainer_evaluates_the_ema_weights(demo_second_step):
+  steps, _, after, _ = demo_second_step
+  lpips_params = lpips_params_on("demo", "runlocal")
+  # EMA weights far from the trained ones: the decoder's output layer zeroed, so every reconstruction is grey.
+  ema_params = jax.tree_util.tree_map_with_path(
+      lambda path, p: np.zeros_like(p) if "conv_out" in jax.tree_util.keystr(path) else p, after.params)
+  state = jax.device_put(after.replace(ema_params=ema_params), steps.state_shardings)
+  batch = {"image": random_images(steps.config, 7), "mask": np.ones(steps.config.batch_size, bool)}
+  results, grid = trainer.evaluate(steps.eval_step, steps.batch_sharding, state, lpips_params, [batch], 1)
+
+  def psnr_with(params):
+    metrics, _, _ = steps.eval_step(params, state.model_state, to_global_array(batch, steps.batch_sharding),
+                                    lpips_params)
+    return float(metrics.compute()["psnr"])
+
+  assert results["psnr"] == pytest.approx(psnr_with(state.ema_params), rel=1e-6)
+  assert abs(results["psnr"] - psnr_with(state.params)) > 0.1
+  assert grid is not None and grid.dtype == np.uint8
