@@ -2,9 +2,11 @@ r"""The paper's Table 1 claim at small scale: GaussianToken against the plain-VQ
 
     python benchmarks/paper_table1_small.py                                   # demo data, ~35 min on 2 CPU cores
     python benchmarks/paper_table1_small.py --data_dir=../shared/data         # the CIFAR-10 JPEG copy instead
-    python benchmarks/paper_table1_small.py --config=configs/cifar100.py --steps=0 --num_eval_images=10000 \
-        --workdir=/tmp/table1_cifar100                                        # the full paper setting (a GPU)
-    python benchmarks/paper_table1_small.py --variant=runlocal --steps=4 --nofid   # a smoke run (the tests')
+    python benchmarks/paper_table1_small.py --config=configs/cifar100.py --num_eval_images=10000 \
+        --workdir=/tmp/table1_cifar100      # the full setting on a GPU: the reference's recipe (30 epochs), needs
+                                            # TFDS cifar100 prepared; add --variant=paper for the paper's optimiser
+    python benchmarks/paper_table1_small.py --variant=runlocal --steps=4 --nofid --set=model.num_gaussians=64
+                                                                              # a smoke run (the tests')
 
 Both tokenizers come from the same config file: GaussianToken from `--config[:--variant]`, the baseline from the
 same with `baseline=vq` added, so they share the data, the seed, the number of steps, the batch, the losses and
@@ -21,7 +23,9 @@ codebook 256, 1200 steps of 16, learning rate 1e-3, no GAN and no LPIPS in the l
 GaussianToken and 7 for the baseline on 2 CPU cores, plus evaluation):
   --config, --variant   the config file and its variants for both models (e.g. `configs/cifar100.py`, `paper`)
   --data_dir            a folder with the CIFAR JPEG tars `cifar10-jpeg-{train,test}.tar` (../shared/data), or a
-                        path with `{split}`: trains and evaluates on those images instead of the config's source
+                        path with `{split}`: trains and evaluates on those images instead of the config's source,
+                        listed class by class in turn (split files in <workdir>/splits), so that the first
+                        --num_eval_images test images cover every class
   --steps               training steps of each model; 0 keeps the config's duration (the demo's 1200 steps, or
                         the CIFAR configs' 30 epochs)
   --batch_size, --seed  for both (default: the config's); --inception_weights as for `evaluate`
@@ -31,7 +35,7 @@ GaussianToken and 7 for the baseline on 2 CPU cores, plus evaluation):
   --set KEY=VALUE       any further config field for both, repeatable (`--set=model.ch=64`)
 
 The demo's 321 held-out images are far fewer than the 2048 dimensions of the Inception features, so its rFID
-carries a large small-sample bias (identical for both rows); compare KID there. The CIFAR tars are JPEG
+carries a large small-sample bias (of the same kind in both rows); compare KID there. The CIFAR tars are JPEG
 (quality 75, chroma subsampled): figures on them are comparable with each other, not with published ones.
 
 Prints one table, a row per model and their difference (GaussianToken minus baseline); the last line is one JSON
@@ -42,9 +46,11 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
+import tarfile
 import tempfile
 import time
 
@@ -119,20 +125,46 @@ def cifar_tar_path(data_dir: str) -> str:
   return path
 
 
-def make_configs(config_path: str, variant: str, *, data_dir: str | None = None, steps: int = 0,
+def interleaved_split_files(path: str, out_dir: pathlib.Path) -> str:
+  """Writes `out_dir/{split}.txt` for the train and test files of the folder or tar `path` (with `{split}`),
+  listing each split's images round-robin over their folders (classes): the evaluation takes the first
+  `--num_eval_images` in order, and the CIFAR tars hold the test images class by class (the first 1000 would
+  all be aeroplanes). Returns the `data.split_file` pattern."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for split in ("train", "test"):
+    source = path.format(split=split)
+    if os.path.isdir(source):
+      names = sorted(str(f.relative_to(source)) for f in pathlib.Path(source).rglob("*") if f.is_file())
+    else:
+      with tarfile.open(source) as archive:
+        names = sorted(member.name for member in archive.getmembers() if member.isfile())
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+      by_folder.setdefault(os.path.dirname(name), []).append(name)
+    interleaved = [name for group in itertools.zip_longest(*by_folder.values()) for name in group if name]
+    (out_dir / f"{split}.txt").write_text("\n".join(interleaved) + "\n")
+  return str(out_dir / "{split}.txt")
+
+
+def make_configs(config_path: str, variant: str, *, data_dir: str | None = None, split_dir: pathlib.Path | None = None,
+                 steps: int = 0,
                  batch_size: int | None = None, seed: int | None = None, vq_feature_dim: int = 4,
                  overrides: tuple[str, ...] = ()) -> dict[str, ml_collections.ConfigDict]:
   """{"gaussiantoken": config, "vq": config}: the same file, variants and overrides; the baseline adds
-  `baseline=vq`. Raises UsageError unless both have the same widths and number of tokens."""
+  `baseline=vq`. With `data_dir`, both read the folder or tars there, through split files written into
+  `split_dir` (`interleaved_split_files`) when it is given."""
   variants = [v for v in variant.split(",") if v]
   if any(v.startswith("baseline") for v in variants):
     raise app.UsageError("--variant: leave out baseline=...; the script trains both models.")
   configs = {"gaussiantoken": load_config(config_path, ",".join(variants)),
              "vq": load_config(config_path, ",".join(variants + ["baseline=vq"]))}
+  if data_dir:
+    path = cifar_tar_path(data_dir)
+    split_file = interleaved_split_files(path, split_dir) if split_dir else ""
   for name, config in configs.items():
     if data_dir:
-      config.data.update(dict(source="folder", name="", path=cifar_tar_path(data_dir), split_file="",
-                              train_split="train", eval_split="test", image_size=32, augment="none"))
+      config.data.update(dict(source="folder", name="", path=path, split_file=split_file, train_split="train",
+                              eval_split="test", image_size=32, augment="none"))
     if steps:
       config.total_steps = steps
       # Warm-up, evaluations and checkpoints within the run; the GAN keeps its start (after the end: off).
@@ -220,11 +252,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _NUM_EVAL_IMAGES.value < 1 or _STEPS.value < 0:
     raise app.UsageError("--num_eval_images must be >= 1 and --steps >= 0.")
-  configs = make_configs(_CONFIG.value, _VARIANT.value, data_dir=_DATA_DIR.value, steps=_STEPS.value,
+  workdir = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="paper_table1_small_"))
+  configs = make_configs(_CONFIG.value, _VARIANT.value, data_dir=_DATA_DIR.value, split_dir=workdir / "splits",
+                         steps=_STEPS.value,
                          batch_size=cli_flags.BATCH_SIZE.value, seed=_SEED.value, vq_feature_dim=_VQ_FEATURE_DIM.value,
                          overrides=tuple(_SET.value))
   described = check_comparable(configs)
-  workdir = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="paper_table1_small_"))
   logging.info("Training and evaluating both models in %s.", workdir)
   rows = {name: run_one(config, workdir / name, described[name], _NUM_EVAL_IMAGES.value, _FID.value,
                         cli_flags.INCEPTION_WEIGHTS.value)
