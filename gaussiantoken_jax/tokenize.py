@@ -14,7 +14,12 @@ skipped, logged and counted, as the data pipeline does. The output `.npz` holds,
   scales     float32 [N, K, 2]
   skipped    str [M]          the files that could not be read
 
-Read it back with `load_export(path)` -> (ids, Tokens), or batch by batch through grain with
+An output ending in `.array_record` is an ArrayRecord file instead, one record per readable image in the same
+order: a msgpack map (`flax.serialization.msgpack_serialize`) {"id": str, "indices": int32 [K], and for
+GaussianToken "means": float32 [K, 2], "rotations": float32 [K], "scales": float32 [K, 2]}; the skipped files
+are only counted and logged.
+
+Read either back with `load_export(path)` -> (ids, Tokens), or batch by batch through grain with
 `token_dataset(path, batch_size)` -> (ids, Tokens) batches. Resumable: each batch is written as it is done to
 `<output>.parts/<batch>.npz` (atomically, by rename), and a rerun with the same arguments encodes only the
 batches missing there; the output is assembled from the parts at the end and the parts are then removed. One
@@ -35,6 +40,7 @@ import grain
 import jax
 import numpy as np
 from etils import epath
+from flax import serialization
 
 from gaussiantoken_jax import cli_flags
 from gaussiantoken_jax.data import pipeline, sources
@@ -44,13 +50,14 @@ FLAGS = flags.FLAGS
 DEFAULT_BATCH_SIZE = 64
 _TOKEN_FIELDS = ("indices", "means", "rotations", "scales")
 _MANIFEST = "manifest.json"
+ARRAY_RECORD_SUFFIX = ".array_record"
 
 
 def _define_flags() -> None:
   # Defined only when run as a command (the other commands define `workdir` and `output` too).
   flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints dir, or a step dir).")
   flags.DEFINE_string("data", None, "An image folder or an uncompressed .tar of images.")
-  flags.DEFINE_string("output", None, "The .npz to write.")
+  flags.DEFINE_string("output", None, "The .npz (or .array_record) to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA parameters (as evaluation does).")
 
@@ -71,6 +78,25 @@ def _write_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
   with temporary.open("wb") as f:
     np.savez(f, **arrays)
   temporary.replace(path)  # overwrites: a rerun may write the same part or output again
+
+
+def _is_array_record(path: epath.PathLike) -> bool:
+  return os.fspath(path).endswith(ARRAY_RECORD_SUFFIX)
+
+
+def _write_array_record(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+  """One msgpack record per image (see the module docstring), written to a temporary file, then renamed."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top  (grain's, Linux)
+  temporary = path.parent / f".{path.name}.tmp"
+  writer = array_record_module.ArrayRecordWriter(os.fspath(temporary), "group_size:1")
+  try:
+    for row in range(len(arrays["ids"])):
+      record = {"id": str(arrays["ids"][row])}
+      record.update({name: arrays[name][row] for name in _TOKEN_FIELDS if name in arrays})
+      writer.write(serialization.msgpack_serialize(record))
+  finally:
+    writer.close()
+  temporary.replace(path)
 
 
 def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
@@ -174,7 +200,10 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   assembled = [_read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
   arrays = {name: np.concatenate([part[name] for part in assembled]) for name in assembled[0]}
   output.parent.mkdir(parents=True, exist_ok=True)
-  _write_npz(output, arrays)
+  if _is_array_record(output):
+    _write_array_record(output, arrays)
+  else:
+    _write_npz(output, arrays)
   shutil.rmtree(os.fspath(parts))
   summary = {"num_images": len(arrays["ids"]), "num_skipped": len(arrays["skipped"]), "batches_encoded": encoded,
              "batches_reused": reused, "complete": True}
@@ -183,8 +212,17 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
 
 
 def load_export(path: epath.PathLike) -> tuple[np.ndarray, Tokens]:
-  """(ids str [N], Tokens with N rows) of an export."""
-  arrays = _read_npz(epath.Path(path))
+  """(ids str [N], Tokens with N rows) of an export (.npz or .array_record)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"No token export {path}.")
+  if _is_array_record(path):
+    rows = _ArrayRecordRows(path)
+    records = [rows[i] for i in range(len(rows))]
+    arrays = {"ids": np.asarray([r["id"] for r in records], dtype=str)}
+    arrays.update({name: np.stack([r[name] for r in records]) for name in _TOKEN_FIELDS if records and name in records[0]})
+  else:
+    arrays = _read_npz(path)
   if "ids" not in arrays or "indices" not in arrays:
     raise ValueError(f"{path} is not a token export: expected arrays 'ids' and 'indices', got {sorted(arrays)}.")
   return arrays["ids"], Tokens(**{name: arrays[name] for name in _TOKEN_FIELDS if name in arrays})
@@ -204,20 +242,36 @@ class _ExportRows:
     return {name: column[index] for name, column in self._columns.items()}
 
 
+class _ArrayRecordRows:
+  """Random access to an ArrayRecord export's rows, read record by record (nothing held in memory)."""
+
+  def __init__(self, path: epath.PathLike):
+    self._source = grain.sources.ArrayRecordDataSource([os.fspath(path)])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return serialization.msgpack_restore(self._source[index])
+
+
 def _to_ids_and_tokens(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, Tokens]:
-  return batch["id"], Tokens(**{name: batch[name] for name in _TOKEN_FIELDS if name in batch})
+  return np.asarray(batch["id"], dtype=str), Tokens(**{name: batch[name] for name in _TOKEN_FIELDS if name in batch})
 
 
 def token_dataset(path: epath.PathLike, batch_size: int, *, shuffle_seed: int | None = None,
                   drop_remainder: bool = False) -> grain.MapDataset:
-  """An export as a grain dataset of (ids str [b], Tokens with b rows) batches, for a downstream pipeline.
+  """An export (.npz, read into memory, or .array_record, read record by record) as a grain dataset of
+  (ids str [b], Tokens with b rows) batches, for a downstream pipeline.
 
   In the export's order, or shuffled (per epoch of `grain`'s own) with `shuffle_seed`; the last batch is
   shorter unless `drop_remainder`. `.to_iter_dataset()` gives grain's prefetching iterator.
   """
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-  dataset = grain.MapDataset.source(_ExportRows(path))
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"No token export {path}.")
+  dataset = grain.MapDataset.source(_ArrayRecordRows(path) if _is_array_record(path) else _ExportRows(path))
   if shuffle_seed is not None:
     dataset = dataset.shuffle(seed=shuffle_seed)
   return dataset.batch(batch_size, drop_remainder=drop_remainder).map(_to_ids_and_tokens)

@@ -313,6 +313,16 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   shuffled = [i for batch_ids, _ in tokenize.token_dataset(tmp_path / "whole.npz", 4, shuffle_seed=0) for i in batch_ids]
   assert sorted(shuffled) == expected_ids and shuffled != expected_ids
 
+  # ArrayRecord: one record per image, the same rows; read back whole or through grain.
+  records = tokenize.export(workdir, str(folder), tmp_path / "tokens.array_record", batch_size=8)
+  assert records["num_images"] == 11 and records["num_skipped"] == 1
+  record_ids, record_tokens = tokenize.load_export(tmp_path / "tokens.array_record")
+  assert list(record_ids) == expected_ids
+  assert_tokens_equal(record_tokens, Tokens(**{name: a[name] for name in ("indices", "means", "rotations", "scales")}))
+  from_grain = list(tokenize.token_dataset(tmp_path / "tokens.array_record", 8))
+  assert [list(batch_ids) for batch_ids, _ in from_grain] == [expected_ids[:8], expected_ids[8:]]
+  np.testing.assert_array_equal(from_grain[1][1].scales, a["scales"][8:])
+
   # The command line, in its own process: the same file, and the summary as the last line.
   command = [sys.executable, "-m", "gaussiantoken_jax.tokenize", f"--workdir={workdir}", f"--data={folder}",
              f"--output={tmp_path / 'command.npz'}", "--batch_size=8"]
