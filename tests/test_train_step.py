@@ -16,6 +16,7 @@ import pytest
 
 from gaussiantoken_jax import losses
 from gaussiantoken_jax.data import to_global_array
+from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.train import distributed, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
 
@@ -376,7 +377,7 @@ def test_trainer_evaluates_the_ema_weights(demo_second_step):
       lambda path, p: np.zeros_like(p) if "conv_out" in jax.tree_util.keystr(path) else p, after.params)
   state = jax.device_put(after.replace(ema_params=ema_params), steps.state_shardings)
   batch = {"image": random_images(steps.config, 7), "mask": np.ones(steps.config.batch_size, bool)}
-  results, grid = trainer.evaluate(steps.eval_step, steps.batch_sharding, state, lpips_params, [batch], 1)
+  results, pictures = trainer.evaluate(evaluator_lib.Evaluator(steps, lpips_params), state, [batch])
 
   def psnr_with(params):
     metrics, _, _ = steps.eval_step(params, state.model_state, to_global_array(batch, steps.batch_sharding),
@@ -385,4 +386,4 @@ def test_trainer_evaluates_the_ema_weights(demo_second_step):
 
   assert results["psnr"] == pytest.approx(psnr_with(state.ema_params), rel=1e-6)
   assert abs(results["psnr"] - psnr_with(state.params)) > 0.1
-  assert grid is not None and grid.dtype == np.uint8
+  assert pictures["reconstructions"].dtype == np.uint8

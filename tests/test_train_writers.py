@@ -1,5 +1,6 @@
 """Metric writers (JSON lines, PNG), progress/ETA and image grids."""
 import json
+import logging
 import math
 
 import jax.numpy as jnp
@@ -92,6 +93,14 @@ def test_progress_reporter_eta(tmp_path):
     progress.report(200)
   with pytest.raises(ValueError, match="batch_size"):
     writers.ProgressReporter(total_steps=10, batch_size=0)
+
+
+def test_progress_of_an_evaluation_counts_batches(caplog):
+  progress = writers.ProgressReporter(total_steps=40, batch_size=64, clock=_FakeClock([0.0, 5.0]),
+                                      unit="eval batch", units="batches")
+  with caplog.at_level(logging.INFO):
+    progress.report(10)
+  assert "eval batch 10/40 (25.0%): 2 batches/s, 128 images/s, ETA 0:00:15" in caplog.text
 
 
 def _numpy_grid(images, rows, padding, pad_value):

@@ -23,6 +23,11 @@ import jax
 import numpy as np
 import pytest
 
+from PIL import Image
+from skimage import metrics as skimage_metrics
+
+from gaussiantoken_jax import config_lib, data, losses, models, pixels, weights
+from gaussiantoken_jax.evaluation import inception, pictures
 from gaussiantoken_jax.train import checkpointing, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
 
@@ -137,6 +142,107 @@ def test_end_to_end_training_writes_metrics_pictures_and_checkpoints(run_a):
   step, state = restore(workdir)
   assert step == int(state.step) == TOTAL
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
+
+
+def first_eval_images(config, count):
+  """The first `count` images of the eval split, in evaluation order (single process)."""
+  batches = iter(data.make_eval_loader(config))
+  images = []
+  while sum(map(len, images)) < count:
+    batch = next(batches)
+    images.append(batch["image"][batch["mask"]])
+  return np.concatenate(images)[:count]
+
+
+def test_in_training_evaluation_is_the_evaluate_pass_with_its_pictures(run_a):
+  """Run A's evaluation at its last step against skimage on the same 16 images and their reconstructions by
+  the checkpoint's EMA weights, computed here; no rFID at runlocal size; every picture written."""
+  workdir, returncode = run_a
+  assert returncode == 0
+  evals = [r for r in read_metrics(workdir) if "eval_psnr" in r]
+  assert [r["step"] for r in evals] == [TOTAL]
+  record = evals[0]
+  assert record["eval_num_images"] == 16 and "eval_rfid" not in record and "eval_kid" not in record
+  log = (workdir / "log.txt").read_text()
+  assert log.count("In-training evaluation over 16 images: no rFID / KID") == 1
+
+  config = load_demo_config("runlocal")
+  _, state = restore(workdir, TOTAL)
+  images = first_eval_images(config, 16)
+  apply = jax.jit(lambda params, model_state, x: models.build_model(config).apply(
+      {"params": params, **model_state}, x, train=False))
+  out = apply(state.ema_params, state.model_state, pixels.to_model_input(images))
+  real = images / 255.0
+  recon = (np.clip(np.asarray(out.reconstruction, np.float64), -1, 1) + 1) / 2
+  truncated = (recon * 255.0).astype(np.uint8) / 255.0
+  psnrs = [skimage_metrics.peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(real, recon)]
+  ssims = [skimage_metrics.structural_similarity(a, b, data_range=1.0, channel_axis=-1)
+           for a, b in zip(real, truncated)]
+  assert record["eval_psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+  # 16 images: one group of the reference's batch pooling, i.e. skimage's PSNR of the whole stack.
+  assert record["eval_psnr_uint8"] == pytest.approx(skimage_metrics.peak_signal_noise_ratio(real, truncated), abs=1e-3)
+  assert record["eval_ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
+  indices = np.asarray(out.indices)
+  assert record["eval_codebook_usage"] == pytest.approx(np.unique(indices).size / config.model.codebook_size)
+
+  def picture(name):
+    return np.asarray(Image.open(workdir / "images" / f"eval_{name}_{TOTAL:08d}.png").convert("RGB"))
+
+  grid = picture("reconstructions")
+  np.testing.assert_array_equal(grid[:128, :128], pictures.upscale(images[:1], 4)[0])
+  gaussians = picture("gaussians")
+  assert gaussians.shape == (128, 8 * 128 + 7 * 2, 3)
+  # Ellipses drawn over the first image in the colours of its codes.
+  first = gaussians[:, :128].reshape(-1, 3)
+  drawn = {pictures.code_colour(i) for i in np.unique(indices[0])}
+  assert sum(tuple(pixel) in drawn for pixel in first) > 100
+  assert picture("codebook_usage").shape == (320, 640, 3)
+
+
+def test_in_training_rfid_needs_eval_fid_min_images_and_the_weights(caplog):
+  config = load_demo_config("runlocal")
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  calls = []
+
+  def load(path):
+    calls.append(path)
+    return {"w": np.zeros(1, np.float32)}
+
+  def unavailable(path):
+    raise weights.WeightsUnavailableError("no index")
+
+  config.eval_fid_min_images = 16
+  with caplog.at_level(logging.INFO):
+    assert not trainer.make_evaluator(config, steps, {}, 15, load_inception=load).computes_fid
+    assert not calls and "no rFID / KID, which need at least config.eval_fid_min_images=16" in caplog.text
+    assert trainer.make_evaluator(config, steps, {}, 16, load_inception=load).computes_fid
+    assert calls == [None]
+    assert not trainer.make_evaluator(config, steps, {}, 16, load_inception=unavailable).computes_fid
+    assert "the FID Inception weights are unavailable (no index)" in caplog.text
+
+  class Loader:
+    num_records = 321
+  assert trainer.eval_image_count(config, Loader()) == 16  # runlocal: num_eval_images 16
+  config.num_eval_images = 0
+  assert trainer.eval_image_count(config, Loader()) == 321
+  # The demo (64 images) stays without Inception; the CIFAR defaults (10k test images) compute rFID.
+  demo = load_demo_config("")
+  assert demo.num_eval_images < demo.eval_fid_min_images == 2048 <= config_lib.base_config().num_eval_images
+
+
+def test_in_training_rfid_with_random_inception_weights():
+  """The training loop's evaluation pass with rFID (threshold lowered to 8 images, random Inception weights)."""
+  config = load_demo_config("runlocal")
+  config.eval_fid_min_images = 8
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  lpips_params = losses.load_lpips_params(config.loss.lpips_weights_path)
+  evaluator = trainer.make_evaluator(config, steps, lpips_params, 8,
+                                     load_inception=lambda path: inception.init_params(0))
+  start = time.monotonic()
+  results, _ = trainer.evaluate(evaluator, steps.init(), data.make_eval_loader(config), 8)
+  print(f"evaluation with Inception: {time.monotonic() - start:.1f} s")
+  assert results["num_images"] == 8
+  assert math.isfinite(results["rfid"]) and results["rfid"] > 0 and math.isfinite(results["kid"])
 
 
 def test_exact_resume_after_sigkill(run_a, tmp_path):

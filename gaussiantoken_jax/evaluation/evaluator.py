@@ -119,9 +119,8 @@ class Evaluator:
         num_batches = min(num_batches, _ceil_div(_ceil_div(max_images, jax.process_count()), local_batch_size))
     progress = None
     if num_batches and local_batch_size:
-      # "steps" in its lines are batches.
-      progress = writers.ProgressReporter(total_steps=num_batches,
-                                          batch_size=local_batch_size * jax.process_count())
+      progress = writers.ProgressReporter(total_steps=num_batches, batch_size=local_batch_size * jax.process_count(),
+                                          unit="eval batch", units="batches")
     metrics = counts = None
     per_image: dict[str, list] = {"mse_uint8": [], "ssim": [], "mask": []}
     real, fake = fid.FeatureAccumulator(), fid.FeatureAccumulator()

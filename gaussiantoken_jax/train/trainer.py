@@ -12,9 +12,13 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
 * SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0).
-* Evaluation with the EMA weights every `eval_every_steps` and at the end: PSNR beside the block-average
-  baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must beat it), LPIPS, code
-  usage and perplexity, and a picture of originals above their reconstructions.
+* Evaluation with the EMA weights every `eval_every_steps` and at the end, over the first `num_eval_images`
+  images of the eval split: the pass of `python -m gaussiantoken_jax.evaluate` (`evaluation.Evaluator`). PSNR
+  beside the block-average baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must
+  beat it), the reference's uint8 PSNR, SSIM, LPIPS, code usage and perplexity; rFID and KID only when the
+  subset holds at least `eval_fid_min_images` images and the FID Inception weights load (`make_evaluator` logs
+  why not otherwise). Pictures: originals above their reconstructions, the Gaussians (GaussianToken) and the
+  sorted codebook usage, as PNG under `workdir/images/` and TensorBoard images.
 
 Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
 """
@@ -28,15 +32,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from gaussiantoken_jax import config_lib, data, losses, pixels
-from gaussiantoken_jax.evaluation import pictures
+from gaussiantoken_jax import config_lib, data, losses, weights
+from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
+from gaussiantoken_jax.evaluation import inception
 from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
 from gaussiantoken_jax.train import step as step_lib
-
-# Eval images shown in the reconstruction picture (originals on top, reconstructions below).
-_GRID_IMAGES = 8
 
 
 def _check_finite(per_step: list[tuple[int, dict]]) -> None:
@@ -59,42 +60,41 @@ def _interval_metrics(per_step: list[dict]) -> dict[str, float]:
           else float(np.mean([metrics[name] for metrics in per_step])) for name in per_step[0]}
 
 
-def evaluate(eval_step, batch_sharding, state: step_lib.TrainState, lpips_params, eval_loader,
-             num_batches: int) -> tuple[dict[str, float], np.ndarray | None]:
-  """EMA-weight metrics over the first `num_batches` eval batches, and a reconstruction picture.
-
-  `eval_step` is `Steps.eval_step` or its compiled form; `batch_sharding` lays out the global batches
-  (`Steps.batch_sharding`). Returns ({"psnr", "psnr_block_baseline", "lpips", "codebook_usage", "perplexity",
-  "num_images"}, uint8 grid image or None). Every process must call it (the picture is gathered from all of them).
-  """
-  metrics, counts, grid = None, None, None
-  for index, local_batch in zip(range(num_batches), eval_loader):
-    batch = data.to_global_array(local_batch, batch_sharding)
-    batch_metrics, batch_counts, reconstructions = eval_step(state.ema_params, state.model_state, batch,
-                                                             lpips_params)
-    metrics = batch_metrics if metrics is None else metrics.merge(batch_metrics)
-    counts = batch_counts if counts is None else counts + batch_counts
-    if index == 0:
-      images, mask, reconstructions = multihost_utils.process_allgather(
-          (batch["image"], batch["mask"], reconstructions), tiled=True)
-      shown = np.flatnonzero(np.asarray(mask))[:_GRID_IMAGES]
-      if shown.size:
-        # Upscaled with nearest neighbour: 32-pixel crops are too small to judge at their own size.
-        grid = pictures.reconstruction_grid(np.asarray(images)[shown],
-                                            pixels.to_uint8(np.asarray(reconstructions)[shown]))
-  if metrics is None:
-    raise ValueError("evaluate: the eval loader yielded no batch.")
-  usage, perplexity = step_lib.code_usage_and_perplexity(np.asarray(counts))
-  results = {name: float(value) for name, value in metrics.compute().items()}
-  results.update(codebook_usage=usage, perplexity=perplexity, num_images=int(metrics.psnr.count))
-  return results, grid
+def eval_image_count(config: ml_collections.ConfigDict, eval_loader) -> int:
+  """How many images the in-training evaluation covers: `num_eval_images` (0 = all), at most the split's size."""
+  available = eval_loader.num_records
+  return available if config.num_eval_images <= 0 else min(config.num_eval_images, available)
 
 
-def _num_eval_batches(config: ml_collections.ConfigDict, eval_loader) -> int:
-  if config.num_eval_images <= 0:
-    return len(eval_loader)
-  global_batch = eval_loader.batch_size * jax.process_count()
-  return min(len(eval_loader), -(-config.num_eval_images // global_batch))
+def make_evaluator(config: ml_collections.ConfigDict, steps: step_lib.Steps, lpips_params, num_images: int, *,
+                   load_inception=inception.load_inception_params) -> evaluator_lib.Evaluator:
+  """The in-training `Evaluator`: with the FID Inception network (rFID, KID) only when `num_images` reaches
+  `config.eval_fid_min_images` and the weights (`config.eval_inception_weights`, default fetched and cached) can
+  be loaded. Otherwise it logs, once, why rFID is skipped; `python -m gaussiantoken_jax.evaluate` computes it
+  on a checkpoint. `load_inception(path)` returns the parameters (tests pass random ones)."""
+  inception_params = None
+  if num_images < config.eval_fid_min_images:
+    logging.info("In-training evaluation over %d images: no rFID / KID, which need at least "
+                 "config.eval_fid_min_images=%d images (below the 2048 feature dimension FID is mostly its own "
+                 "small-sample bias; docs/evaluation.md). `python -m gaussiantoken_jax.evaluate` computes them on "
+                 "a checkpoint.", num_images, config.eval_fid_min_images)
+  else:
+    try:
+      inception_params = load_inception(config.eval_inception_weights)
+    except weights.WeightsUnavailableError as err:
+      logging.warning("In-training evaluation over %d images: no rFID / KID, the FID Inception weights are "
+                      "unavailable (%s). Set config.eval_inception_weights to a local default_1.pt or .npz.",
+                      num_images, err)
+    else:
+      logging.info("In-training evaluation over %d images, with rFID and KID.", num_images)
+  return evaluator_lib.Evaluator(steps, lpips_params, inception_params)
+
+
+def evaluate(evaluator: evaluator_lib.Evaluator, state: step_lib.TrainState, eval_loader,
+             max_images: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """The EMA weights' metrics over the first `max_images` (None: all) images of `eval_loader`, and the pictures
+  (`Evaluator.evaluate`). Every process must call it."""
+  return evaluator.evaluate(state.ema_params, state.model_state, eval_loader, max_images=max_images)
 
 
 def _orbax_info_filter(record) -> bool:
@@ -109,7 +109,8 @@ def _silence_orbax_info_logs() -> None:
 
 
 def _check_loop_config(config: ml_collections.ConfigDict) -> None:
-  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints"):
+  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
+               "eval_fid_min_images"):
     value = config[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}.")
@@ -144,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   # --- Input.
   train_iter = iter(data.make_train_loader(config))
   eval_loader = data.make_eval_loader(config)
-  num_eval_batches = _num_eval_batches(config, eval_loader)
+  evaluator = make_evaluator(config, steps, lpips_params, eval_image_count(config, eval_loader))
+  max_eval_images = config.num_eval_images if config.num_eval_images > 0 else None
 
   # --- Restore the newest checkpoint (state and data position), or start afresh.
   distributed.barrier("gaussiantoken_jax.trainer.started")  # before the Checkpointer's first collective
@@ -169,23 +171,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       return state
 
     # --- Compile ahead of time; then all processes start the loop together (see distributed.barrier).
+    # (The evaluation pass compiles at its first use.)
     train_step = steps.train_step.lower(state, steps.abstract_batch(config.batch_size), lpips_params).compile()
-    eval_batch = steps.abstract_batch(eval_loader.batch_size * jax.process_count(), with_mask=True)
-    eval_step = steps.eval_step.lower(state.ema_params, state.model_state, eval_batch, lpips_params).compile()
     distributed.barrier("gaussiantoken_jax.trainer.compiled")
-    logging.info("Train and eval steps compiled.")
+    logging.info("Train step compiled.")
 
     def save(step: int) -> None:
       checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
 
     def run_eval(step: int) -> None:
-      results, grid = evaluate(eval_step, steps.batch_sharding, state, lpips_params, eval_loader, num_eval_batches)
+      results, images = evaluate(evaluator, state, eval_loader, max_eval_images)
       writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
       cells = step_lib.block_baseline_cells(config)
-      logging.info("Eval at step %d: PSNR %.2f dB; the trivial answer (%dx%d block means, as many values as tokens) "
-                   "gets %.2f dB.", step, results["psnr"], cells, cells, results["psnr_block_baseline"])
-      if grid is not None:
-        writer.write_images(step, {"eval_reconstructions": grid[None]})
+      logging.info("Eval at step %d over %d images: PSNR %.2f dB (uint8 pooled %.2f dB), SSIM %.3f%s; the trivial "
+                   "answer (%dx%d block means, as many values as tokens) gets %.2f dB.", step, results["num_images"],
+                   results["psnr"], results["psnr_uint8"], results["ssim"],
+                   f", rFID {results['rfid']:.2f}" if "rfid" in results else "", cells, cells,
+                   results["psnr_block_baseline"])
+      writer.write_images(step, {f"eval_{name}": picture[None] for name, picture in images.items()})
 
     # --- The loop.
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps)

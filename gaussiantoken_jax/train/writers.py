@@ -199,10 +199,13 @@ class ProgressReporter:
     ...
     if step % config.log_every_steps == 0:
       progress.report(step)
+
+  `unit` / `units` name what is counted in the log line (default "step" / "steps"; an evaluation pass
+  counts batches: `unit="eval batch", units="batches"`).
   """
 
   def __init__(self, *, total_steps: int, batch_size: int, writer=None, first_step: int = 0,
-               clock: Callable[[], float] = time.monotonic):
+               clock: Callable[[], float] = time.monotonic, unit: str = "step", units: str = "steps"):
     for name, value in (("total_steps", total_steps), ("batch_size", batch_size)):
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -214,6 +217,7 @@ class ProgressReporter:
     self._clock = clock
     self._last_step = first_step
     self._last_time = clock()
+    self._unit, self._units = unit, units
 
   def report(self, step: int) -> dict[str, float]:
     """Measures the speed since the last report, writes it (if there is a writer), logs it and returns it.
@@ -236,8 +240,8 @@ class ProgressReporter:
     self._last_step, self._last_time = step, now
     if self._writer is not None:
       self._writer.write_scalars(step, scalars)
-    logging.info("step %d/%d (%.1f%%): %.3g steps/s, %.4g images/s, ETA %s", step, self._total_steps,
-                 100.0 * step / self._total_steps, steps_per_sec, scalars["images_per_sec"],
+    logging.info("%s %d/%d (%.1f%%): %.3g %s/s, %.4g images/s, ETA %s", self._unit, step, self._total_steps,
+                 100.0 * step / self._total_steps, steps_per_sec, self._units, scalars["images_per_sec"],
                  _format_duration(eta))
     return scalars
 
