@@ -41,7 +41,9 @@ The demo's 321 held-out images are far fewer than the 2048 dimensions of the Inc
 carries a large small-sample bias (of the same kind in both rows); compare KID there. The CIFAR tars are JPEG
 (quality 75, chroma subsampled): figures on them are comparable with each other, not with published ones.
 
-Prints one table, a row per model and their difference (GaussianToken minus baseline); the last line is one JSON
+Prints one table, a row per model and their difference (GaussianToken minus baseline; lower is better for LPIPS,
+rFID and KID, higher for the rest; "blocks" is the PSNR of the trivial answer with as many block means as tokens,
+which a tokenizer must beat, docs/evaluation.md); the last line is one JSON
 object {"gaussiantoken": {...}, "vq": {...}}: each the evaluation's metrics plus the setting (tokens, token_dim,
 codebook_size, generator_params, steps, batch_size, train_seconds, config_name).
 """
