@@ -1,18 +1,23 @@
-r"""Exports the tokens of every image of a folder (or uncompressed .tar) with a trained tokenizer.
+r"""Exports the tokens of every image of a folder, an uncompressed .tar or a prepared TFDS split.
 
   python -m gaussiantoken_jax.tokenize --workdir=/tmp/gt_demo --data=/path/to/images --output=/tmp/tokens.npz
   python -m gaussiantoken_jax.tokenize --workdir=DIR --step=600 --data=images.tar --output=OUT.npz --batch_size=128
+  python -m gaussiantoken_jax.tokenize --workdir=DIR --data=tfds:cifar10 --split=test [--tfds_data_dir=D] --output=OUT
 
-The images are read in the order of their relative paths, decoded to RGB and brought to the trained size by
-the run's evaluation crop (`config.data.eval_crop`, as evaluation sees them). Files that do not decode are
-skipped, logged and counted, as the data pipeline does. The output `.npz` holds, one row per readable image:
+Folder and tar images are read in the order of their relative paths; a TFDS split (`--data=tfds:NAME`, split
+`--split`, default "train", slices such as "train[:10%]" too) in the order of its records, read through
+`data.sources.TfdsImageSource` (the dataset must be prepared as ArrayRecord; no TensorFlow). Images are decoded to
+RGB and brought to the trained size by the run's evaluation crop (`config.data.eval_crop`, as evaluation sees
+them). Records that do not decode are skipped, logged and counted, as the data pipeline does. The output `.npz`
+holds, one row per readable image:
 
-  ids        str [N]          the image's path relative to --data (the source key)
+  ids        str [N]          the source key: the image's path relative to --data; for TFDS the record's
+                              `file_name` feature if it has one, else "NAME/SPLIT[index]"
   indices    int32 [N, K]     codebook indices
   means      float32 [N, K, 2]  (GaussianToken only; absent for the plain-VQ baseline)
   rotations  float32 [N, K]
   scales     float32 [N, K, 2]
-  skipped    str [M]          the files that could not be read
+  skipped    str [M]          the keys of the records that could not be read
 
 An output ending in `.array_record` is an ArrayRecord file instead, one record per readable image in the same
 order: a msgpack map (`flax.serialization.msgpack_serialize`) {"id": str, "indices": int32 [K], and for
@@ -22,11 +27,16 @@ are only counted and logged.
 Read either back with `load_export(path)` -> (ids, Tokens), or batch by batch through grain with
 `token_dataset(path, batch_size)` -> (ids, Tokens) batches. Resumable: each batch is written as it is done to
 `<output>.parts/<batch>.npz` (atomically, by rename), and a rerun with the same arguments encodes only the
-batches missing there; the output is assembled from the parts at the end and the parts are then removed. One
-process (the batch is split over its devices); several processes are not supported.
+batches missing there; the output is assembled from the parts at the end and the parts are then removed.
+
+Several processes (started as for training, `train.distributed`'s environment variables or a cluster that JAX
+detects; the output's folder must be shared by them): process p of P encodes the batches b with b % P == p, each
+with the whole model on its own local devices, and writes their parts; after a barrier process 0 assembles the
+output in batch order. One process splits each batch over its devices (the run's mesh).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -45,18 +55,25 @@ from flax import serialization
 from gaussiantoken_jax import cli_flags
 from gaussiantoken_jax.data import pipeline, sources
 from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
+from gaussiantoken_jax.train import distributed, sharding
 
 FLAGS = flags.FLAGS
 DEFAULT_BATCH_SIZE = 64
 _TOKEN_FIELDS = ("indices", "means", "rotations", "scales")
 _MANIFEST = "manifest.json"
 ARRAY_RECORD_SUFFIX = ".array_record"
+TFDS_PREFIX = "tfds:"
+DEFAULT_TFDS_SPLIT = "train"
+_BARRIER_COUNT = itertools.count()
 
 
 def _define_flags() -> None:
   # Defined only when run as a command (the other commands define `workdir` and `output` too).
   flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints dir, or a step dir).")
-  flags.DEFINE_string("data", None, "An image folder or an uncompressed .tar of images.")
+  flags.DEFINE_string("data", None, "An image folder, an uncompressed .tar of images, or tfds:NAME (a prepared "
+                      "TFDS dataset).")
+  flags.DEFINE_string("split", None, f"The TFDS split (with --data=tfds:NAME); default {DEFAULT_TFDS_SPLIT!r}.")
+  flags.DEFINE_string("tfds_data_dir", None, "Where the TFDS dataset is prepared; default TFDS's own.")
   flags.DEFINE_string("output", None, "The .npz (or .array_record) to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA parameters (as evaluation does).")
@@ -105,10 +122,17 @@ def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
 
 
 def _check_manifest(parts: epath.Path, manifest: dict[str, Any]) -> None:
-  """Writes the export's manifest, or checks that the one of an interrupted export is the same."""
+  """Writes the export's manifest (process 0), or checks that the one of an interrupted export is the same.
+
+  Every process checks a manifest that exists (so all raise the same error); when there is none, process 0
+  writes it atomically and the others go on (their parts carry the same arguments).
+  """
   path = parts / _MANIFEST
   if not path.exists():
-    path.write_text(json.dumps(manifest, indent=2))
+    if jax.process_index() == 0:
+      temporary = parts / f".{_MANIFEST}.tmp"
+      temporary.write_text(json.dumps(manifest, indent=2))
+      temporary.replace(path)
     return
   saved = json.loads(path.read_text())
   differ = [f"{key}: before {saved.get(key)!r}, now {value!r}" for key, value in manifest.items()
@@ -116,6 +140,22 @@ def _check_manifest(parts: epath.Path, manifest: dict[str, Any]) -> None:
   if differ:
     raise ValueError(f"{parts} holds an interrupted export made with other arguments ({'; '.join(differ)}); rerun "
                      f"with those, or delete {parts} to start over.")
+
+
+def make_source(data: str, *, split: str | None = None, tfds_data_dir: str | None = None):
+  """The records to tokenize (`{"key", "data"}`, see `data.sources`): `tfds:NAME` is split `split` (default
+  "train") of the prepared TFDS dataset NAME in `tfds_data_dir` (FileNotFoundError if it is not prepared),
+  anything else an image folder or uncompressed .tar (then `split` and `tfds_data_dir` must be None)."""
+  data = os.fspath(data)
+  if data.startswith(TFDS_PREFIX):
+    name = data[len(TFDS_PREFIX):]
+    if not name:
+      raise ValueError(f"`data` {data!r} names no TFDS dataset; expected e.g. 'tfds:cifar10'.")
+    return sources.TfdsImageSource(name, split or DEFAULT_TFDS_SPLIT, tfds_data_dir)
+  if split is not None or tfds_data_dir is not None:
+    raise ValueError(f"`split` and `tfds_data_dir` are for TFDS data ('tfds:NAME'); `data` {data!r} is a folder or "
+                     f"tar, got split={split!r}, tfds_data_dir={tfds_data_dir!r}.")
+  return sources.ImageFolderSource(data)
 
 
 def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, batch_size: int,
@@ -144,69 +184,91 @@ def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, b
 
 
 def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: int | None = None,
-           use_ema: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, stop_after_batches: int | None = None
-           ) -> dict[str, int]:
-  """Writes the tokens of every image under `data` to `output` (see the module docstring).
+           use_ema: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, split: str | None = None,
+           tfds_data_dir: str | None = None, stop_after_batches: int | None = None) -> dict[str, Any]:
+  """Writes the tokens of every image of `data` to `output` (see the module docstring).
+
+  Every process of a multi-process run calls it with the same arguments.
 
   Args:
     workdir: the checkpoint (`GaussianTokenizer.from_checkpoint`'s path).
-    data: an image folder or an uncompressed .tar.
-    output: the .npz to write.
+    data: an image folder, an uncompressed .tar, or "tfds:NAME" (see `make_source`).
+    output: the .npz (or .array_record) to write.
     step, use_ema: which parameters (see `GaussianTokenizer.from_checkpoint`).
-    batch_size: images per encode call.
-    stop_after_batches: encode at most this many new batches, then return without assembling the output (an
-      interruption, for tests and for splitting a long export into jobs).
+    batch_size: images per encode call (per process).
+    split, tfds_data_dir: the TFDS split and data_dir (with "tfds:NAME" only).
+    stop_after_batches: encode at most this many new batches (in each process), then return without assembling
+      the output (an interruption, for tests and for splitting a long export into jobs).
 
-  Returns {"num_images", "num_skipped", "batches_encoded", "batches_reused", "complete"} (the counts of images
-  None when stopped early).
+  Returns {"num_images", "num_skipped", "batches_encoded", "batches_reused", "complete"}: the batches counted
+  are this process's; the image counts are None when the export is not complete and in processes other
+  than 0 (process 0 assembles the output).
   """
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-  if jax.process_count() > 1:
-    raise ValueError(f"tokenize runs in one process; this is one of {jax.process_count()}.")
   output = epath.Path(output)
-  tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema)
-  source = sources.ImageFolderSource(os.fspath(data))
+  source = make_source(data, split=split, tfds_data_dir=tfds_data_dir)  # before the restore: its errors are quick
+  process, num_processes = jax.process_index(), jax.process_count()
+  # Several processes: each encodes its own batches with the whole model on its local devices (no collective).
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1), jax.local_devices()) if num_processes > 1 else None
+  tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema, mesh=mesh)
   config = tokenizer.config
   crop = pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
   num_batches = -(-len(source) // batch_size)
   parts = parts_dir(output)
   parts.mkdir(parents=True, exist_ok=True)
-  _check_manifest(parts, {"checkpoint": os.fspath(workdir), "step": tokenizer.step, "use_ema": use_ema,
-                          "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size})
-  logging.info("Tokenizing %d files of %s in %d batches of %d with step %d of %s.", len(source), data,
-               num_batches, batch_size, tokenizer.step, workdir)
+  manifest = {"checkpoint": os.fspath(workdir), "step": tokenizer.step, "use_ema": use_ema,
+              "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size}
+  if os.fspath(data).startswith(TFDS_PREFIX):
+    manifest.update(split=split or DEFAULT_TFDS_SPLIT, tfds_data_dir=tfds_data_dir)
+  _check_manifest(parts, manifest)
+  mine = range(process, num_batches, num_processes)
+  logging.info("Tokenizing %d records of %s in %d batches of %d with step %d of %s%s.", len(source), data,
+               num_batches, batch_size, tokenizer.step, workdir,
+               f"; process {process} of {num_processes} encodes {len(mine)} of them" if num_processes > 1 else "")
 
   encoded = reused = 0
   start = time.monotonic()
-  for batch in range(num_batches):
+  for batch in mine:
     path = _part_path(parts, batch)
     if path.exists():
       reused += 1
       continue
     if stop_after_batches is not None and encoded >= stop_after_batches:
-      logging.info("Stopping after %d new batches; %d of %d done.", encoded, encoded + reused, num_batches)
-      return {"num_images": None, "num_skipped": None, "batches_encoded": encoded, "batches_reused": reused,
-              "complete": False}
+      logging.info("Stopping after %d new batches; %d of this process's %d done.", encoded, encoded + reused,
+                   len(mine))
+      break
     first = batch * batch_size
     _write_npz(path, _encode_batch(tokenizer, source, first, min(first + batch_size, len(source)), batch_size,
                                    crop))
     encoded += 1
     elapsed = time.monotonic() - start
-    remaining = num_batches - reused - encoded
+    remaining = len(mine) - reused - encoded
     logging.info("Batch %d/%d done (%.1f images/s; about %.0f s left).", batch + 1, num_batches,
                  encoded * batch_size / elapsed, remaining * elapsed / encoded)
 
-  assembled = [_read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
-  arrays = {name: np.concatenate([part[name] for part in assembled]) for name in assembled[0]}
-  output.parent.mkdir(parents=True, exist_ok=True)
-  if _is_array_record(output):
-    _write_array_record(output, arrays)
-  else:
-    _write_npz(output, arrays)
-  shutil.rmtree(os.fspath(parts))
-  summary = {"num_images": len(arrays["ids"]), "num_skipped": len(arrays["skipped"]), "batches_encoded": encoded,
-             "batches_reused": reused, "complete": True}
+  # Every process decides from the same files whether the export is complete, before process 0 assembles it
+  # and removes the parts; the last barrier keeps the others until the output is there.
+  barrier = f"gaussiantoken_jax.tokenize.{output.name}.{next(_BARRIER_COUNT)}"
+  distributed.barrier(f"{barrier}.encoded")
+  complete = all(_part_path(parts, batch).exists() for batch in range(num_batches))
+  distributed.barrier(f"{barrier}.checked")
+  summary = {"num_images": None, "num_skipped": None, "batches_encoded": encoded, "batches_reused": reused,
+             "complete": complete}
+  if not complete:
+    logging.info("Export to %s not complete: %s.", output, summary)
+    return summary
+  if process == 0:
+    assembled = [_read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
+    arrays = {name: np.concatenate([part[name] for part in assembled]) for name in assembled[0]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if _is_array_record(output):
+      _write_array_record(output, arrays)
+    else:
+      _write_npz(output, arrays)
+    shutil.rmtree(os.fspath(parts))
+    summary.update(num_images=len(arrays["ids"]), num_skipped=len(arrays["skipped"]))
+  distributed.barrier(f"{barrier}.assembled")
   logging.info("Wrote %s: %s.", output, summary)
   return summary
 
@@ -282,8 +344,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.data or not FLAGS.output:
     raise app.UsageError("--workdir, --data and --output are required.")
+  distributed.initialize_from_env()
   summary = export(FLAGS.workdir, FLAGS.data, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
-                   batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE)
+                   batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE, split=FLAGS.split,
+                   tfds_data_dir=FLAGS.tfds_data_dir)
   print(json.dumps(summary))
 
 

@@ -1,9 +1,11 @@
 """GaussianTokenizer and Tokens on a real (tiny) training run: the demo's `:runlocal` trained for a few steps
-through the command line, and a freshly initialised plain-VQ baseline checkpoint.
+through the command line, and a freshly initialised plain-VQ baseline checkpoint. The token export reads an
+image folder, and the tiny ArrayRecord TFDS dataset of tests/test_data_pipeline.py (in one process and in two).
 
 The training run uses the same command line as tests/test_trainer.py's run A (8 steps), so that the two share
 JAX's persistent compilation cache.
 """
+import io
 import json
 import subprocess
 import sys
@@ -13,12 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+import tensorflow_datasets as tfds
 
 import gaussiantoken_jax
 from gaussiantoken_jax import data, pixels, tokenize
 from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
+from test_data_pipeline import GaussiantokenTestImages
+from test_multiprocess import run_processes
 from test_trainer import REPO, finish, load_demo_config, run_env, start_run
 
 TOTAL, EVERY = 8, 2  # as test_trainer's run A
@@ -332,3 +337,72 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   c = np.load(tmp_path / "command.npz")
   for name in a.files:
     np.testing.assert_array_equal(a[name], c[name], err_msg=name)
+
+
+TFDS_NAME = "gaussiantoken_test_images"  # its test split: 5 flat-colour PNGs, one of them not decodable
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  GaussiantokenTestImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return str(data_dir)
+
+
+def test_tokenize_a_prepared_tfds_split(workdir, tokenizer, tfds_dir, tmp_path):
+  summary = tokenize.export(workdir, f"tfds:{TFDS_NAME}", tmp_path / "tfds.npz", split="test", tfds_data_dir=tfds_dir,
+                            batch_size=4)
+  assert summary == {"num_images": 4, "num_skipped": 1, "batches_encoded": 2, "batches_reused": 0, "complete": True}
+  # What the records hold, read here with TFDS and PIL (ArrayRecord keeps TFDS's shuffled record order).
+  records = tfds.builder(TFDS_NAME, data_dir=tfds_dir).as_data_source(
+      "test", decoders={"image": tfds.decode.SkipDecoding()})
+  readable, broken = {}, []
+  for index in range(len(records)):
+    try:
+      readable[f"{TFDS_NAME}/test[{index}]"] = np.asarray(Image.open(io.BytesIO(records[index]["image"])))
+    except OSError:
+      broken.append(f"{TFDS_NAME}/test[{index}]")
+  assert len(readable) == 4 and len(broken) == 1
+  ids, tokens = tokenize.load_export(tmp_path / "tfds.npz")
+  assert list(ids) == list(readable)  # the pipeline's keys, name/split[index], in the records' order
+  assert list(np.load(tmp_path / "tfds.npz")["skipped"]) == broken
+  config = tokenizer.config
+  crop = data.pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
+  direct = tokenizer.encode(np.stack([crop(image) for image in readable.values()]))
+  np.testing.assert_array_equal(tokens.indices, np.asarray(direct.indices))
+  for name in ("means", "rotations", "scales"):
+    np.testing.assert_allclose(getattr(tokens, name), np.asarray(getattr(direct, name)), atol=1e-5, err_msg=name)
+
+  with pytest.raises(FileNotFoundError, match=f"TFDS dataset '{TFDS_NAME}' is not prepared in '{tmp_path}"):
+    tokenize.export(workdir, f"tfds:{TFDS_NAME}", tmp_path / "none.npz", tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="`data` 'tfds:' names no TFDS dataset"):
+    tokenize.export(workdir, "tfds:", tmp_path / "none.npz")
+  with pytest.raises(ValueError, match=r"`split` and `tfds_data_dir` are for TFDS data .*got split='test'"):
+    tokenize.export(workdir, str(tmp_path), tmp_path / "none.npz", split="test")
+  assert not tokenize.parts_dir(tmp_path / "none.npz").exists()
+
+
+def test_tokenize_on_two_processes_equals_one_process(workdir, tfds_dir, tmp_path):
+  """The command line as two jax.distributed processes (4 CPU devices each) resumes an interrupted one-process
+  export of 3 batches: process 0 encodes batch 3, process 1 batch 2; the output equals the one-process export."""
+  data_arg, args = f"tfds:{TFDS_NAME}", dict(split="test", tfds_data_dir=tfds_dir, batch_size=2)
+  one = tokenize.export(workdir, data_arg, tmp_path / "one.npz", **args)
+  assert one["complete"] and one["batches_encoded"] == 3
+  output = tmp_path / "two.npz"
+  partial = tokenize.export(workdir, data_arg, output, stop_after_batches=1, **args)
+  assert partial["batches_encoded"] == 1 and not partial["complete"]
+
+  codes, outputs = run_processes(2, lambda i: [
+      sys.executable, "-m", "gaussiantoken_jax.tokenize", f"--workdir={workdir}", f"--data={data_arg}",
+      "--split=test", f"--tfds_data_dir={tfds_dir}", f"--output={output}", "--batch_size=2"], tmp_path, "tokenize")
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  summaries = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in outputs]
+  assert summaries == [
+      {"num_images": 4, "num_skipped": 1, "batches_encoded": 1, "batches_reused": 1, "complete": True},
+      {"num_images": None, "num_skipped": None, "batches_encoded": 1, "batches_reused": 0, "complete": True}]
+  assert "Batch 3/3 done" in outputs[0] and "Batch 2/3 done" in outputs[1]
+  assert not tokenize.parts_dir(output).exists()
+  a, b = np.load(tmp_path / "one.npz"), np.load(output)
+  assert sorted(a.files) == sorted(b.files) == ["ids", "indices", "means", "rotations", "scales", "skipped"]
+  for name in a.files:
+    np.testing.assert_array_equal(b[name], a[name], err_msg=name)
