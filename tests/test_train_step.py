@@ -259,7 +259,8 @@ def test_eval_step_psnr_lpips_and_code_counts_respect_the_mask(demo_first_step):
   mask = np.arange(config.batch_size) < 5
   batch = to_global_array({"image": images, "mask": mask}, steps.batch_sharding)
   lpips_params = lpips_params_on("demo", "runlocal")
-  metrics, counts, reconstructions = steps.eval_step(after.ema_params, after.model_state, batch, lpips_params)
+  output = steps.eval_step(after.ema_params, after.model_state, batch, lpips_params)
+  metrics, counts, reconstructions = output.metrics, output.code_counts, output.reconstructions
   reconstructions = np.asarray(reconstructions, np.float64)
   assert reconstructions.min() >= -1 and reconstructions.max() <= 1
   originals = images.astype(np.float64) / 255.0
@@ -380,8 +381,8 @@ def test_trainer_evaluates_the_ema_weights(demo_second_step):
   results, pictures = trainer.evaluate(evaluator_lib.Evaluator(steps, lpips_params), state, [batch])
 
   def psnr_with(params):
-    metrics, _, _ = steps.eval_step(params, state.model_state, to_global_array(batch, steps.batch_sharding),
-                                    lpips_params)
+    metrics = steps.eval_step(params, state.model_state, to_global_array(batch, steps.batch_sharding),
+                              lpips_params).metrics
     return float(metrics.compute()["psnr"])
 
   assert results["psnr"] == pytest.approx(psnr_with(state.ema_params), rel=1e-6)

@@ -72,9 +72,10 @@ class Evaluator:
     with_fid = inception_params is not None
 
     def batch_outputs(ema_params, model_state, batch, lpips_params, inception_params):
-      metrics, counts, x_hat = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params)
+      output = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params)
+      x_hat = output.reconstructions
       mse_uint8, ssim = image_metrics.reference_protocol_metrics(batch["image"], x_hat)
-      outputs = dict(metrics=metrics, counts=counts, mse_uint8=mse_uint8, ssim=ssim)
+      outputs = dict(metrics=output.metrics, counts=output.code_counts, mse_uint8=mse_uint8, ssim=ssim)
       if with_fid:
         outputs["real"] = inception.features(inception_params, batch["image"])
         outputs["fake"] = inception.features(inception_params, pixels.to_pixels(x_hat))

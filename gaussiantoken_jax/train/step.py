@@ -188,12 +188,12 @@ class Steps:
 
   @functools.cached_property
   def eval_step(self):
-    """The module's `eval_step`, jitted: (ema_params, model_state, batch, lpips_params) -> (EvalMetrics, code
-    counts, reconstructions)."""
+    """The module's `eval_step`, jitted: (ema_params, model_state, batch, lpips_params) -> EvalOutput."""
     shardings = self.state_shardings
     return jax.jit(functools.partial(eval_step, self),
                    in_shardings=(shardings.ema_params, shardings.model_state, self.batch_sharding, self._replicated),
-                   out_shardings=(self._replicated, self._replicated, self.batch_sharding))
+                   out_shardings=EvalOutput(metrics=self._replicated, code_counts=self._replicated,
+                                            reconstructions=self.batch_sharding))
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> Steps:
@@ -360,12 +360,24 @@ def train_step(steps: Steps, state: TrainState, batch: dict, lpips_params) -> tu
   return new_state, metrics
 
 
-def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params):
+@flax.struct.dataclass
+class EvalOutput:
+  """What `eval_step` returns for one masked batch.
+
+  Attributes:
+    metrics: EvalMetrics: per-image PSNR on [0, 1] after clipping, the PSNR of the block-average baseline with as
+      many cells as the model has tokens (`block_baseline_cells`) and LPIPS, over the unmasked images.
+    code_counts: int32 [codebook_size], how often each code was used by the unmasked images.
+    reconstructions: float32 [B, S, S, 3] in [-1, 1], clipped.
+  """
+  metrics: EvalMetrics
+  code_counts: jax.Array
+  reconstructions: jax.Array
+
+
+def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params) -> EvalOutput:
   """Reconstructs a masked eval batch {"image", "mask"} with the EMA parameters (train=False).
 
-  Returns (EvalMetrics with per-image PSNR on [0, 1] after clipping, the PSNR of the block-average baseline
-  with as many cells as the model has tokens (`block_baseline_cells`) and LPIPS, masked; int32
-  [codebook_size] code counts over the unmasked images; float32 reconstructions in [-1, 1], clipped).
   Pure: `Steps.eval_step` is its jitted form.
   """
   config = steps.config
@@ -381,8 +393,8 @@ def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params):
   indices = output.indices.reshape(output.indices.shape[0], -1)
   weights = jnp.broadcast_to(mask[:, None], indices.shape).astype(jnp.int32)
   counts = jnp.zeros((config.model.codebook_size,), jnp.int32).at[indices.reshape(-1)].add(weights.reshape(-1))
-  return EvalMetrics.single_from_model_output(psnr=psnr, psnr_block_baseline=baseline, lpips=perceptual,
-                                              mask=mask), counts, x_hat
+  metrics = EvalMetrics.single_from_model_output(psnr=psnr, psnr_block_baseline=baseline, lpips=perceptual, mask=mask)
+  return EvalOutput(metrics=metrics, code_counts=counts, reconstructions=x_hat)
 
 
 def code_usage_and_perplexity(counts) -> tuple[float, float]:
