@@ -13,6 +13,9 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import runs  # noqa: E402
 
 jax.config.update(
     "jax_compilation_cache_dir",
@@ -20,3 +23,13 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def runlocal_run(tmp_path_factory):
+  """(workdir, exit code) of the demo's `:runlocal` trained through the command line (tests/runs.py), one run
+  for the whole session: under pytest-xdist the workers share it through the directory above their own."""
+  root = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    root = root.parent
+  return runs.shared_run(root)

@@ -2,21 +2,21 @@
 
 Subprocesses: the script defines absl flags (`config`, `data_dir`, `seed`, ...) that other modules of the
 package define too, so it is never imported into the test process. The JAX compilation cache of the other
-training tests (`run_env`) keeps the second and later runs short.
+training tests (`runs.subprocess_env`) keeps the second and later runs short.
 """
 import json
 import math
 import subprocess
 import sys
 
-from test_trainer import REPO, run_env
+from runs import REPO, subprocess_env
 
 SCRIPT = REPO / "benchmarks" / "paper_table1_small.py"
 TIMEOUT = 900  # 2 shared CPU cores; with a warm compilation cache the run takes about a minute
 
 
 def run_script(*args, check=True):
-  out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=run_env(), capture_output=True,
+  out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(), capture_output=True,
                        text=True, timeout=TIMEOUT)
   if check:
     assert out.returncode == 0, out.stderr[-4000:]

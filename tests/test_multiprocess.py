@@ -7,55 +7,15 @@
 
 This file is also the worker script: `python tests/test_multiprocess.py worker PROCESS_ID NUM_PROCESSES OUT`.
 """
-import importlib.util
 import json
-import os
-import pathlib
-import socket
-import subprocess
 import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from runs import load_demo_config, run_processes
+
 NUM_DEVICES = 8
 NUM_STEPS = 3
-TIMEOUT = 900
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def process_env(process_id, num_processes, port):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_DEVICES // num_processes}"
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache/gaussiantoken_jax/jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  if num_processes > 1:
-    env.update(GAUSSIANTOKEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", GAUSSIANTOKEN_NUM_PROCESSES=str(num_processes),
-               GAUSSIANTOKEN_PROCESS_ID=str(process_id))
-  return env
-
-
-def run_processes(num_processes, make_command, tmp_path, name):
-  """Starts `num_processes` processes of `make_command(process_id)`; returns (return codes, outputs)."""
-  port = free_port()
-  logs = [open(tmp_path / f"{name}_{i}.log", "w") for i in range(num_processes)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen(make_command(i), cwd=REPO, env=process_env(i, num_processes, port), stdout=log,
-                            stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
-  try:
-    codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
-  finally:
-    for proc, log in zip(procs, logs):
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-      log.close()
-  return codes, [(tmp_path / f"{name}_{i}.log").read_text() for i in range(num_processes)]
 
 
 def worker(process_id: int, num_processes: int, out_path: str) -> None:
@@ -69,10 +29,7 @@ def worker(process_id: int, num_processes: int, out_path: str) -> None:
 
   distributed.initialize_from_env()
   assert jax.process_count() == num_processes and jax.device_count() == NUM_DEVICES
-  spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  config = load_demo_config("runlocal")
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
   state, lpips_params = steps.init(), steps.replicate(losses.load_lpips_params())
   # Compile first, then meet: gloo gives up on a collective whose peers arrive more than 30 s apart.

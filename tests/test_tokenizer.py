@@ -2,8 +2,7 @@
 through the command line, and a freshly initialised plain-VQ baseline checkpoint. The token export reads an
 image folder, and the tiny ArrayRecord TFDS dataset of tests/test_data_pipeline.py (in one process and in two).
 
-The training run uses the same command line as tests/test_trainer.py's run A (8 steps), so that the two share
-JAX's persistent compilation cache.
+The training run is the session's shared one (tests/runs.py), which tests/test_trainer.py checks as its run A.
 """
 import io
 import json
@@ -23,17 +22,13 @@ from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
 from test_data_pipeline import GaussiantokenTestImages
-from test_multiprocess import run_processes
-from test_trainer import REPO, finish, load_demo_config, run_env, start_run
-
-TOTAL, EVERY = 8, 2  # as test_trainer's run A
+from runs import REPO, SHARED_EVERY as EVERY, SHARED_STEPS as TOTAL, load_demo_config, run_processes, subprocess_env
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("tokenizer_run")
-  returncode = finish(start_run(workdir, f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
-                                f"--config.log_every_steps={EVERY}", log_path=workdir / "log.txt"))
+def workdir(runlocal_run):
+  """The session's shared `:runlocal` run (tests/runs.py): TOTAL steps, a checkpoint every EVERY."""
+  workdir, returncode = runlocal_run
   assert returncode == 0, (workdir / "log.txt").read_text()[-3000:]
   return workdir
 
@@ -63,8 +58,7 @@ def vq_workdir(tmp_path_factory):
   """A freshly initialised plain-VQ baseline, saved as training saves it (its codebook is the init's)."""
   config = load_demo_config("runlocal,baseline=vq")
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
-  # Host copies: Orbax would otherwise slice every replicated array per device.
-  state = jax.device_get(steps.init())
+  state = steps.init()
   workdir = tmp_path_factory.mktemp("vq_run")
   with checkpointing.Checkpointer(workdir) as ckpt:
     ckpt.save(0, state, config=config)
@@ -247,7 +241,7 @@ def test_missing_or_foreign_checkpoints_raise_clear_errors(tmp_path, workdir, vq
   (tmp_path / "empty" / "checkpoints").mkdir()
   with pytest.raises(FileNotFoundError, match=f"No complete checkpoint in {tmp_path / 'empty' / 'checkpoints'}"):
     GaussianTokenizer.from_checkpoint(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match=rf"No complete checkpoint for step 5 .*there are \[4, 6, 8\]"):
+  with pytest.raises(FileNotFoundError, match=r"No complete checkpoint for step 5 .*there are \[4, 6, 8\]"):
     GaussianTokenizer.from_checkpoint(workdir, step=5)
   # The VQ baseline's parameters saved under the GaussianToken config: named, not an Orbax traceback.
   _, _, vq_state = vq_workdir
@@ -331,7 +325,7 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   # The command line, in its own process: the same file, and the summary as the last line.
   command = [sys.executable, "-m", "gaussiantoken_jax.tokenize", f"--workdir={workdir}", f"--data={folder}",
              f"--output={tmp_path / 'command.npz'}", "--batch_size=8"]
-  result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1])["num_images"] == 11
   c = np.load(tmp_path / "command.npz")

@@ -5,21 +5,16 @@ all of them at the same step, and Orbax saves and restores an array whose shards
 """
 import json
 import os
-import socket
 import subprocess
 import sys
+
+from runs import free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_multiprocess_worker.py")
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_stop_together_and_share_a_checkpoint(tmp_path):
-  port = str(_free_port())
+  port = str(free_port())
   workdir = str(tmp_path / "workdir")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), port, workdir, str(tmp_path / f"result{i}.json")],

@@ -3,20 +3,15 @@ training and checkpoints, SIGTERM and SIGKILL on the way to an exact resume, a r
 batch, seed or model, and a NaN stop.
 
 Each run is a subprocess (`python -m gaussiantoken_jax.main`) because the tests kill and restart them; the
-subprocesses share JAX's persistent compilation cache, so only the first one compiles.
+subprocesses share JAX's persistent compilation cache, so only the first one compiles. Run A, which the other
+runs are compared with, is the session's shared `:runlocal` run, which the tokenizer tests restore too.
 """
 import functools
-import importlib.util
-import json
 import logging
 import math
-import os
-import pathlib
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import chex
@@ -31,57 +26,8 @@ from gaussiantoken_jax import config_lib, data, losses, models, pixels, weights
 from gaussiantoken_jax.evaluation import inception, pictures
 from gaussiantoken_jax.train import checkpointing, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT = 900  # seconds for one run; 2 shared CPU cores
-
-
-def run_env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache/gaussiantoken_jax/jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  return env
-
-
-def start_run(workdir, *overrides, log_path):
-  command = [sys.executable, "-m", "gaussiantoken_jax.main", "--config=configs/demo.py:runlocal",
-             f"--workdir={workdir}", "--config.eval_every_steps=1000", *overrides]
-  log = open(log_path, "a")  # pylint: disable=consider-using-with  (closed when the process is waited for)
-  return subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT), log
-
-
-def finish(process_and_log, timeout=TIMEOUT):
-  process, log = process_and_log
-  try:
-    return process.wait(timeout=timeout)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-    log.close()
-
-
-def wait_for(condition, process, timeout=TIMEOUT, what=""):
-  deadline = time.monotonic() + timeout
-  while not condition():
-    if process.poll() is not None:
-      raise AssertionError(f"the run exited ({process.returncode}) before {what}")
-    if time.monotonic() > deadline:
-      raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.1)
-
-
-def read_metrics(workdir):
-  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def load_demo_config(arg):
-  spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from runs import (SHARED_EVERY as EVERY, SHARED_STEPS as TOTAL, finish, load_demo_config, read_metrics, start_run,
+                  wait_for)
 
 
 @functools.cache
@@ -112,17 +58,10 @@ def test_check_finite_names_the_first_bad_step():
     trainer._check_finite(per_step)
 
 
-TOTAL, EVERY = 8, 2  # run A trains 2N = 8 steps, checkpointing every 2
-
-
-@pytest.fixture(scope="module")
-def run_a(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run_a")
-  start = time.monotonic()
-  returncode = finish(start_run(workdir, f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
-                                f"--config.log_every_steps={EVERY}", log_path=workdir / "log.txt"))
-  print(f"run A: {TOTAL} steps in {time.monotonic() - start:.1f} s")
-  return workdir, returncode
+@pytest.fixture(name="run_a")
+def fixture_run_a(runlocal_run):
+  """Run A: the session's shared `:runlocal` run (tests/runs.py), TOTAL = 8 steps, checkpoints every EVERY = 2."""
+  return runlocal_run
 
 
 def test_end_to_end_training_writes_metrics_pictures_and_checkpoints(run_a):
