@@ -26,9 +26,6 @@ STEPS = 250
 LEARNING_RATE = 1e-3
 # "Far above" the trivial answer: 4.5 dB is 2.8x less squared error. Measured: +7.1 dB; the old embedder +3.4 dB.
 MARGIN_DB = 4.5
-# One xdist worker for the file (`--dist loadgroup`): `_overfit` is cached per process and each variant's
-# training is shared by two tests.
-pytestmark = pytest.mark.xdist_group("learning")
 
 
 def _fixed_batch(image_size: int) -> jax.Array:

@@ -24,8 +24,6 @@ KERNEL = "gaussiantoken_jax_test"
 STEPS = 6  # :runlocal warms up for 5 steps; its checkpoint and evaluation come at the last step
 BATCH = 8  # the notebooks encode 8 held-out crops
 K = 16  # :runlocal's Gaussians per image
-# One xdist worker for the file (`--dist loadgroup`), so that the quickstart notebook trains once.
-pytestmark = pytest.mark.xdist_group("notebooks")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,6 @@ from test_data_pipeline import GaussiantokenTestImages
 from runs import REPO, SHARED_EVERY as EVERY, SHARED_STEPS as TOTAL, load_demo_config, run_processes, subprocess_env
 
 
-# One xdist worker for the file (`--dist loadgroup`): its module fixtures restore and initialise once.
-pytestmark = pytest.mark.xdist_group("tokenizer")
-
-
 @pytest.fixture(scope="module")
 def workdir(runlocal_run):
   """The session's shared `:runlocal` run (tests/runs.py): TOTAL steps, a checkpoint every EVERY."""
