@@ -162,9 +162,12 @@ def _identical_init_stack(layer_cls, length: int, num_broadcast_args: int):
 
   This reproduces the reference's deep copies of one freshly built module; the layer's `__call__` takes the
   carry plus `num_broadcast_args` arguments shared by all copies and returns (carry, None).
+  The scan is unrolled (same parameters, same arithmetic): the stacks are 1-3 layers deep, and the while loop's
+  slicing of stacked parameters and stacking of residuals for the backward pass cost XLA:CPU 22% of the
+  embedder's forward + backward at the demo size (464 -> 361 ms for 16 images, compile 20 -> 23 s).
   """
   return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": False, "dropout": True},
-                 in_axes=(nn.broadcast,) * num_broadcast_args, length=length)
+                 in_axes=(nn.broadcast,) * num_broadcast_args, length=length, unroll=True)
 
 
 class _ReluNormMLP(nn.Module):
