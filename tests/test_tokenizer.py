@@ -140,6 +140,11 @@ def test_uint8_and_the_equivalent_floats_give_the_same_tokens(tokenizer, images)
 
 def test_tokens_save_and_load_bit_exactly(tokenizer, images, tmp_path):
   tokens = tokenizer.encode(images)
+  # Tokens stay split over the batch like the images: a replicated result would mean every device encoded
+  # the whole batch (a gather over the batch-flattened map once did that), and decoding them would compile
+  # another program than decoding the loaded (split) copies, with other rounding.
+  for leaf in jax.tree.leaves(tokens):
+    assert leaf.sharding.is_equivalent_to(sharding.batch_sharding(tokenizer.mesh), leaf.ndim), leaf.sharding
   path = tmp_path / "tokens.npz"
   tokens.save(path)
   loaded = Tokens.load(path)

@@ -53,15 +53,15 @@ def bilinear_sample(value: jax.Array, locations: jax.Array) -> jax.Array:
                     jnp.where(_CORNER_ROW_STEPS == 1, row_frac, 1.0 - row_frac))
   inside = (corner_cols >= 0) & (corner_cols <= width - 1) & (corner_rows >= 0) & (corner_rows <= height - 1)
   corner_weights = jnp.where(inside, corner_weights, 0.0)
-  # Outside corners get weight 0 above, so any in-range index will do for them: clip. Then one row gather from
-  # the map flattened to [B*h*w*heads, dh], whose row ((b*h + row)*w + col)*heads + head is that head's pixel:
-  # the result comes out in its final layout, with no transposes around the gather (on XLA:CPU the batched
-  # take_along_axis over a transposed table cost 10x more than its own arithmetic).
+  # Outside corners get weight 0 above, so any in-range index will do for them: clip. Then a row gather per
+  # image from its map flattened to [h*w*heads, dh], whose row (row*w + col)*heads + head is that head's pixel:
+  # the result comes out in its final layout, with no transposes around the gather (on XLA:CPU a
+  # take_along_axis over the transposed [B, heads, h*w, dh] table cost 10x more than its own arithmetic). The
+  # image stays a batch dimension of the gather, so that a batch split over devices stays split.
   pixel = (jnp.clip(corner_rows, 0, height - 1) * width + jnp.clip(corner_cols, 0, width - 1)).astype(jnp.int32)
-  image = jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1, 1, 1, 1)
-  head = jnp.arange(heads, dtype=jnp.int32).reshape(1, 1, heads, 1, 1)
-  row_index = (image * (height * width) + pixel) * heads + head  # [B, Q, heads, P, 4]
-  corners = jnp.take(value.reshape(-1, head_dim), row_index, axis=0, mode="clip")  # [B, Q, heads, P, 4, dh]
+  row_index = pixel * heads + jnp.arange(heads, dtype=jnp.int32).reshape(heads, 1, 1)  # [B, Q, heads, P, 4]
+  table = value.reshape(batch, height * width * heads, head_dim)
+  corners = jax.vmap(lambda rows, index: jnp.take(rows, index, axis=0, mode="clip"))(table, row_index)
   return jnp.einsum("bqhpc,bqhpcd->bqhpd", corner_weights, corners, precision=jax.lax.Precision.HIGHEST)
 
 
