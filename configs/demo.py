@@ -1,4 +1,4 @@
-r"""A small GaussianToken that trains on CPU in about twenty minutes on the embedded demo photographs.
+r"""A small GaussianToken that trains on CPU in about seventeen minutes on the embedded demo photographs.
 
 The data are random crops of the real photographs bundled with scikit-image and scikit-learn (no download);
 a fixed set of held-out photos is used for evaluation. `:runlocal` is the tiny variant the tests and the
@@ -20,8 +20,9 @@ def get_config(arg=None):
   c.model.update(dict(ch=32, num_res_blocks=1, num_groups=16, num_gaussians=64, feature_dim=3,
                       codebook_size=256))
   c.discriminator.ndf = 16
-  # Sized for ~20 minutes on 2 CPU cores (~1.1 steps/s). LPIPS-VGG16 would cost 4x the rest of the step on
-  # CPU, so the demo trains with L1 + commitment and reports LPIPS only in evaluation.
+  # Sized for ~17 minutes on 2 CPU cores. LPIPS-VGG16 on 32-pixel crops costs 17 GFLOP per batch against 1.1
+  # for this tokenizer and adds ~60% to the step (docs/benchmarks.md), so the demo trains with L1 + commitment
+  # and reports LPIPS only in evaluation.
   c.loss.lpips_weight = 0.0
   c.batch_size = 16
   # Stated in steps, not epochs: the demo's "epoch" is artificial (9 photos x 64 records, each a fresh random
