@@ -55,9 +55,9 @@ def bilinear_sample(value: jax.Array, locations: jax.Array) -> jax.Array:
   corner_weights = jnp.where(inside, corner_weights, 0.0)
   # Outside corners get weight 0 above, so any in-range index will do for them: clip. Then a row gather per
   # image from its map flattened to [h*w*heads, dh], whose row (row*w + col)*heads + head is that head's pixel:
-  # the result comes out in its final layout, with no transposes around the gather (on XLA:CPU a
-  # take_along_axis over the transposed [B, heads, h*w, dh] table cost 10x more than its own arithmetic). The
-  # image stays a batch dimension of the gather, so that a batch split over devices stays split.
+  # the result comes out in its final layout, with no transposes around the gather. The image stays a batch
+  # dimension of the gather, so that a batch split over devices stays split (one gather over the whole batch's
+  # flattened map cannot be partitioned, and came out replicated on every device).
   pixel = (jnp.clip(corner_rows, 0, height - 1) * width + jnp.clip(corner_cols, 0, width - 1)).astype(jnp.int32)
   row_index = pixel * heads + jnp.arange(heads, dtype=jnp.int32).reshape(heads, 1, 1)  # [B, Q, heads, P, 4]
   table = value.reshape(batch, height * width * heads, head_dim)
