@@ -2,13 +2,16 @@ r"""Evaluates a training run's checkpoint: rFID, KID, PSNR (two ways), SSIM, LPI
 
   python -m gaussiantoken_jax.evaluate --workdir=/tmp/gt_demo --output=/tmp/gt_demo/eval.json
   python -m gaussiantoken_jax.evaluate --workdir=DIR --step=600 --split=test --num_images=1000 --output=FILE.json
+  python -m gaussiantoken_jax.evaluate --workdir=DIR --output=FILE.json --fit_geometry_steps=25
 
 Restores the EMA weights of the newest (or `--step`) checkpoint with the config saved beside it, runs the
 evaluation split (default: the config's `data.eval_split`) through the sharded model and writes the metrics
 as JSON: {"rfid", "kid", "kid_std", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity",
-"num_images", "step", "config_name", "workdir", "config"}. Beside it go the pictures, `<output
+"num_images", "fit_geometry_steps", "step", "config_name", "workdir", "config"}. Beside it go the pictures, `<output
 stem>_reconstructions.png`, `_gaussians.png` (GaussianToken) and `_codebook_usage.png`. See
-docs/evaluation.md for the definitions. With several processes, start it on every process, like training.
+docs/evaluation.md for the definitions. `--fit_geometry_steps=N` (GaussianToken) evaluates the tokenizer with
+each image's geometry fitted to the image at encode time (`geometry_fit`); the record says how many steps. With
+several processes, start it on every process, like training.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("split", None, "Evaluation split; default the config's data.eval_split.")
   flags.DEFINE_integer("num_images", None, "Evaluate the first N images (all processes together); "
                        "default the whole split.")
+  flags.DEFINE_integer("fit_geometry_steps", 0, "GaussianToken: fit each image's geometry to it in this many "
+                       "Adam steps at encode time (gaussiantoken_jax.geometry_fit); 0: the embedder's geometry.")
 
 
 def config_name(config) -> str:
@@ -60,7 +65,8 @@ def write_outputs(output: pathlib.Path, record: dict, pictures: dict) -> list[pa
 
 
 def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, split: str | None = None,
-        num_images: int | None = None, inception_weights: str | None = None, with_fid: bool = True) -> dict:
+        num_images: int | None = None, inception_weights: str | None = None, with_fid: bool = True,
+        fit_geometry_steps: int = 0) -> dict:
   """Evaluates checkpoint `step` of `workdir` and writes `output` and the pictures (process 0); returns the
   record written (see the module docstring; without `with_fid`, no Inception network and no rfid / kid)."""
   restored = restore.restore_model(workdir, step)
@@ -68,9 +74,11 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
   logging.info("Restored the EMA weights of step %d from %s.", restored.step, workdir)
   loader = data.make_eval_loader(config, split=split)
   evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
-                                      inception.load_inception_params(inception_weights) if with_fid else None)
+                                      inception.load_inception_params(inception_weights) if with_fid else None,
+                                      fit_geometry_steps=fit_geometry_steps)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
-  record = {**metrics, "step": restored.step, "config_name": config_name(config),
+  record = {**metrics, "fit_geometry_steps": fit_geometry_steps, "step": restored.step,
+            "config_name": config_name(config),
             "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}
   if jax.process_index() == 0:
     paths = write_outputs(pathlib.Path(output), record, pictures)
@@ -85,11 +93,14 @@ def main(argv):
     raise app.UsageError("--workdir and --output are required.")
   if FLAGS.num_images is not None and FLAGS.num_images < 1:
     raise app.UsageError(f"--num_images must be a positive int, got {FLAGS.num_images}.")
+  if FLAGS.fit_geometry_steps < 0:
+    raise app.UsageError(f"--fit_geometry_steps must be a non-negative int, got {FLAGS.fit_geometry_steps}.")
   distributed.initialize_from_env()
   record = run(FLAGS.workdir, FLAGS.output, step=FLAGS.step, split=FLAGS.split, num_images=FLAGS.num_images,
-               inception_weights=cli_flags.INCEPTION_WEIGHTS.value)
+               inception_weights=cli_flags.INCEPTION_WEIGHTS.value, fit_geometry_steps=FLAGS.fit_geometry_steps)
   if jax.process_index() == 0:
-    print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "step", "config_name")
+    print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "fit_geometry_steps", "step",
+                                                    "config_name")
                       if key in record}))
 
 

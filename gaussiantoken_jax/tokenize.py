@@ -3,6 +3,7 @@ r"""Exports the tokens of every image of a folder, an uncompressed .tar or a pre
   python -m gaussiantoken_jax.tokenize --workdir=/tmp/gt_demo --data=/path/to/images --output=/tmp/tokens.npz
   python -m gaussiantoken_jax.tokenize --workdir=DIR --step=600 --data=images.tar --output=OUT.npz --batch_size=128
   python -m gaussiantoken_jax.tokenize --workdir=DIR --data=tfds:cifar10 --split=test [--tfds_data_dir=D] --output=OUT
+  python -m gaussiantoken_jax.tokenize --workdir=DIR --data=/path/to/images --output=OUT.npz --fit_geometry_steps=25
 
 Folder and tar images are read in the order of their relative paths; a TFDS split (`--data=tfds:NAME`, split
 `--split`, default "train", slices such as "train[:10%]" too) in the order of its records, read through
@@ -77,6 +78,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "The .npz (or .array_record) to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the newest complete one.")
   flags.DEFINE_bool("use_ema", True, "Use the EMA parameters (as evaluation does).")
+  flags.DEFINE_integer("fit_geometry_steps", 0, "GaussianToken: fit each image's geometry to it in this many Adam "
+                       "steps (GaussianTokenizer.encode's fit_geometry_steps); 0: the embedder's geometry.")
 
 
 def parts_dir(output: epath.PathLike) -> epath.Path:
@@ -158,8 +161,8 @@ def make_source(data: str, *, split: str | None = None, tfds_data_dir: str | Non
   return sources.ImageFolderSource(data)
 
 
-def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, batch_size: int,
-                  crop) -> dict[str, np.ndarray]:
+def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, batch_size: int, crop,
+                  fit_geometry_steps: int) -> dict[str, np.ndarray]:
   """The part for records [first, last): ids, token arrays of the readable images, and the skipped ids."""
   ids, images, skipped = [], [], []
   for index in range(first, last):
@@ -174,7 +177,7 @@ def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, b
   batch = np.zeros((batch_size, size, size, 3), np.uint8)  # padded to one shape: one compilation
   if images:
     batch[:len(images)] = np.stack(images)
-  tokens = jax.device_get(tokenizer.encode(batch))
+  tokens = jax.device_get(tokenizer.encode(batch, fit_geometry_steps=fit_geometry_steps))
   part = {"ids": np.asarray(ids, dtype=str), "skipped": np.asarray(skipped, dtype=str)}
   for name in _TOKEN_FIELDS:
     value = getattr(tokens, name)
@@ -185,7 +188,8 @@ def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, b
 
 def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: int | None = None,
            use_ema: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, split: str | None = None,
-           tfds_data_dir: str | None = None, stop_after_batches: int | None = None) -> dict[str, Any]:
+           tfds_data_dir: str | None = None, stop_after_batches: int | None = None,
+           fit_geometry_steps: int = 0) -> dict[str, Any]:
   """Writes the tokens of every image of `data` to `output` (see the module docstring).
 
   Every process of a multi-process run calls it with the same arguments.
@@ -199,6 +203,8 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
     split, tfds_data_dir: the TFDS split and data_dir (with "tfds:NAME" only).
     stop_after_batches: encode at most this many new batches (in each process), then return without assembling
       the output (an interruption, for tests and for splitting a long export into jobs).
+    fit_geometry_steps: GaussianToken: each image's geometry fitted to it in this many steps at encode time
+      (`GaussianTokenizer.encode`).
 
   Returns {"num_images", "num_skipped", "batches_encoded", "batches_reused", "complete"}: the batches counted
   are this process's; the image counts are None when the export is not complete and in processes other
@@ -218,7 +224,8 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   parts = parts_dir(output)
   parts.mkdir(parents=True, exist_ok=True)
   manifest = {"checkpoint": os.fspath(workdir), "step": tokenizer.step, "use_ema": use_ema,
-              "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size}
+              "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size,
+              "fit_geometry_steps": fit_geometry_steps}
   if os.fspath(data).startswith(TFDS_PREFIX):
     manifest.update(split=split or DEFAULT_TFDS_SPLIT, tfds_data_dir=tfds_data_dir)
   _check_manifest(parts, manifest)
@@ -240,7 +247,7 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
       break
     first = batch * batch_size
     _write_npz(path, _encode_batch(tokenizer, source, first, min(first + batch_size, len(source)), batch_size,
-                                   crop))
+                                   crop, fit_geometry_steps))
     encoded += 1
     elapsed = time.monotonic() - start
     remaining = len(mine) - reused - encoded
@@ -347,7 +354,7 @@ def main(argv):
   distributed.initialize_from_env()
   summary = export(FLAGS.workdir, FLAGS.data, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
                    batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE, split=FLAGS.split,
-                   tfds_data_dir=FLAGS.tfds_data_dir)
+                   tfds_data_dir=FLAGS.tfds_data_dir, fit_geometry_steps=FLAGS.fit_geometry_steps)
   print(json.dumps(summary))
 
 

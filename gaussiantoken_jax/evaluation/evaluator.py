@@ -59,12 +59,19 @@ class Evaluator:
     inception_params: FID Inception parameters (`inception.load_inception_params()`), or None to skip
       rFID / KID (and the cost of running Inception).
     num_pictures: images shown in the pictures (the first ones of the pass).
+    fit_geometry_steps: > 0 evaluates GaussianToken with each image's geometry fitted to it at encode time
+      (`geometry_fit`, as `GaussianTokenizer.encode(..., fit_geometry_steps=N)`): every metric and picture.
   """
 
   def __init__(self, steps: step_lib.Steps, lpips_params, inception_params=None, *,
-               num_pictures: int = NUM_PICTURES):
+               num_pictures: int = NUM_PICTURES, fit_geometry_steps: int = 0):
     if not isinstance(num_pictures, int) or num_pictures < 1:
       raise ValueError(f"Evaluator: `num_pictures` must be a positive int, got {num_pictures!r}.")
+    if not isinstance(fit_geometry_steps, int) or fit_geometry_steps < 0:
+      raise ValueError(f"Evaluator: `fit_geometry_steps` must be a non-negative int, got {fit_geometry_steps!r}.")
+    if fit_geometry_steps and steps.config.model.type != "gaussiantoken":
+      raise ValueError(f"Evaluator: `fit_geometry_steps`={fit_geometry_steps} needs a GaussianToken model, got "
+                       f"model.type={steps.config.model.type!r} (its tokens have no geometry).")
     self._steps = steps
     self._lpips_params = steps.replicate(lpips_params)
     self._inception_params = None if inception_params is None else steps.replicate(inception_params)
@@ -72,7 +79,7 @@ class Evaluator:
     with_fid = inception_params is not None
 
     def batch_outputs(ema_params, model_state, batch, lpips_params, inception_params):
-      output = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params)
+      output = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params, fit_geometry_steps)
       x_hat = output.reconstructions
       mse_uint8, ssim = image_metrics.reference_protocol_metrics(batch["image"], x_hat)
       outputs = dict(metrics=output.metrics, counts=output.code_counts, mse_uint8=mse_uint8, ssim=ssim)
@@ -82,7 +89,8 @@ class Evaluator:
       return outputs
 
     def picture_outputs(ema_params, model_state, images):
-      output = steps.model.apply({"params": ema_params, **model_state}, pixels.to_model_input(images), train=False)
+      output = step_lib.reconstruct(steps.model, {"params": ema_params, **model_state}, pixels.to_model_input(images),
+                                    fit_geometry_steps)
       return output.reconstruction, output.indices, output.gaussians
 
     self._batch_outputs = jax.jit(batch_outputs)

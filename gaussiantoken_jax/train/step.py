@@ -34,7 +34,7 @@ import optax
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gaussiantoken_jax import losses, models
+from gaussiantoken_jax import geometry_fit, losses, models
 from gaussiantoken_jax.evaluation import image_metrics
 from gaussiantoken_jax.pixels import to_model_input
 from gaussiantoken_jax.train import optim, sharding
@@ -375,16 +375,28 @@ class EvalOutput:
   reconstructions: jax.Array
 
 
-def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params) -> EvalOutput:
-  """Reconstructs a masked eval batch {"image", "mask"} with the EMA parameters (train=False).
+def reconstruct(model, variables, x, fit_geometry_steps: int = 0) -> models.ModelOutput:
+  """The eval-mode forward pass of `model` on x in [-1, 1]; with `fit_geometry_steps` > 0 (GaussianToken), the
+  Gaussians' geometry is first fitted to x (`geometry_fit`) and the reconstruction decoded from it."""
+  output = model.apply(variables, x, train=False)
+  if not fit_geometry_steps:
+    return output
+  gaussians = geometry_fit.fit_gaussians(model, variables, output.gaussians, x, steps=fit_geometry_steps)
+  return output.replace(gaussians=gaussians, reconstruction=model.apply(variables, gaussians, method="decode"))
 
-  Pure: `Steps.eval_step` is its jitted form.
+
+def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params,
+              fit_geometry_steps: int = 0) -> EvalOutput:
+  """Reconstructs a masked eval batch {"image", "mask"} with the EMA parameters (train=False), the geometry
+  fitted to each image first if `fit_geometry_steps` > 0 (`reconstruct`).
+
+  Pure: `Steps.eval_step` is its jitted form (without fitting).
   """
   config = steps.config
   _check_image_batch("eval_step", batch, config.data.image_size, with_mask=True)
   x = to_model_input(batch["image"])
   mask = batch["mask"]
-  output = steps.model.apply({"params": ema_params, **model_state}, x, train=False)
+  output = reconstruct(steps.model, {"params": ema_params, **model_state}, x, fit_geometry_steps)
   x_hat = jnp.clip(output.reconstruction, -1.0, 1.0)
   originals = (x + 1.0) * 0.5
   psnr = image_metrics.psnr(originals, (x_hat + 1.0) * 0.5)
