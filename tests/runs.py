@@ -16,6 +16,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds for one run; 2 shared CPU cores
 SHARED_STEPS, SHARED_EVERY = 8, 2  # the shared run trains 8 steps, logging and checkpointing every 2
+SHARED_FIT_STEPS = 5  # and evaluates at the end a second time with the geometry fitted in 5 steps
 
 
 def subprocess_env(num_devices=8, process_id=0, num_processes=1, port=None):
@@ -111,6 +112,8 @@ def shared_run(root: pathlib.Path):
       workdir.mkdir()
       returncode = finish(start_run(workdir, f"--config.total_steps={SHARED_STEPS}",
                                     f"--config.checkpoint_every_steps={SHARED_EVERY}",
-                                    f"--config.log_every_steps={SHARED_EVERY}", log_path=workdir / "log.txt"))
+                                    f"--config.log_every_steps={SHARED_EVERY}",
+                                    f"--config.eval_fit_geometry_steps={SHARED_FIT_STEPS}",
+                                    log_path=workdir / "log.txt"))
       code_file.write_text(str(returncode))
   return workdir, int(code_file.read_text())

@@ -18,7 +18,9 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   beat it), the reference's uint8 PSNR, SSIM, LPIPS, code usage and perplexity; rFID and KID only when the
   subset holds at least `eval_fid_min_images` images and the FID Inception weights load (`make_evaluator` logs
   why not otherwise). Pictures: originals above their reconstructions, the Gaussians (GaussianToken) and the
-  sorted codebook usage, as PNG under `workdir/images/` and TensorBoard images.
+  sorted codebook usage, as PNG under `workdir/images/` and TensorBoard images. With
+  `eval_fit_geometry_steps` > 0 (GaussianToken) the last evaluation runs a second time with each image's
+  geometry fitted to it at encode time (`geometry_fit`), logged as `eval_fitted_*` with its own pictures.
 
 Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
 """
@@ -114,6 +116,9 @@ def _check_loop_config(config: ml_collections.ConfigDict) -> None:
     value = config[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}.")
+  fit_steps = config.eval_fit_geometry_steps
+  if not isinstance(fit_steps, int) or isinstance(fit_steps, bool) or fit_steps < 0:
+    raise ValueError(f"config.eval_fit_geometry_steps must be a non-negative int, got {fit_steps!r}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
@@ -146,6 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   train_iter = iter(data.make_train_loader(config))
   eval_loader = data.make_eval_loader(config)
   evaluator = make_evaluator(config, steps, lpips_params, eval_image_count(config, eval_loader))
+  fitted_evaluator = None  # the last evaluation again, the geometry fitted to each image (no rFID: its cost)
+  if config.eval_fit_geometry_steps and config.model.type == "gaussiantoken":
+    fitted_evaluator = evaluator_lib.Evaluator(steps, lpips_params, fit_geometry_steps=config.eval_fit_geometry_steps)
   max_eval_images = config.num_eval_images if config.num_eval_images > 0 else None
 
   # --- Restore the newest checkpoint (state and data position), or start afresh.
@@ -189,6 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                    f", rFID {results['rfid']:.2f}" if "rfid" in results else "", cells, cells,
                    results["psnr_block_baseline"])
       writer.write_images(step, {f"eval_{name}": picture[None] for name, picture in images.items()})
+      if fitted_evaluator is not None and step == config.total_steps:
+        results, images = evaluate(fitted_evaluator, state, eval_loader, max_eval_images)
+        writer.write_scalars(step, {f"eval_fitted_{name}": value for name, value in results.items()})
+        logging.info("Eval at step %d with the geometry fitted to each image (%d steps): PSNR %.2f dB, SSIM %.3f, "
+                     "LPIPS %.3f.", step, config.eval_fit_geometry_steps, results["psnr"], results["ssim"],
+                     results["lpips"])
+        writer.write_images(step, {f"eval_fitted_{name}": picture[None] for name, picture in images.items()})
 
     # --- The loop.
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
