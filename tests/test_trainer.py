@@ -153,7 +153,8 @@ def test_the_last_evaluation_runs_again_with_the_geometry_fitted(run_a):
   assert fitted[0]["eval_fitted_codebook_usage"] == plain["eval_codebook_usage"]  # the same codes
   log = (workdir / "log.txt").read_text()
   assert f"Eval at step {TOTAL} with the geometry fitted to each image ({SHARED_FIT_STEPS} steps): PSNR" in log
-  assert (workdir / "images" / f"eval_fitted_reconstructions_{TOTAL:08d}.png").exists()
+  written = sorted(p.name for p in (workdir / "images").glob("eval_fitted_*"))
+  assert written == [f"eval_fitted_gaussians_{TOTAL:08d}.png", f"eval_fitted_reconstructions_{TOTAL:08d}.png"]
 
 
 def test_in_training_rfid_needs_eval_fid_min_images_and_the_weights(caplog):

@@ -20,7 +20,8 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   why not otherwise). Pictures: originals above their reconstructions, the Gaussians (GaussianToken) and the
   sorted codebook usage, as PNG under `workdir/images/` and TensorBoard images. With
   `eval_fit_geometry_steps` > 0 (GaussianToken) the last evaluation runs a second time with each image's
-  geometry fitted to it at encode time (`geometry_fit`), logged as `eval_fitted_*` with its own pictures.
+  geometry fitted to it at encode time (`geometry_fit`), logged as `eval_fitted_*` with its own reconstructions
+  and Gaussians.
 
 Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
 """
@@ -203,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         logging.info("Eval at step %d with the geometry fitted to each image (%d steps): PSNR %.2f dB, SSIM %.3f, "
                      "LPIPS %.3f.", step, config.eval_fit_geometry_steps, results["psnr"], results["ssim"],
                      results["lpips"])
-        writer.write_images(step, {f"eval_fitted_{name}": picture[None] for name, picture in images.items()})
+        writer.write_images(step, {f"eval_fitted_{name}": picture[None] for name, picture in images.items()
+                                   if name != "codebook_usage"})  # the same codes as the first pass
 
     # --- The loop.
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
