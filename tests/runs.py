@@ -2,12 +2,16 @@
 trained `configs/demo.py:runlocal` run that the trainer, tokenizer and evaluation tests share.
 
 Every subprocess gets the suite's JAX compilation cache, so a program compiled by one run is loaded by the next.
+The processes of a multi-process run are started through this file (`python tests/runs.py -m MODULE ...` or
+`python tests/runs.py SCRIPT ...`), which lets every one of them write that cache
+(`write_compile_cache_from_every_process`).
 """
 import fcntl
 import importlib.util
 import json
 import os
 import pathlib
+import runpy
 import socket
 import subprocess
 import sys
@@ -81,13 +85,15 @@ def free_port():
 
 
 def run_processes(num_processes, make_command, tmp_path, name, num_devices=8):
-  """Starts `num_processes` processes of `make_command(process_id)` sharing `num_devices` host devices;
-  returns (return codes, outputs)."""
+  """Starts `num_processes` processes of `make_command(process_id)` (`[sys.executable, ...]`) sharing
+  `num_devices` host devices, each through this file (module docstring); returns (return codes, outputs)."""
   port = free_port()
   logs = [open(tmp_path / f"{name}_{i}.log", "w") for i in range(num_processes)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen(make_command(i), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+  commands = [make_command(i) for i in range(num_processes)]
+  assert all(command[0] == sys.executable for command in commands), commands
+  procs = [subprocess.Popen([sys.executable, __file__, *command[1:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env=subprocess_env(num_devices // num_processes, i, num_processes, port))
-           for i, log in enumerate(logs)]
+           for i, (command, log) in enumerate(zip(commands, logs))]
   try:
     codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
   finally:
@@ -117,3 +123,40 @@ def shared_run(root: pathlib.Path):
                                     log_path=workdir / "log.txt"))
       code_file.write_text(str(returncode))
   return workdir, int(code_file.read_text())
+
+
+def write_compile_cache_from_every_process() -> None:
+  """Lets this process write JAX's persistent compilation cache whatever its process index.
+
+  JAX writes cache entries from process 0 only (`jax._src.compiler._cache_write`, sparing shared filesystems
+  concurrent writes), and on the CPU each process's programs have their own cache keys, so process 1 of a
+  2-process test compiled all its programs afresh in every run: 60 s of the 2-process step test's 90 s when run
+  alone, 13 s once it may write its own entries. Private JAX API: where it has moved this does nothing, and the
+  tests only run slower.
+  """
+  try:
+    from jax._src import compiler, distributed  # pylint: disable=import-outside-toplevel
+    write, state = compiler._cache_write, distributed.global_state  # pylint: disable=protected-access
+    _ = state.process_id
+  except (ImportError, AttributeError):
+    return
+
+  def write_as_process_0(*args, **kwargs):
+    saved, state.process_id = state.process_id, 0
+    try:
+      return write(*args, **kwargs)
+    finally:
+      state.process_id = saved
+
+  compiler._cache_write = write_as_process_0  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  # A process of `run_processes`: run the module (-m) or script as `python` would, after the cache patch.
+  write_compile_cache_from_every_process()
+  if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+  else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
