@@ -22,3 +22,9 @@ def check_nhwc(where: str, name: str, x, *, channels: int | None = None, spatial
   if height % spatial_divisor or width % spatial_divisor:
     raise ValueError(f"{where}: the height and width of `{name}` must be multiples of {spatial_divisor}, got "
                      f"shape {tuple(x.shape)}.")
+
+
+def check_non_negative_int(where: str, name: str, value) -> None:
+  """Raises ValueError unless `value` is a Python int >= 0 (not a bool)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"{where}: `{name}` must be a non-negative int, got {value!r}.")

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gaussiantoken_jax.checks import check_non_negative_int
+
 # Adam's initial step in the geometry's own units: measured on the demo, 0.02 gains 1.7 / 2.3 / 2.7 dB held-out
 # PSNR in 10 / 25 / 50 steps (docs/tokenizer.md).
 LEARNING_RATE = 0.02
@@ -45,6 +47,9 @@ def fit_geometry(decode: Callable, means, rotations, scales, target, *, steps: i
   Each image's loss is the mean absolute error over its own pixels and the batch's losses are summed, so an
   image's fit does not depend on the batch it is encoded with.
   """
+  check_non_negative_int("fit_geometry", "steps", steps)
+  if not learning_rate > 0:
+    raise ValueError(f"fit_geometry: `learning_rate` must be positive, got {learning_rate!r}.")
   if steps == 0:
     return means, rotations, scales
   low, high = scale_bounds

@@ -42,6 +42,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from gaussiantoken_jax import geometry_fit, pixels, restore
+from gaussiantoken_jax.checks import check_non_negative_int
 from gaussiantoken_jax.train import sharding
 
 _GEOMETRY = ("means", "rotations", "scales")
@@ -241,8 +242,7 @@ class GaussianTokenizer:
 
   def _check_fit(self, steps, learning_rate) -> None:
     where = "GaussianTokenizer.encode"
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-      raise ValueError(f"{where}: `fit_geometry_steps` must be a non-negative int, got {steps!r}.")
+    check_non_negative_int(where, "fit_geometry_steps", steps)
     if steps and not self.has_geometry:
       raise ValueError(f"{where}: `fit_geometry_steps`={steps}, but this plain-VQ baseline's tokens have no geometry "
                        "to fit.")

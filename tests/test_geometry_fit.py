@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gaussiantoken_jax import geometry_fit, splatting
 
@@ -50,3 +51,12 @@ def test_no_steps_leave_the_geometry_unchanged():
                                      scale_bounds=(0.1, 3.0))
   for got, want in zip(fitted, START):
     assert got is want
+
+
+def test_bad_steps_or_learning_rate_are_refused():
+  args = (splat_decode, *START, splat_decode(*TRUE))
+  for steps in (-1, 2.5, True):
+    with pytest.raises(ValueError, match=rf"fit_geometry: `steps` must be a non-negative int, got {steps!r}"):
+      geometry_fit.fit_geometry(*args, steps=steps, learning_rate=0.05, scale_bounds=(0.1, 3.0))
+  with pytest.raises(ValueError, match=r"fit_geometry: `learning_rate` must be positive, got 0.0"):
+    geometry_fit.fit_geometry(*args, steps=3, learning_rate=0.0, scale_bounds=(0.1, 3.0))

@@ -129,6 +129,10 @@ def test_fitting_the_geometry_lowers_every_images_error_and_is_what_evaluation_m
   evaluated = step_lib.reconstruct(tokenizer.model, tokenizer.variables, x, steps)
   np.testing.assert_allclose(np.clip(np.asarray(evaluated.reconstruction), -1.0, 1.0), reconstruction, atol=1e-3)
   assert np.abs(reconstruction - np.asarray(tokenizer.decode(plain))).max() > 0.05
+  with pytest.raises(ValueError, match=r"encode: `fit_geometry_steps` must be a non-negative int, got -1"):
+    tokenizer.encode(images, fit_geometry_steps=-1)
+  with pytest.raises(ValueError, match=r"encode: `fit_learning_rate` must be a positive float, got 0"):
+    tokenizer.encode(images, fit_geometry_steps=steps, fit_learning_rate=0)
 
 
 def test_ema_or_raw_parameters_and_every_form_of_the_path(workdir, tokenizer, saved_state):

@@ -23,6 +23,7 @@ from PIL import Image
 from skimage import metrics as skimage_metrics
 
 from gaussiantoken_jax import config_lib, data, losses, models, pixels, weights
+from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import inception, pictures
 from gaussiantoken_jax.train import checkpointing, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
@@ -137,6 +138,21 @@ def test_in_training_evaluation_is_the_evaluate_pass_with_its_pictures(run_a):
   drawn = {pictures.code_colour(i) for i in np.unique(indices[0])}
   assert sum(tuple(pixel) in drawn for pixel in first) > 100
   assert picture("codebook_usage").shape == (320, 640, 3)
+
+
+def test_fit_geometry_steps_are_checked_where_they_enter():
+  config = load_demo_config("runlocal")
+  config.eval_fit_geometry_steps = -2
+  with pytest.raises(ValueError, match=r"config: `eval_fit_geometry_steps` must be a non-negative int, got -2"):
+    trainer._check_loop_config(config)  # pylint: disable=protected-access
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  with pytest.raises(ValueError, match=r"Evaluator: `fit_geometry_steps` must be a non-negative int, got -2"):
+    evaluator_lib.Evaluator(steps, None, fit_geometry_steps=-2)
+  vq_config = load_demo_config("runlocal,baseline=vq")
+  vq_steps = step_lib.make_steps(vq_config, sharding.make_mesh(vq_config.mesh))
+  with pytest.raises(ValueError, match=r"Evaluator: `fit_geometry_steps`=5 needs a GaussianToken model, got "
+                                       r"model.type='vq'"):
+    evaluator_lib.Evaluator(vq_steps, None, fit_geometry_steps=5)
 
 
 def test_the_last_evaluation_runs_again_with_the_geometry_fitted(run_a):

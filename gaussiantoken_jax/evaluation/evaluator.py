@@ -30,6 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gaussiantoken_jax import data, pixels
+from gaussiantoken_jax.checks import check_non_negative_int
 from gaussiantoken_jax.evaluation import fid, image_metrics, inception, pictures
 from gaussiantoken_jax.train import step as step_lib
 from gaussiantoken_jax.train import writers
@@ -67,8 +68,7 @@ class Evaluator:
                num_pictures: int = NUM_PICTURES, fit_geometry_steps: int = 0):
     if not isinstance(num_pictures, int) or num_pictures < 1:
       raise ValueError(f"Evaluator: `num_pictures` must be a positive int, got {num_pictures!r}.")
-    if not isinstance(fit_geometry_steps, int) or fit_geometry_steps < 0:
-      raise ValueError(f"Evaluator: `fit_geometry_steps` must be a non-negative int, got {fit_geometry_steps!r}.")
+    check_non_negative_int("Evaluator", "fit_geometry_steps", fit_geometry_steps)
     if fit_geometry_steps and steps.config.model.type != "gaussiantoken":
       raise ValueError(f"Evaluator: `fit_geometry_steps`={fit_geometry_steps} needs a GaussianToken model, got "
                        f"model.type={steps.config.model.type!r} (its tokens have no geometry).")

@@ -37,6 +37,7 @@ from absl import logging
 from etils import epath
 
 from gaussiantoken_jax import config_lib, data, losses, weights
+from gaussiantoken_jax.checks import check_non_negative_int
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import inception
 from gaussiantoken_jax.train import checkpointing, distributed, sharding, writers
@@ -117,9 +118,8 @@ def _check_loop_config(config: ml_collections.ConfigDict) -> None:
     value = config[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}.")
-  fit_steps = config.eval_fit_geometry_steps
-  if not isinstance(fit_steps, int) or isinstance(fit_steps, bool) or fit_steps < 0:
-    raise ValueError(f"config.eval_fit_geometry_steps must be a non-negative int, got {fit_steps!r}.")
+  # Checked now: the fitted evaluation runs only at the end of training.
+  check_non_negative_int("config", "eval_fit_geometry_steps", config.eval_fit_geometry_steps)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
