@@ -188,13 +188,15 @@ def test_centre_feature_adds_a_linear_read_of_the_memory_at_each_centre(feature_
   Without the self-attention encoder the memory is the lifter's GroupNorm output, which the module records.
   """
   module = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM, num_encoder_layers=0)
-  variables = module.init(jax.random.key(3), feature_map, train=False)
-  gaussians, recorded = module.apply(variables, feature_map, train=False, capture_intermediates=True)
+  variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(3), feature_map)
+  # Jitted: run eagerly, each small op of the module compiles a program of its own (~20 s here).
+  apply = jax.jit(functools.partial(module.apply, train=False, capture_intermediates=True))
+  gaussians, recorded = apply(variables, feature_map)
   memory = np.asarray(recorded["intermediates"]["input_norm"]["__call__"][0], np.float64)
   read = variables["params"]["centre_to_features"]
   without_read = flax.core.unfreeze(variables)
   without_read["params"]["centre_to_features"] = jax.tree.map(jnp.zeros_like, read)
-  head_only = module.apply(without_read, feature_map, train=False).features
+  head_only = apply(without_read, feature_map)[0].features
 
   centres = (np.asarray(gaussians.means, np.float64) + 1.0) / 2.0
   at_centres = numpy_bilinear_sample(memory[..., None, :], centres[:, :, None, None, :])[:, :, 0, 0]
@@ -294,7 +296,7 @@ def test_rejects_an_initial_scale_outside_the_range(feature_map, initial_scale):
   module = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM, initial_scale=initial_scale)
   with pytest.raises(ValueError, match=f"initial_scale must lie strictly between scale_min=0.1 and "
                                        f"scale_max_init=4.0, got {initial_scale}"):
-    module.init(jax.random.key(0), feature_map, train=False)
+    jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), feature_map)  # traced only
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,12 @@ def runlocal_setup(name, arg):
   return config, model, images, variables
 
 
+def jitted_apply(model, method="__call__", **kwargs):
+  """model.apply(variables, *args, method=method, **kwargs), jitted: run eagerly, each of the model's small ops
+  would compile a program of its own (several seconds per call at runlocal sizes)."""
+  return jax.jit(lambda variables, *args: model.apply(variables, *args, method=method, **kwargs))
+
+
 def test_mini_imagenet_runlocal_is_the_imagenet_runlocal_model():
   """Its data and optimizer differ, its model does not: the per-config step tests cover it through imagenet."""
   assert load_config("mini_imagenet", "runlocal").model.to_dict() == load_config("imagenet", "runlocal").model.to_dict()
@@ -114,9 +120,9 @@ def optax_global_norm(tree):
 def test_decoding_tokens_reproduces_the_forward_pass():
   """Tokens (indices + geometry) carry everything the decoder needs: decode(encode(x)) == model(x)."""
   _, model, images, variables = runlocal_setup("demo", "runlocal")
-  out = model.apply(variables, images, train=False)
+  out = jitted_apply(model, train=False)(variables, images)
   g = out.gaussians
-  decoded = model.apply(variables, out.indices, g.means, g.rotations, g.scales, method="decode_indices")
+  decoded = jitted_apply(model, "decode_indices")(variables, out.indices, g.means, g.rotations, g.scales)
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(out.reconstruction), atol=1e-5)
 
 
@@ -131,19 +137,19 @@ def test_decode_splats_each_gaussian_field_in_its_own_slot():
   means, rotations, scales, features = random_gaussians(0, 2, config.model.num_gaussians, config.model.feature_dim)
   gaussians = models.Gaussians(means=jnp.asarray(means), rotations=jnp.asarray(rotations),
                                scales=jnp.asarray(scales), features=jnp.asarray(features))
-  decoded = model.apply(variables, gaussians, method="decode")
+  decoded = jitted_apply(model, "decode")(variables, gaussians)
   h, w = model.feature_shape
   feature_map = splat_np(*(np.asarray(a, np.float64) for a in (means, rotations, scales, features)), h, w,
                          cutoff=config.model.splat_cutoff)
-  expected = model.apply(variables, jnp.asarray(feature_map, jnp.float32), method=lambda m, f: m.decoder(f))
+  expected = jitted_apply(model, lambda m, f: m.decoder(f))(variables, jnp.asarray(feature_map, jnp.float32))
   # float32 splat against float64 (relative ~1e-6), carried through a small conv decoder: 1e-4 is generous.
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(expected), atol=1e-4)
 
 
 def test_baseline_tokens_decode_to_the_forward_pass():
   _, model, images, variables = runlocal_setup("demo", "runlocal,baseline=vq")
-  out = model.apply(variables, images, train=False)
-  decoded = model.apply(variables, out.indices, method="decode_indices")
+  out = jitted_apply(model, train=False)(variables, images)
+  decoded = jitted_apply(model, "decode_indices")(variables, out.indices)
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(out.reconstruction), atol=1e-5)
 
 
