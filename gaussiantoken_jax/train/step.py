@@ -286,11 +286,14 @@ def _adaptive_weight(steps: Steps, state: TrainState, x, lpips_params, keys) -> 
     raise ValueError(f"loss.adaptive_gan_weight needs the generator parameter {'/'.join(LAST_LAYER_PATH)}, "
                      f"which this model lacks.") from e
 
-  def terms(last_kernel):
-    return _generator_terms(steps, _with_leaf(params, LAST_LAYER_PATH, last_kernel), state, x, lpips_params, keys)
+  def losses_of(last_kernel):
+    terms = _generator_terms(steps, _with_leaf(params, LAST_LAYER_PATH, last_kernel), state, x, lpips_params, keys)
+    return terms.reconstruction, terms.gan
 
-  rec_grads = jax.grad(lambda k: terms(k).reconstruction)(kernel)
-  gan_grads = jax.grad(lambda k: terms(k).gan)(kernel)
+  # One forward pass, pulled back twice (two jax.grad calls would trace and run it twice).
+  (reconstruction, gan), pullback = jax.vjp(losses_of, kernel)
+  (rec_grads,), (gan_grads,) = (pullback((jnp.ones_like(reconstruction), jnp.zeros_like(gan))),
+                                pullback((jnp.zeros_like(reconstruction), jnp.ones_like(gan))))
   return losses.adaptive_gan_weight(rec_grads, gan_grads)
 
 
