@@ -100,7 +100,7 @@ def _init(module, batch, num_queries, height, width, seed=0):
   query = jnp.zeros((batch, num_queries, module.dim))
   ref = jnp.full((batch, num_queries, 2), 0.5)
   value = jnp.zeros((batch, height * width, module.dim))
-  return module.init(jax.random.key(seed), query, ref, value, (height, width))
+  return jax.jit(lambda *args: module.init(*args, (height, width)))(jax.random.key(seed), query, ref, value)
 
 
 @pytest.mark.parametrize("num_heads", [4, 8])
@@ -111,7 +111,9 @@ def test_initial_sampling_locations_are_the_grid_and_the_reference_point(num_hea
   rng = np.random.default_rng(3)
   query = rng.normal(size=(2, 3, 64)).astype(np.float32)
   ref = rng.uniform(size=(2, 3, 2)).astype(np.float32)
-  locations, weights = module.apply(params, query, ref, (height, width), method=DeformableAttention.sampling_locations)
+  locations, weights = jax.jit(lambda *args: module.apply(*args, (height, width),
+                                                          method=DeformableAttention.sampling_locations))(
+      params, query, ref)
   assert locations.shape == (2, 3, num_heads, 5, 2) and weights.shape == (2, 3, num_heads, 5)
 
   if num_heads == 4:  # Deformable-DETR's published directions for 4 heads

@@ -215,9 +215,9 @@ def tiny_encoder_decoder():
   encoder = Encoder(out_channels=5, **TINY)
   decoder = Decoder(out_channels=3, z_channels=5, **TINY)
   images = rand(10, (2, 8, 12, 3))
-  enc_params = perturb(encoder.init(jax.random.key(11), images)["params"], seed=12)
+  enc_params = perturb(jax.jit(encoder.init)(jax.random.key(11), images)["params"], seed=12)
   features = jax.jit(encoder.apply)({"params": enc_params}, images)
-  dec_params = perturb(decoder.init(jax.random.key(13), features)["params"], seed=14)
+  dec_params = perturb(jax.jit(decoder.init)(jax.random.key(13), features)["params"], seed=14)
   recon = jax.jit(decoder.apply)({"params": dec_params}, features)
   return dict(encoder=encoder, decoder=decoder, images=images, enc_params=enc_params, features=features,
               dec_params=dec_params, recon=recon)
