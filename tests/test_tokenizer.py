@@ -126,7 +126,8 @@ def test_fitting_the_geometry_lowers_every_images_error_and_is_what_evaluation_m
   # Evaluation (`eval_step` and its pictures) reconstructs through train.step.reconstruct: the same fit. A separate
   # program fuses differently and Adam's normalised steps carry such float32 differences into the geometry
   # (measured 4e-5 on the pixels); fitted and unfitted reconstructions differ by ~0.1.
-  evaluated = step_lib.reconstruct(tokenizer.model, tokenizer.variables, x, steps)
+  evaluated = jax.jit(lambda variables, x: step_lib.reconstruct(tokenizer.model, variables, x, steps))(
+      tokenizer.variables, x)  # jitted as eval_step jits it (eagerly each small op compiles a program of its own)
   np.testing.assert_allclose(np.clip(np.asarray(evaluated.reconstruction), -1.0, 1.0), reconstruction, atol=1e-3)
   assert np.abs(reconstruction - np.asarray(tokenizer.decode(plain))).max() > 0.05
   with pytest.raises(ValueError, match=r"encode: `fit_geometry_steps` must be a non-negative int, got -1"):
