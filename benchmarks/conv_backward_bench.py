@@ -1,0 +1,76 @@
+r"""The three convolutions of a 3x3 conv layer's training step, against a float32 matmul of the same run.
+
+    python benchmarks/conv_backward_bench.py [--batch_size=8] [--calls=15]
+
+For each 3x3 convolution shape of the CIFAR encoder and decoder (`configs/cifar10.py`: 128 channels at 32x32,
+256 at 16x16, the 3-channel input and output layers), times the forward pass, the input gradient and the
+kernel gradient, each as its own jitted program (`lax.conv_general_dilated` and its `jax.vjp`, as
+`models.conv.Conv` runs these shapes on every backend), and prints each as a fraction of the median GFLOP/s of a
+2048^3 float32 matmul timed between them (the machine's load moves both). Medians over `--calls` calls.
+
+Why: `benchmarks/train_step_bench.py` puts the encoder and decoder forwards at 84-87% of that peak and their
+forward + backward passes at 55-58% (docs/benchmarks.md); this shows which of the backward's convolutions is slow.
+"""
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Batch of every convolution.")
+_CALLS = flags.DEFINE_integer("calls", 15, "Timed calls per program (median).")
+
+# (height = width, input channels, output channels) of the CIFAR config's 3x3 convolutions.
+SHAPES = ((32, 128, 128), (16, 256, 256), (16, 128, 256), (32, 3, 128), (32, 128, 3))
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _median_seconds(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(_CALLS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  a = jnp.ones((2048, 2048), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul_gflops = []
+
+  def timed(fn, *args):
+    matmul_gflops.append(2 * 2048 ** 3 / _median_seconds(matmul, a) / 1e9)
+    return _median_seconds(fn, *args)
+
+  rows = []
+  for size, c_in, c_out in SHAPES:
+    x = jax.random.normal(jax.random.key(0), (_BATCH_SIZE.value, size, size, c_in))
+    w = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out)) * 0.05
+    dy = jax.random.normal(jax.random.key(2), (_BATCH_SIZE.value, size, size, c_out))
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)  # noqa: E731
+    programs = {
+        "forward": jax.jit(conv),
+        "input gradient": jax.jit(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]),
+        "kernel gradient": jax.jit(lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]),
+    }
+    gflop = 2 * _BATCH_SIZE.value * size * size * 9 * c_in * c_out / 1e9  # the same for all three
+    rows.append((f"{size}x{size}, {c_in} -> {c_out}", gflop, {name: timed(fn, x, w) for name, fn in programs.items()}))
+
+  peak = statistics.median(matmul_gflops)
+  print(f"jax {jax.__version__}, {jax.default_backend()}; matmul 2048^3 float32: {peak:.0f} GFLOP/s (median of "
+        f"{len(matmul_gflops)}, range {min(matmul_gflops):.0f}-{max(matmul_gflops):.0f})")
+  print(f"| 3x3 conv, batch {_BATCH_SIZE.value} | GFLOP | forward ms (%peak) | input grad ms (%peak) | "
+        "kernel grad ms (%peak) |")
+  print("|---|---:|---:|---:|---:|")
+  for name, gflop, times in rows:
+    cells = " | ".join(f"{t * 1e3:.1f} ({gflop / t / peak * 100:.0f}%)" for t in times.values())
+    print(f"| {name} | {gflop:.2f} | {cells} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
