@@ -82,19 +82,14 @@ class Evaluator:
       output = step_lib.eval_step(steps, ema_params, model_state, batch, lpips_params, fit_geometry_steps)
       x_hat = output.reconstructions
       mse_uint8, ssim = image_metrics.reference_protocol_metrics(batch["image"], x_hat)
-      outputs = dict(metrics=output.metrics, counts=output.code_counts, mse_uint8=mse_uint8, ssim=ssim)
+      outputs = dict(metrics=output.metrics, counts=output.code_counts, mse_uint8=mse_uint8, ssim=ssim,
+                     pictures=(x_hat, output.indices, output.gaussians))
       if with_fid:
         outputs["real"] = inception.features(inception_params, batch["image"])
         outputs["fake"] = inception.features(inception_params, pixels.to_pixels(x_hat))
       return outputs
 
-    def picture_outputs(ema_params, model_state, images):
-      output = step_lib.reconstruct(steps.model, {"params": ema_params, **model_state}, pixels.to_model_input(images),
-                                    fit_geometry_steps)
-      return output.reconstruction, output.indices, output.gaussians
-
     self._batch_outputs = jax.jit(batch_outputs)
-    self._picture_outputs = jax.jit(picture_outputs)
 
   @property
   def computes_fid(self) -> bool:
@@ -154,7 +149,7 @@ class Evaluator:
         real.add(out["real"], batch["mask"])
         fake.add(out["fake"], batch["mask"])
       if shown is None:
-        shown = self._pictures_of_batch(ema_params, model_state, batch)
+        shown = self._pictures_of_batch(batch, out["pictures"])
       if progress is not None and (index + 1) % log_every_batches == 0:
         jax.block_until_ready(out["ssim"])  # so that the rate counts finished batches, not dispatched ones
         progress.report(index + 1)
@@ -182,10 +177,9 @@ class Evaluator:
     results = {key: results[key] for key in METRIC_KEYS if key in results}
     return results, self._make_pictures(shown, counts, perplexity)
 
-  def _pictures_of_batch(self, ema_params, model_state, batch) -> dict[str, np.ndarray]:
+  def _pictures_of_batch(self, batch, outputs) -> dict[str, np.ndarray]:
     """Host copies of the first `num_pictures` unmasked images of a global batch, their reconstructions and
-    Gaussians."""
-    outputs = self._picture_outputs(ema_params, model_state, batch["image"])
+    Gaussians (`outputs`: this batch's (reconstructions, indices, gaussians) from the metrics program)."""
     images, mask, (x_hat, indices, gaussians) = multihost_utils.process_allgather(
         (batch["image"], batch["mask"], outputs), tiled=True)
     chosen = np.flatnonzero(np.asarray(mask))[:self._num_pictures]

@@ -193,7 +193,8 @@ class Steps:
     return jax.jit(functools.partial(eval_step, self),
                    in_shardings=(shardings.ema_params, shardings.model_state, self.batch_sharding, self._replicated),
                    out_shardings=EvalOutput(metrics=self._replicated, code_counts=self._replicated,
-                                            reconstructions=self.batch_sharding))
+                                            reconstructions=self.batch_sharding, indices=self.batch_sharding,
+                                            gaussians=self.batch_sharding))
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> Steps:
@@ -372,10 +373,15 @@ class EvalOutput:
       many cells as the model has tokens (`block_baseline_cells`) and LPIPS, over the unmasked images.
     code_counts: int32 [codebook_size], how often each code was used by the unmasked images.
     reconstructions: float32 [B, S, S, 3] in [-1, 1], clipped.
+    indices, gaussians: the tokens they were decoded from (the model's `ModelOutput` fields; gaussians None for
+      the VQ baseline), for pictures: the evaluation draws them from this program instead of running the model
+      (and any geometry fit) again.
   """
   metrics: EvalMetrics
   code_counts: jax.Array
   reconstructions: jax.Array
+  indices: jax.Array
+  gaussians: Any
 
 
 def reconstruct(model, variables, x, fit_geometry_steps: int = 0) -> models.ModelOutput:
@@ -409,7 +415,8 @@ def eval_step(steps: Steps, ema_params, model_state, batch: dict, lpips_params,
   weights = jnp.broadcast_to(mask[:, None], indices.shape).astype(jnp.int32)
   counts = jnp.zeros((config.model.codebook_size,), jnp.int32).at[indices.reshape(-1)].add(weights.reshape(-1))
   metrics = EvalMetrics.single_from_model_output(psnr=psnr, psnr_block_baseline=baseline, lpips=perceptual, mask=mask)
-  return EvalOutput(metrics=metrics, code_counts=counts, reconstructions=x_hat)
+  return EvalOutput(metrics=metrics, code_counts=counts, reconstructions=x_hat, indices=output.indices,
+                    gaussians=output.gaussians)
 
 
 def code_usage_and_perplexity(counts) -> tuple[float, float]:
