@@ -69,7 +69,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("variant", ["runlocal", "runlocal,baseline=vq"])
 def test_fixed_batch_is_overfit_far_above_the_block_mean_baseline_and_each_image_is_its_own(variant):
-  """One test per variant: the overfit is the slow part (~90 s for GaussianToken), and under pytest-xdist two
+  """One test per variant: the overfit is the slow part (~50 s for GaussianToken), and under pytest-xdist two
   tests sharing it could each run it in their own worker."""
   config, originals, reconstructions = _overfit(variant)
   cells = step_lib.block_baseline_cells(config)  # 4 for GaussianToken's 16 Gaussians, 8 for the VQ 8 x 8 grid
