@@ -131,6 +131,10 @@ def test_in_training_evaluation_is_the_evaluate_pass_with_its_pictures(run_a):
 
   grid = picture("reconstructions")
   np.testing.assert_array_equal(grid[:128, :128], pictures.upscale(images[:1], 4)[0])
+  # Below it, its reconstruction (drawn from the metrics program's outputs): the same to one uint8 level, the
+  # evaluation's 8-device program and this one summing in another order.
+  shown = grid[128 + 2:2 * 128 + 2, :128].astype(int)
+  assert np.abs(shown - pictures.upscale(pixels.to_uint8(np.asarray(out.reconstruction[:1])), 4)[0]).max() <= 1
   gaussians = picture("gaussians")
   assert gaussians.shape == (128, 8 * 128 + 7 * 2, 3)
   # Ellipses drawn over the first image in the colours of its codes.
