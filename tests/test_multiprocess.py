@@ -5,17 +5,25 @@
 * The training loop: `python -m gaussiantoken_jax.main` launched as two processes (the variables of
   `launch/multiprocess_local.sh`) trains, checkpoints and exits 0, with metrics from process 0 only.
 
+Both train the config of the session's shared run (`:runlocal`, SHARED_STEPS steps, tests/runs.py), so their
+programs are the same: the one-process run loads the shared run's from the compilation cache, and the two-process
+training loop loads those its processes compiled for the step test (each process has its own). The two tests run
+one after the other in one pytest-xdist worker (`xdist_group`, with `--dist loadgroup`) so that a cold run
+compiles them once.
+
 This file is also the worker script: `python tests/test_multiprocess.py worker PROCESS_ID NUM_PROCESSES OUT`.
 """
 import json
 import sys
 
 import numpy as np
+import pytest
 
-from runs import load_demo_config, run_processes
+from runs import SHARED_STEPS, load_demo_config, run_processes
 
 NUM_DEVICES = 8
 NUM_STEPS = 3
+pytestmark = pytest.mark.xdist_group("two_process_training")
 
 
 def worker(process_id: int, num_processes: int, out_path: str) -> None:
@@ -30,6 +38,7 @@ def worker(process_id: int, num_processes: int, out_path: str) -> None:
   distributed.initialize_from_env()
   assert jax.process_count() == num_processes and jax.device_count() == NUM_DEVICES
   config = load_demo_config("runlocal")
+  config.total_steps = SHARED_STEPS
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
   state, lpips_params = steps.init(), steps.replicate(losses.load_lpips_params())
   # Compile first, then meet: gloo gives up on a collective whose peers arrive more than 30 s apart.
@@ -98,16 +107,18 @@ def test_training_loop_on_two_processes(tmp_path):
   workdir = tmp_path / "run"
   codes, outputs = run_processes(2, lambda i: [
       sys.executable, "-m", "gaussiantoken_jax.main", "--config=configs/demo.py:runlocal", f"--workdir={workdir}",
-      "--config.total_steps=6", "--config.log_every_steps=3", "--config.checkpoint_every_steps=3",
-      "--config.eval_every_steps=6"], tmp_path, "loop")
+      f"--config.total_steps={SHARED_STEPS}", f"--config.log_every_steps={SHARED_STEPS // 2}",
+      f"--config.checkpoint_every_steps={SHARED_STEPS // 2}", f"--config.eval_every_steps={SHARED_STEPS}"],
+      tmp_path, "loop")
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   assert "Process 1 of 2" in outputs[1]
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if "loss" in r]
-  assert len(losses) == 2 and np.all(np.isfinite(losses))  # written once (process 0), at steps 3 and 6
+  assert len(losses) == 2 and np.all(np.isfinite(losses))  # written once (process 0), at the two log steps
   assert [r["eval_num_images"] for r in records if "eval_psnr" in r] == [16]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
-  assert sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").iterdir()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+      SHARED_STEPS // 2, SHARED_STEPS]
+  assert sorted(p.name for p in (workdir / "checkpoints" / str(SHARED_STEPS) / "data").iterdir()
                 if p.name.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
