@@ -9,6 +9,7 @@ runs are compared with, is the session's shared `:runlocal` run, which the token
 import functools
 import logging
 import math
+import pathlib
 import re
 import shutil
 import signal
@@ -175,6 +176,27 @@ def test_the_last_evaluation_runs_again_with_the_geometry_fitted(run_a):
   assert f"Eval at step {TOTAL} with the geometry fitted to each image ({SHARED_FIT_STEPS} steps): PSNR" in log
   written = sorted(p.name for p in (workdir / "images").glob("eval_fitted_*"))
   assert written == [f"eval_fitted_gaussians_{TOTAL:08d}.png", f"eval_fitted_reconstructions_{TOTAL:08d}.png"]
+
+
+def test_the_run_ends_with_its_last_figures_and_where_its_pictures_are(run_a):
+  """The log's closing lines restate the last evaluation (both passes) beside the block-mean baseline and name
+  the reconstruction pictures, which exist."""
+  workdir, _ = run_a
+  records = read_metrics(workdir)
+  plain = [r for r in records if "eval_psnr" in r][-1]
+  fitted = [r for r in records if "eval_fitted_psnr" in r][-1]
+  log = (workdir / "log.txt").read_text()
+  assert log.count(f"Finished {TOTAL:,} steps in ") == 1
+  summary = log[log.index(f"Finished {TOTAL:,} steps in "):]
+  assert (f"images with the EMA weights: PSNR {plain['eval_psnr']:.2f} dB against "
+          f"{plain['eval_psnr_block_baseline']:.2f} dB for 4x4 block means, SSIM {plain['eval_ssim']:.3f}, "
+          f"LPIPS {plain['eval_lpips']:.3f}.") in summary  # runlocal: K = 16 tokens
+  assert (f"fitted to it ({SHARED_FIT_STEPS} steps): PSNR {fitted['eval_fitted_psnr']:.2f} dB, "
+          f"SSIM {fitted['eval_fitted_ssim']:.3f}") in summary
+  pictures_named = re.findall(r"Originals above their reconstructions[a-z ]*: (\S+)", summary)
+  assert pictures_named == [str(workdir / "images" / f"eval_{prefix}reconstructions_{TOTAL:08d}.png")
+                            for prefix in ("", "fitted_")]
+  assert all(pathlib.Path(p).is_file() for p in pictures_named)
 
 
 def test_in_training_rfid_needs_eval_fid_min_images_and_the_weights(caplog):

@@ -22,6 +22,8 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   `eval_fit_geometry_steps` > 0 (GaussianToken) the last evaluation runs a second time with each image's
   geometry fitted to it at encode time (`geometry_fit`), logged as `eval_fitted_*` with its own reconstructions
   and Gaussians.
+* The end: the last evaluation's figures beside the block-mean baseline, and the paths of its pictures and
+  metrics, as the run's closing log lines.
 
 Only process 0 writes metrics and pictures (`writers.create_writer`); every process runs the same steps.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import math
+import time
 
 import jax
 import ml_collections
@@ -112,6 +115,28 @@ def _silence_orbax_info_logs() -> None:
     absl_logger.addFilter(_orbax_info_filter)
 
 
+def _log_summary(config: ml_collections.ConfigDict, workdir: epath.Path, passes: dict[str, dict[str, float]],
+                 seconds: float) -> None:
+  """The run's last lines: the final evaluation's figures beside the block-mean baseline, and where to look."""
+  results = passes[""]
+  step = config.total_steps
+  cells = step_lib.block_baseline_cells(config)
+  lines = [f"Finished {step:,} steps in {writers.format_duration(seconds)} (this process, compilation included). "
+           f"Held-out reconstructions of {results['num_images']} images with the EMA weights: PSNR "
+           f"{results['psnr']:.2f} dB against {results['psnr_block_baseline']:.2f} dB for {cells}x{cells} block "
+           f"means, SSIM {results['ssim']:.3f}, LPIPS {results['lpips']:.3f}."]
+  if "fitted_" in passes:
+    fitted = passes["fitted_"]
+    lines.append(f"With each image's geometry fitted to it ({config.eval_fit_geometry_steps} steps): PSNR "
+                 f"{fitted['psnr']:.2f} dB, SSIM {fitted['ssim']:.3f}, LPIPS {fitted['lpips']:.3f}.")
+  for prefix, how in (("", ""), ("fitted_", " with the geometry fitted")):
+    if prefix in passes:
+      picture = writers.image_path(workdir, f"eval_{prefix}reconstructions", step)
+      lines.append(f"Originals above their reconstructions{how}: {picture}")
+  lines.append(f"All metrics: {workdir / writers.METRICS_FILE}; checkpoints: {workdir}.")
+  logging.info("\n".join(lines))
+
+
 def _check_loop_config(config: ml_collections.ConfigDict) -> None:
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
                "eval_fid_min_images"):
@@ -130,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   receives SIGTERM. Raises FloatingPointError on a non-finite loss, and ValueError when the workdir holds a run
   with another global batch size, seed or model (`checkpointing.check_resumable`).
   """
+  start_time = time.monotonic()
   config = config_lib.resolve_steps(config, data.train_split_size(config))
   _check_loop_config(config)
   _silence_orbax_info_logs()
@@ -188,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     def save(step: int) -> None:
       checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int) -> dict[str, dict[str, float]]:
+      """Evaluates, writes and logs; returns {"": results} and, at the end with the fit, {"fitted_": ...}."""
       results, images = evaluate(evaluator, state, eval_loader, max_eval_images)
       writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
       cells = step_lib.block_baseline_cells(config)
@@ -198,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                    f", rFID {results['rfid']:.2f}" if "rfid" in results else "", cells, cells,
                    results["psnr_block_baseline"])
       writer.write_images(step, {f"eval_{name}": picture[None] for name, picture in images.items()})
+      passes = {"": results}
       if fitted_evaluator is not None and step == config.total_steps:
         results, images = evaluate(fitted_evaluator, state, eval_loader, max_eval_images)
         writer.write_scalars(step, {f"eval_fitted_{name}": value for name, value in results.items()})
@@ -206,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                      results["lpips"])
         writer.write_images(step, {f"eval_fitted_{name}": picture[None] for name, picture in images.items()
                                    if name != "codebook_usage"})  # the same codes as the first pass
+        passes["fitted_"] = results
+      return passes
 
     # --- The loop.
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
@@ -213,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                                         writer=writer, first_step=first_step)
     interval, unchecked = [], []  # this interval's metrics (on device); (step, metrics) not yet checked for NaN
     step = first_step
+    final_passes = None  # the evaluation at total_steps, for the closing summary
     with checkpointing.PreemptionGuard(sync_every_steps=config.log_every_steps) as guard:
       while step < config.total_steps:
         batch = data.to_global_array(next(train_iter), steps.batch_sharding)
@@ -238,8 +269,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
           logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
           break
         if step % config.eval_every_steps == 0 or step == config.total_steps:
-          run_eval(step)
+          passes = run_eval(step)
+          if step == config.total_steps:
+            final_passes = passes
   finally:
     checkpointer.close()  # waits for the last save
     writer.close()
+  if is_main and final_passes is not None:
+    _log_summary(config, workdir, final_passes, time.monotonic() - start_time)
   return state

@@ -32,6 +32,14 @@ METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
 
 
+def image_path(workdir: epath.PathLike, key: str, step: int, index: int | None = None) -> epath.Path:
+  """Where `JsonlWriter.write_images` puts image `index` (None: the only one) of `key` at `step`:
+  `workdir/images/<key>_<step:08d>[_<index>].png`, with characters other than letters, digits, "-" and "_" in
+  the key replaced by "_"."""
+  stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}_{int(step):08d}"
+  return epath.Path(workdir) / IMAGES_DIR / (f"{stem}.png" if index is None else f"{stem}_{index}.png")
+
+
 def _to_python_scalar(name: str, value) -> int | float | bool:
   array = np.asarray(value)
   if array.size != 1:
@@ -59,9 +67,8 @@ class JsonlWriter:
 
   Each `write_scalars(step, scalars)` appends one line `{"step": step, "time": unix_seconds, **scalars}`.
   Non-finite values are written as NaN / Infinity, which Python's json reads back. Each image of
-  `write_images(step, {key: images})` goes to `images/<key>_<step:08d>[_<i>].png`, with characters other
-  than letters, digits, "-" and "_" in the key replaced by "_". Files are opened per write, so a crash
-  loses nothing already written.
+  `write_images(step, {key: images})` goes to `image_path(workdir, key, step, i)`. Files are opened per write,
+  so a crash loses nothing already written.
   """
 
   def __init__(self, workdir: epath.PathLike, *, log: bool = True):
@@ -87,9 +94,8 @@ class JsonlWriter:
     images_dir.mkdir(parents=True, exist_ok=True)
     for key, value in images.items():
       batch = _to_uint8_images(key, value)
-      stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}_{int(step):08d}"
       for i, image in enumerate(batch):
-        path = images_dir / (f"{stem}.png" if len(batch) == 1 else f"{stem}_{i}.png")
+        path = image_path(self._workdir, key, step, None if len(batch) == 1 else i)
         with path.open("wb") as f:
           Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
       if self._log:
@@ -180,7 +186,7 @@ def create_writer(workdir: epath.PathLike, is_main_process: bool):
   ])
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
   seconds = int(round(seconds))
@@ -242,7 +248,7 @@ class ProgressReporter:
       self._writer.write_scalars(step, scalars)
     logging.info("%s %d/%d (%.1f%%): %.3g %s/s, %.4g images/s, ETA %s", self._unit, step, self._total_steps,
                  100.0 * step / self._total_steps, steps_per_sec, self._units, scalars["images_per_sec"],
-                 _format_duration(eta))
+                 format_duration(eta))
     return scalars
 
 
