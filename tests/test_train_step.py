@@ -109,12 +109,14 @@ def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, de
                              rtol=1e-6)
 
 
-def test_init_creates_the_state_in_its_shardings_equal_to_a_replicated_init():
+def test_init_creates_the_state_in_its_shardings_equal_to_a_plain_jitted_init():
+  """`Steps.init` (sharded, and on the CPU compiled at LLVM -O1) against `init_train_state` jitted as it is, on
+  one device at XLA's default level: the same bits."""
   config = load_config("demo", "runlocal")
   config.mesh.fsdp_min_weight_size = 1024  # so that the larger kernels (and their Adam moments) are fsdp-split
   steps = step_lib.make_steps(config, sharding.make_mesh(dict(data=4, fsdp=2)))
   state = steps.init()
-  reference = jax.device_get(steps_for("demo", "runlocal").init())  # every leaf replicated (compiled already)
+  reference = jax.device_get(jax.jit(functools.partial(step_lib.init_train_state, steps))())
   split = 0
   for (path, got), want_sharding, want in zip(jax.tree_util.tree_leaves_with_path(state),
                                               jax.tree.leaves(steps.state_shardings), jax.tree.leaves(reference)):
