@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.loss.lpips_weight = 0.0
   c.batch_size = 16
   # Stated in steps, not epochs: the demo's "epoch" is artificial (9 photos x 64 records, each a fresh random
-  # crop, a unit of shuffling only). 600 steps of 16 crops are 16.7 such epochs, ~3.5 minutes on 2 cores.
+  # crop, a unit of shuffling only). 600 steps of 16 crops are 16.7 such epochs, about 3 minutes on 2 cores.
   c.total_epochs = c.optimizer.warmup_epochs = c.disc_optimizer.warmup_epochs = c.loss.gan_start_epochs = None
   c.total_steps = 600
   c.log_every_steps = 50
