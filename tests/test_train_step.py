@@ -19,6 +19,7 @@ from gaussiantoken_jax.data import to_global_array
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.train import distributed, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
+from runs import SHARED_STEPS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (config file, variant string): every runlocal config and the plain-VQ baseline; mini_imagenet:runlocal has the
@@ -30,7 +31,12 @@ def load_config(name, arg):
   spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config(arg)
+  if name == "demo":
+    # The shared run's length (tests/runs.py): the schedules are compiled into the step, and at the same length the
+    # demo's 8-device step is the program the shared run compiles; a cold suite compiles it once, not twice.
+    config.total_steps = SHARED_STEPS
+  return config
 
 
 @functools.cache
