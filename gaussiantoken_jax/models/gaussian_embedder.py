@@ -19,9 +19,9 @@ embedding only); we initialise in the layout that is read.
 
 Initial parameters: the reference deep-copies one freshly built module per op, so the `num_blocks` blocks, the
 layers inside each cross-attention decoder and the self-attention encoder's layers all START IDENTICAL (and
-then train apart). Here each of those stacks is an `nn.scan` with `split_rngs={"params": False}`: parameters
-are stacked on a leading axis (blocks: [num_blocks, ...]; decoder layers: [num_blocks, num_decoder_layers,
-...]) and initialised from one draw, while each copy gets its own dropout draws.
+then train apart). Here each of those stacks is an `_IdenticalInitStack`: parameters are stacked on a leading
+axis (blocks: [num_blocks, ...]; decoder layers: [num_blocks, num_decoder_layers, ...]) and initialised from one
+draw, while each copy gets its own dropout draws.
 
 Initialisers as in the reference: PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))) in the
 anchor encoder, the asymmetric FFN, the refinement MLP and the feature head; xavier with zero bias in the
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -157,17 +158,38 @@ def _torch_linear(x: jax.Array, features: int, name: str | None = None, bias_ini
                   bias_init=bias_init or torch_default_bias_init(x.shape[-1]), name=name)(x)
 
 
-def _identical_init_stack(layer_cls, length: int, num_broadcast_args: int):
-  """`length` copies of `layer_cls` applied in sequence, parameters stacked on axis 0 and initialised identically.
+class _IdenticalInitStack(nn.Module):
+  """`length` copies of `layer_cls(*layer_args)` applied in sequence, parameters stacked on axis 0 and
+  initialised identically (the reference's deep copies of one freshly built module).
 
-  This reproduces the reference's deep copies of one freshly built module; the layer's `__call__` takes the
-  carry plus `num_broadcast_args` arguments shared by all copies and returns (carry, None).
-  The scan is unrolled (same parameters, same arithmetic): the stacks are 1-3 layers deep, and the while loop's
-  slicing of stacked parameters and stacking of residuals for the backward pass cost XLA:CPU 22% of the
-  embedder's forward + backward at the demo size (464 -> 361 ms for 16 images, compile 20 -> 23 s).
+  The layer's `__call__` takes the carry plus arguments shared by all copies and returns the new carry; each
+  copy gets its own dropout draws. A Python loop over the copies rather than `nn.scan`: the stacks are 1-3 layers
+  deep, and XLA:CPU runs the unrolled program faster than a while loop (22% of the embedder's forward + backward
+  at the demo size), while tracing the nested scans under `jax.grad` cost a demo train step 3 s of its 4.6 s trace.
   """
-  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": False, "dropout": True},
-                 in_axes=(nn.broadcast,) * num_broadcast_args, length=length, unroll=True)
+  layer_cls: Any
+  length: int
+  layer_args: tuple
+
+  @nn.compact
+  def __call__(self, carry, *shared):
+    layer = self.layer_cls(*self.layer_args, parent=None)
+    if self.is_initializing():
+      rngs = {"params": self.make_rng("params")}
+      if self.has_rng("dropout"):
+        rngs["dropout"] = self.make_rng("dropout")
+      one_copy = layer.init(rngs, carry, *shared)["params"]
+      for name, subtree in one_copy.items():
+        self.param(name, lambda _, tree=subtree: jax.tree.map(
+            lambda p: jnp.broadcast_to(p, (self.length, *p.shape)), tree))
+    stacked = self.variables["params"]
+    dropout_key = self.make_rng("dropout") if self.has_rng("dropout") else None
+    for i in range(self.length):
+      rngs = {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
+      # lax rather than p[i]: jnp indexing traces ~10x slower, and a stack holds hundreds of leaves.
+      copy_i = jax.tree.map(lambda p, i=i: jax.lax.index_in_dim(p, i, keepdims=False), stacked)
+      carry = layer.apply({"params": copy_i}, carry, *shared, rngs=rngs)
+    return carry
 
 
 class _ReluNormMLP(nn.Module):
@@ -291,7 +313,7 @@ class _EncoderLayer(_AttentionLayer):
     attended = DeformableAttention(self.dim, self.num_heads, self.num_points, name="self_attn")(
         src + pos, reference_points, src, self.spatial_shape)
     src = nn.LayerNorm(epsilon=_NORM_EPS)(src + nn.Dropout(self.dropout, deterministic=not self.train)(attended))
-    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(src), None
+    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(src)
 
 
 class _DecoderLayer(_AttentionLayer):
@@ -306,7 +328,7 @@ class _DecoderLayer(_AttentionLayer):
     attended = DeformableAttention(self.dim, self.num_heads, self.num_points, name="cross_attn")(
         tgt + query_pos, reference_points, memory, self.spatial_shape)
     tgt = nn.LayerNorm(epsilon=_NORM_EPS)(tgt + drop(attended))
-    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(tgt), None
+    return _FeedForward(self.dim, self.mlp_dim, self.dropout, self.train, name="mlp")(tgt)
 
 
 class _AsymmetricFFN(nn.Module):
@@ -342,17 +364,16 @@ class _Block(nn.Module):
     anchor_embed = AnchorEncoder(self.dim, parent=None).apply({"params": anchor_encoder_params}, anchors)
     reference_points = jax.nn.sigmoid(anchors[..., :2])
 
-    decoder = _identical_init_stack(_DecoderLayer, self.num_decoder_layers, num_broadcast_args=3)(
-        self.dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, self.spatial_shape, self.train,
-        name="cross_attn")
-    decoded, _ = decoder(instance, anchor_embed, reference_points, memory)
+    decoded = _IdenticalInitStack(_DecoderLayer, self.num_decoder_layers, (
+        self.dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, self.spatial_shape, self.train),
+        name="cross_attn")(instance, anchor_embed, reference_points, memory)
     decoded = nn.Dropout(self.dropout, deterministic=not self.train)(decoded)
     instance = _AsymmetricFFN(self.dim, self.ffn_dim, name="ffn")(jnp.concatenate([decoded, instance], axis=-1))
 
     # Refinement: the centre moves residually in logit space; rotation, scale and feature are replaced.
     update = _ScaledHead(self.dim, anchors.shape[-1], self.scale_logit, name="refine")(instance + anchor_embed)
     anchors = jnp.concatenate([anchors[..., :2] + update[..., :2], update[..., 2:]], axis=-1)
-    return (instance, anchors), None
+    return instance, anchors
 
 
 class GaussianEmbedder(nn.Module):
@@ -417,19 +438,19 @@ class GaussianEmbedder(nn.Module):
     instance = jnp.zeros((batch, self.num_gaussians, dim), jnp.float32)
 
     # 3. Deformable self-attention encoder over the image tokens, reference points at the pixel centres.
-    encoder = _identical_init_stack(_EncoderLayer, self.num_encoder_layers, num_broadcast_args=2)(
-        dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, spatial_shape, train, name="encoder")
     reference_points = jnp.broadcast_to(pixel_centres(height, width), (batch, height * width, 2))
-    memory, _ = encoder(src, pos, reference_points)
+    memory = _IdenticalInitStack(_EncoderLayer, self.num_encoder_layers, (
+        dim, self.num_heads, self.num_points, self.mlp_dim, self.dropout, spatial_shape, train),
+        name="encoder")(src, pos, reference_points)
 
     # 4. The blocks, with the shared AnchorEncoder's parameters held here (see _Block).
     anchor_encoder_params = self.param(
         "anchor_encoder",
         lambda key: AnchorEncoder(dim, parent=None).init(key, jnp.zeros((1, anchor_dim), jnp.float32))["params"])
-    blocks = _identical_init_stack(_Block, self.num_blocks, num_broadcast_args=2)(
+    _, anchors = _IdenticalInitStack(_Block, self.num_blocks, (
         dim, self.num_heads, self.num_points, self.num_decoder_layers, self.mlp_dim, self.ffn_dim, self.dropout,
-        spatial_shape, train, self._initial_scale_logit(), name="blocks")
-    (_, anchors), _ = blocks((instance, anchors), memory, anchor_encoder_params)
+        spatial_shape, train, self._initial_scale_logit()), name="blocks")(
+            (instance, anchors), memory, anchor_encoder_params)
 
     # 5. Output activations of the last refinement.
     means = 2.0 * jax.nn.sigmoid(jnp.clip(anchors[..., :2], -_MEAN_LOGIT_CLAMP, _MEAN_LOGIT_CLAMP)) - 1.0
