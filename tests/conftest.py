@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 host CPU devices, the CPU platform, and JAX's persistent compilation cache.
+"""Test-wide setup: 8 host CPU devices, the CPU platform, JAX's persistent compilation cache, and the order in
+which pytest-xdist hands out the test files.
 
 All must be set before JAX is imported anywhere, which is why they live here. The suite runs on the CPU even on
 a GPU machine (its sharding tests need the 8 host devices); the compiled-kernel tests of
@@ -23,6 +24,21 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The files that take longest, in the order to start them. The suite runs with `--dist loadfile
+# --no-loadscope-reorder` (README, "Tests"): pytest-xdist hands each file as a whole to the next free worker, in
+# collection order, so a module's fixtures and the programs its tests share are built once, and the two
+# two-process tests, which compile the same programs, run one after the other. Longest first keeps one worker
+# from finishing alone at the end; test_tokenizer.py comes first because it starts the shared training run
+# (`runlocal_run`) that test_trainer.py also waits for, while the other worker runs the two-process tests.
+# Measured warm seconds per file: docs/benchmarks.md, "The test suite".
+_LONGEST_FIRST = ("test_tokenizer.py", "test_multiprocess.py", "test_train_step.py", "test_trainer.py",
+                  "test_learning.py", "test_benchmarks.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@
 Both train the config of the session's shared run (`:runlocal`, SHARED_STEPS steps, tests/runs.py), so their
 programs are the same: the one-process run loads the shared run's from the compilation cache, and the two-process
 training loop loads those its processes compiled for the step test (each process has its own). The two tests run
-one after the other in one pytest-xdist worker (`xdist_group`, with `--dist loadgroup`) so that a cold run
+one after the other in one pytest-xdist worker (`--dist loadfile`, tests/conftest.py) so that a cold run
 compiles them once.
 
 This file is also the worker script: `python tests/test_multiprocess.py worker PROCESS_ID NUM_PROCESSES OUT`.
@@ -17,13 +17,11 @@ import json
 import sys
 
 import numpy as np
-import pytest
 
 from runs import SHARED_STEPS, load_demo_config, run_processes
 
 NUM_DEVICES = 8
 NUM_STEPS = 3
-pytestmark = pytest.mark.xdist_group("two_process_training")
 
 
 def worker(process_id: int, num_processes: int, out_path: str) -> None:
