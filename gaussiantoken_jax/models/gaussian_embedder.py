@@ -165,7 +165,8 @@ class _IdenticalInitStack(nn.Module):
   The layer's `__call__` takes the carry plus arguments shared by all copies and returns the new carry; each
   copy gets its own dropout draws. A Python loop over the copies rather than `nn.scan`: the stacks are 1-3 layers
   deep, and XLA:CPU runs the unrolled program faster than a while loop (22% of the embedder's forward + backward
-  at the demo size), while tracing the nested scans under `jax.grad` cost a demo train step 3 s of its 4.6 s trace.
+  at the demo size), and a loop is quicker to trace than nested scans under `jax.grad`: a fresh process traced the
+  demo train step in 2.6-2.95 s against 3.5-3.6 s (docs/benchmarks.md, "The test suite").
   """
   layer_cls: Any
   length: int
@@ -186,7 +187,8 @@ class _IdenticalInitStack(nn.Module):
     dropout_key = self.make_rng("dropout") if self.has_rng("dropout") else None
     for i in range(self.length):
       rngs = {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
-      # lax rather than p[i]: jnp indexing traces ~10x slower, and a stack holds hundreds of leaves.
+      # lax rather than p[i]: jnp indexing goes through its gather logic for each of the stack's hundreds of
+      # leaves; under cProfile that slicing took 1.2 s of the demo train step's trace.
       copy_i = jax.tree.map(lambda p, i=i: jax.lax.index_in_dim(p, i, keepdims=False), stacked)
       carry = layer.apply({"params": copy_i}, carry, *shared, rngs=rngs)
     return carry
