@@ -2,13 +2,14 @@
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaussiantoken_jax.models.gaussian_embedder import (GaussianEmbedder, Gaussians, anchor_init,
-                                                        sine_position_embedding)
+from gaussiantoken_jax.models.gaussian_embedder import (GaussianEmbedder, Gaussians, _IdenticalInitStack,
+                                                        anchor_init, sine_position_embedding)
 from test_deformable_attention import _numpy_softmax, numpy_bilinear_sample, numpy_deformable_attention
 
 # A small map and few Gaussians, with the reference structure (3 blocks, 2 + 2 layers, D' = 64).
@@ -85,6 +86,30 @@ def test_stacked_copies_start_identical(variables):
   assert not np.allclose(encoder["self_attn"]["value_proj"]["kernel"][0],
                          decoder["cross_attn"]["value_proj"]["kernel"][0, 0])
 
+
+
+class _DropoutProbe(nn.Module):
+  """A stackable layer that appends the dropout mask it draws to its carry (and holds a parameter, as the
+  embedder's layers do)."""
+
+  @nn.compact
+  def __call__(self, masks):
+    self.param("unused", nn.initializers.zeros, ())
+    return (*masks, nn.Dropout(0.5, deterministic=False)(jnp.ones(1000)))
+
+
+def test_stacked_copies_draw_their_own_dropout_masks():
+  """The copies share their init, not their dropout: each draws its own mask from the call's key. Two
+  independent masks at rate 0.5 differ at 50% of 1000 positions (binomial std 1.6%); equal keys would give 0%."""
+  stack = _IdenticalInitStack(_DropoutProbe, 3, ())
+  variables = stack.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, ())
+  masks = [np.asarray(m) for m in stack.apply(variables, (), rngs={"dropout": jax.random.key(2)})]
+  assert len(masks) == 3
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    assert 0.4 < np.mean((masks[i] == 0) != (masks[j] == 0)) < 0.6, (i, j)
+  again = stack.apply(variables, (), rngs={"dropout": jax.random.key(2)})
+  for mask, same in zip(masks, again):
+    np.testing.assert_array_equal(mask, same)  # and the draws are the key's, reproducibly
 
 def test_range_scheduler_follows_the_formula_over_three_steps(variables, feature_map):
   state = {"scale_max": 4.0, "scale_mean": 2.05}
