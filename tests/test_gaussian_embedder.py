@@ -87,7 +87,6 @@ def test_stacked_copies_start_identical(variables):
                          decoder["cross_attn"]["value_proj"]["kernel"][0, 0])
 
 
-
 class _DropoutProbe(nn.Module):
   """A stackable layer that appends the dropout mask it draws to its carry (and holds a parameter, as the
   embedder's layers do)."""
@@ -110,6 +109,7 @@ def test_stacked_copies_draw_their_own_dropout_masks():
   again = stack.apply(variables, (), rngs={"dropout": jax.random.key(2)})
   for mask, same in zip(masks, again):
     np.testing.assert_array_equal(mask, same)  # and the draws are the key's, reproducibly
+
 
 def test_range_scheduler_follows_the_formula_over_three_steps(variables, feature_map):
   state = {"scale_max": 4.0, "scale_mean": 2.05}
