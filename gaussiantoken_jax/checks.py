@@ -1,6 +1,8 @@
 """Argument checks shared by the public functions: clear ValueErrors naming the argument, expected and got."""
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 
@@ -25,6 +27,6 @@ def check_nhwc(where: str, name: str, x, *, channels: int | None = None, spatial
 
 
 def check_non_negative_int(where: str, name: str, value) -> None:
-  """Raises ValueError unless `value` is a Python int >= 0 (not a bool)."""
-  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+  """Raises ValueError unless `value` is an integer >= 0: a Python or NumPy integer, not a bool."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
     raise ValueError(f"{where}: `{name}` must be a non-negative int, got {value!r}.")

@@ -6,12 +6,13 @@ r"""Evaluates a training run's checkpoint: rFID, KID, PSNR (two ways), SSIM, LPI
 
 Restores the EMA weights of the newest (or `--step`) checkpoint with the config saved beside it, runs the
 evaluation split (default: the config's `data.eval_split`) through the sharded model and writes the metrics
-as JSON: {"rfid", "kid", "kid_std", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity",
-"num_images", "fit_geometry_steps", "step", "config_name", "workdir", "config"}. Beside it go the pictures, `<output
-stem>_reconstructions.png`, `_gaussians.png` (GaussianToken) and `_codebook_usage.png`. See
-docs/evaluation.md for the definitions. `--fit_geometry_steps=N` (GaussianToken) evaluates the tokenizer with
-each image's geometry fitted to the image at encode time (`geometry_fit`); the record says how many steps. With
-several processes, start it on every process, like training.
+as JSON: {"rfid", "kid", "kid_std", "psnr", "psnr_block_baseline", "psnr_uint8", "ssim", "lpips",
+"codebook_usage", "perplexity", "num_images", "fit_geometry_steps", "step", "batch_size", "config_name",
+"split", "workdir", "config"}. Beside it go the pictures, `<output stem>_reconstructions.png`, `_gaussians.png` (GaussianToken) and
+`_codebook_usage.png`. See docs/evaluation.md for the definitions. `--fit_geometry_steps=N` (GaussianToken)
+evaluates the tokenizer with each image's geometry fitted to the image at encode time (`geometry_fit`); the
+record says how many steps. `--batch_size` sets the evaluation batch (default: the run's). With several
+processes, start it on every process, like training.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from gaussiantoken_jax import data, losses, restore
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax import cli_flags
 from gaussiantoken_jax.evaluation import inception
-from gaussiantoken_jax.train import distributed
+from gaussiantoken_jax.train import distributed, sharding
 
 FLAGS = flags.FLAGS
 
@@ -66,18 +67,27 @@ def write_outputs(output: pathlib.Path, record: dict, pictures: dict) -> list[pa
 
 def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, split: str | None = None,
         num_images: int | None = None, inception_weights: str | None = None, with_fid: bool = True,
-        fit_geometry_steps: int = 0) -> dict:
+        fit_geometry_steps: int = 0, batch_size: int | None = None) -> dict:
   """Evaluates checkpoint `step` of `workdir` and writes `output` and the pictures (process 0); returns the
-  record written (see the module docstring; without `with_fid`, no Inception network and no rfid / kid)."""
+  record written (see the module docstring; without `with_fid`, no Inception network and no rfid / kid).
+  `batch_size`: images per evaluation batch, all processes together (default: the run's `data.eval_batch_size`,
+  or its `batch_size`)."""
   restored = restore.restore_model(workdir, step)
   config = restored.config
   logging.info("Restored the EMA weights of step %d from %s.", restored.step, workdir)
-  loader = data.make_eval_loader(config, split=split)
+  loader_config = config
+  if batch_size is not None:
+    loader_config = config.copy_and_resolve_references()
+    loader_config.data.eval_batch_size = batch_size
+  sharding.check_batch_size("the evaluation batch (--batch_size; default the run's)", loader_config.data.eval_batch_size or loader_config.batch_size,
+                            restored.steps.mesh)
+  loader = data.make_eval_loader(loader_config, split=split)
   evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
                                       inception.load_inception_params(inception_weights) if with_fid else None,
                                       fit_geometry_steps=fit_geometry_steps)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
   record = {**metrics, "fit_geometry_steps": fit_geometry_steps, "step": restored.step,
+            "batch_size": loader_config.data.eval_batch_size or loader_config.batch_size,
             "config_name": config_name(config),
             "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}
   if jax.process_index() == 0:
@@ -95,9 +105,12 @@ def main(argv):
     raise app.UsageError(f"--num_images must be a positive int, got {FLAGS.num_images}.")
   if FLAGS.fit_geometry_steps < 0:
     raise app.UsageError(f"--fit_geometry_steps must be a non-negative int, got {FLAGS.fit_geometry_steps}.")
+  if cli_flags.BATCH_SIZE.value is not None and cli_flags.BATCH_SIZE.value < 1:
+    raise app.UsageError(f"--batch_size must be a positive int, got {cli_flags.BATCH_SIZE.value}.")
   distributed.initialize_from_env()
   record = run(FLAGS.workdir, FLAGS.output, step=FLAGS.step, split=FLAGS.split, num_images=FLAGS.num_images,
-               inception_weights=cli_flags.INCEPTION_WEIGHTS.value, fit_geometry_steps=FLAGS.fit_geometry_steps)
+               inception_weights=cli_flags.INCEPTION_WEIGHTS.value, fit_geometry_steps=FLAGS.fit_geometry_steps,
+               batch_size=cli_flags.BATCH_SIZE.value)
   if jax.process_index() == 0:
     print(json.dumps({key: record[key] for key in (*evaluator_lib.METRIC_KEYS, "fit_geometry_steps", "step",
                                                     "config_name")

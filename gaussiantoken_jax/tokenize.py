@@ -158,6 +158,9 @@ def make_source(data: str, *, split: str | None = None, tfds_data_dir: str | Non
   if split is not None or tfds_data_dir is not None:
     raise ValueError(f"`split` and `tfds_data_dir` are for TFDS data ('tfds:NAME'); `data` {data!r} is a folder or "
                      f"tar, got split={split!r}, tfds_data_dir={tfds_data_dir!r}.")
+  if not epath.Path(data).exists():
+    raise FileNotFoundError(f"`data` {data!r}: no such image folder or .tar; a prepared TFDS dataset is written "
+                            f"'{TFDS_PREFIX}NAME', e.g. '{TFDS_PREFIX}{data}'.")
   return sources.ImageFolderSource(data)
 
 
@@ -218,6 +221,7 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   # Several processes: each encodes its own batches with the whole model on its local devices (no collective).
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1), jax.local_devices()) if num_processes > 1 else None
   tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema, mesh=mesh)
+  tokenizer.check_fit(fit_geometry_steps)  # before the manifest: a bad value must not be recorded as the export's
   config = tokenizer.config
   crop = pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
   num_batches = -(-len(source) // batch_size)
@@ -351,6 +355,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.data or not FLAGS.output:
     raise app.UsageError("--workdir, --data and --output are required.")
+  cli_flags.refuse("tokenize", cli_flags.INCEPTION_WEIGHTS)
   distributed.initialize_from_env()
   summary = export(FLAGS.workdir, FLAGS.data, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
                    batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE, split=FLAGS.split,

@@ -8,10 +8,10 @@
 
 The config comes from the checkpoint; only the generator's (EMA) parameters and model state are read
 (`restore.restore_model`). `encode` / `decode` / `reconstruct` check their arguments on the host (shapes,
-dtypes, and, for concrete arrays, values) and run one jitted function each; host arrays whose batch divides
-the mesh's device count are split over the mesh's devices. Inside a jitted function of one's own, either call
-the methods (the parameters become constants of that function) or the pure forms with the parameters as an
-argument:
+dtypes, and, for concrete arrays, values) and run one jitted function each; host arrays whose batch is a
+multiple of the mesh's device count are split over the mesh's devices. Inside a jitted function of one's own,
+either call the methods (the parameters become constants of that function) or the pure forms with the
+parameters as an argument:
 
     @jax.jit
     def step(variables, images):
@@ -30,6 +30,7 @@ geometry fields are None), one per cell of its code grid in row-major order.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -171,7 +172,7 @@ class GaussianTokenizer:
     (not values: they may be traced). `fit_geometry_steps` > 0 refines the geometry against the images
     (module docstring; GaussianToken only)."""
     self._check_images(images, check_values=False)
-    self._check_fit(fit_geometry_steps, fit_learning_rate)
+    self.check_fit(fit_geometry_steps, fit_learning_rate)
     x = pixels.to_model_input(images) if images.dtype == jnp.uint8 else jnp.asarray(images, jnp.float32)
     indices, gaussians = self.model.apply(variables, x, method="encode_tokens")
     indices = indices.astype(jnp.int32)
@@ -198,8 +199,10 @@ class GaussianTokenizer:
     """uint8 [B,H,W,3] pixels or float [B,H,W,3] in [-1, 1] (H = W = `image_size`) -> Tokens (on the devices);
     `fit_geometry_steps` > 0 refines the geometry against the images (module docstring)."""
     self._check_images(images, check_values=True)
-    return self._encode(self.variables, self._to_devices(images), fit_geometry_steps=fit_geometry_steps,
-                        fit_learning_rate=fit_learning_rate)
+    self.check_fit(fit_geometry_steps, fit_learning_rate)
+    # Python scalars: jit keys its cache on the static arguments, and NumPy ones would compile again.
+    return self._encode(self.variables, self._to_devices(images), fit_geometry_steps=int(fit_geometry_steps),
+                        fit_learning_rate=float(fit_learning_rate))
 
   def decode(self, tokens: Tokens):
     """Tokens (as `encode` makes them, or edited, or loaded) -> float32 [B,H,W,3] in [-1, 1]."""
@@ -211,7 +214,7 @@ class GaussianTokenizer:
     return self.decode(self.encode(images, fit_geometry_steps, fit_learning_rate))
 
   def _to_devices(self, x):
-    """A host array whose batch divides the mesh's device count, split over the mesh; others as they are."""
+    """A host array whose batch is a multiple of the mesh's device count, split over the mesh; others as they are."""
     if isinstance(x, np.ndarray) and x.ndim and x.shape[0] % self.mesh.size == 0:
       return jax.device_put(x, sharding.batch_sharding(self.mesh))
     return x
@@ -240,13 +243,15 @@ class GaussianTokenizer:
       raise ValueError(f"{where}: float `images` must lie in [-1, 1] (uint8 pixels are scaled by the tokenizer), "
                        f"got values in [{float(low):g}, {float(high):g}].")
 
-  def _check_fit(self, steps, learning_rate) -> None:
+  def check_fit(self, steps, learning_rate=geometry_fit.LEARNING_RATE) -> None:
+    """Raises ValueError unless `encode` accepts these `fit_geometry_steps` and `fit_learning_rate` (a command
+    checks them before it starts a long run)."""
     where = "GaussianTokenizer.encode"
     check_non_negative_int(where, "fit_geometry_steps", steps)
     if steps and not self.has_geometry:
       raise ValueError(f"{where}: `fit_geometry_steps`={steps}, but this plain-VQ baseline's tokens have no geometry "
                        "to fit.")
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+    if not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool) or not learning_rate > 0:
       raise ValueError(f"{where}: `fit_learning_rate` must be a positive float, got {learning_rate!r}.")
 
   def _check_tokens(self, tokens, *, check_values: bool) -> None:

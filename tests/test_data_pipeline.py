@@ -262,6 +262,18 @@ def test_split_file_selects_and_orders_files(image_root, tmp_path):
     data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
 
 
+def test_a_split_file_shared_by_both_splits_is_warned_about(image_root, tmp_path, caplog):
+  split_file = tmp_path / "split.txt"
+  split_file.write_text("train/class_0/003.png\ntest/class_0/024.png\n")
+  with caplog.at_level("WARNING"):
+    data.make_train_loader(_config(path=str(image_root), split_file=str(split_file)))
+  assert "read the same records" in caplog.text and "evaluation will measure training images" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    data.make_train_loader(_config(path=str(image_root)))  # train/ and test/ subfolders: no warning
+  assert "read the same records" not in caplog.text
+
+
 def test_split_template_in_path(image_root):
   config = _config(path=os.path.join(str(image_root), "{split}"))
   assert sorted(_eval_identities(data.make_eval_loader(config))) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))

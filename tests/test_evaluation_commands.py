@@ -106,13 +106,17 @@ def test_evaluate_command_on_a_checkpoint(tmp_path):
   with checkpointing.Checkpointer(tmp_path / "run") as ckpt:
     ckpt.save(0, state, config=config)
   output = tmp_path / "out" / "eval.json"
-  record = evaluate.run(str(tmp_path / "run"), output, num_images=8)
+  with pytest.raises(ValueError, match=r"the evaluation batch .*=4: the global batch must be a multiple of the 8 "
+                     r"devices"):
+    evaluate.run(str(tmp_path / "run"), output, num_images=8, batch_size=4)
+  record = evaluate.run(str(tmp_path / "run"), output, num_images=8, batch_size=16)  # the run's own batch is 8
 
   written = json.loads(output.read_text())
   for key in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity", "num_images",
               "step", "config_name"):
     assert key in written, key
   assert written["num_images"] == 8 and written["step"] == 0 and written["config_name"] == "gaussiantoken-demo-32px"
+  assert written["batch_size"] == 16
   assert all(math.isfinite(written[k]) for k in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips"))
   assert record["rfid"] == written["rfid"]
 

@@ -1,4 +1,5 @@
-"""`python -m gaussiantoken_jax.main` refuses bad command lines with one clear message and a non-zero exit."""
+"""`python -m gaussiantoken_jax.main` and the other commands refuse bad command lines with one clear message and a
+non-zero exit."""
 import os
 import pathlib
 import subprocess
@@ -17,7 +18,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     (["--config=configs/no_such_config.py:runlocal", "--workdir=W"],
      "--config: no config file at 'configs/no_such_config.py'", False),
     (["--config=configs/demo.py:bogus", "--workdir=W"], "Unknown config variant 'bogus'", True),
-], ids=["no_workdir", "unknown_flag", "missing_config_file", "unknown_variant"])
+    (["--config=configs/demo.py:runlocal", "--workdir=W", "--config.batch_size=12"],
+     "config.batch_size=12: the global batch must be a multiple of the 8 devices", True),
+], ids=["no_workdir", "unknown_flag", "missing_config_file", "unknown_variant", "batch_not_split_evenly"])
 def test_bad_command_lines_exit_nonzero_with_a_clear_message(args, message, traceback, tmp_path):
   args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -27,3 +30,18 @@ def test_bad_command_lines_exit_nonzero_with_a_clear_message(args, message, trac
   assert message in result.stderr + result.stdout
   assert traceback or "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()  # nothing is written for a refused command line
+
+
+# The flags shared by the commands (`cli_flags`) are defined for all of them; those a command has no use for are
+# refused rather than silently ignored.
+@pytest.mark.parametrize("command, args", [
+    ("gaussiantoken_jax.tokenize", ["--workdir=W", "--data=W", "--output=W/t.npz", "--inception_weights=x.npz"]),
+    ("gaussiantoken_jax.data.inspect", ["--data=demo", "--inception_weights=x.npz"]),
+], ids=["tokenize", "data_inspect"])
+def test_commands_refuse_shared_flags_they_do_not_use(command, args, tmp_path):
+  args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]
+  result = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert f"{command.removeprefix('gaussiantoken_jax.')} does not use --inception_weights" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

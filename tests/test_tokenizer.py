@@ -316,6 +316,28 @@ def write_image_folder(folder, images):
   return folder
 
 
+def test_fitting_arguments_are_checked_before_an_export_writes_anything(workdir, vq_workdir, tokenizer, images,
+                                                                         tmp_path):
+  tokenizer.check_fit(np.int64(3), np.float32(0.02))  # NumPy scalars are integers and reals too
+  default = tokenizer.encode(images)
+  assert_tokens_equal(jax.device_get(tokenizer.encode(images, fit_geometry_steps=np.int64(0))), jax.device_get(default))
+  for steps in (True, -1, 2.0):
+    with pytest.raises(ValueError, match=rf"`fit_geometry_steps` must be a non-negative int, got {steps!r}"):
+      tokenizer.check_fit(steps)
+  with pytest.raises(ValueError, match=r"`fit_learning_rate` must be a positive float, got np.float32\(0.0\)"):
+    tokenizer.check_fit(1, np.float32(0.0))
+  # Refused before the export's manifest is written, so that a corrected rerun is not held to the bad value.
+  folder = write_image_folder(tmp_path / "images", images)
+  for run, steps, message in ((vq_workdir[0], 5, "plain-VQ baseline's tokens have no geometry"),
+                              (workdir, -1, "must be a non-negative int, got -1")):
+    output = tmp_path / f"tokens_{steps}.npz"
+    with pytest.raises(ValueError, match=message):
+      tokenize.export(run, str(folder), output, fit_geometry_steps=steps)
+    assert not tokenize.parts_dir(output).exists()
+  with pytest.raises(FileNotFoundError, match=r"a prepared TFDS dataset is written 'tfds:NAME', e.g. 'tfds:cifar10'"):
+    tokenize.make_source("cifar10")
+
+
 def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, images, tmp_path, capsys):
   photos = np.concatenate([images, images[:3, ::-1]])  # 11 images of the trained size (the crop keeps them)
   folder = write_image_folder(tmp_path / "images", photos)

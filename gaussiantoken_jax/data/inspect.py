@@ -99,6 +99,7 @@ def run(config: ml_collections.ConfigDict, *, augment: bool, output: str) -> dic
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.refuse("data.inspect", cli_flags.INCEPTION_WEIGHTS)
   batch_size = cli_flags.BATCH_SIZE.value or _DEFAULT_BATCH_SIZE
   config = inspect_config(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value, batch_size,
                           eval_crop=_EVAL_CROP.value, augment=_TRAIN_AUGMENT.value, data_dir=_DATA_DIR.value,

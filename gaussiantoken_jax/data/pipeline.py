@@ -111,11 +111,26 @@ def make_source(config, split: str):
     return demo.demo_source(split, data.image_size)
   if data.source == "tfds":
     return sources.TfdsImageSource(data.name, split, data.data_dir)
+  path, subfolder, split_file = _folder_source_args(data, split)
+  return sources.ImageFolderSource(path, subfolder=subfolder, split_file=split_file)
+
+
+def _folder_source_args(data, split: str) -> tuple[str, str, str]:
+  """(path, subfolder, split file) of a folder source's `split` (see `make_source`)."""
   split_by_folder = not data.split_file and "{split}" not in data.path
-  return sources.ImageFolderSource(
-      data.path.replace("{split}", split),
-      subfolder=split if split_by_folder else "",
-      split_file=data.split_file.replace("{split}", split))
+  return data.path.replace("{split}", split), split if split_by_folder else "", data.split_file.replace("{split}", split)
+
+
+def _warn_if_evaluating_on_training_data(data) -> None:
+  """Logs a warning when the training and the evaluation split resolve to the same records: with a split file
+  without "{split}", for example, both read the files it lists, and every evaluation metric would be measured on
+  training images."""
+  def records(split):
+    return _folder_source_args(data, split) if data.source == "folder" else split
+  if records(data.train_split) == records(data.eval_split):
+    _log.warning("config.data: the training split %r and the evaluation split %r read the same records (source "
+                 "%r, path %r, split file %r): evaluation will measure training images.", data.train_split,
+                 data.eval_split, data.source, data.path, data.split_file)
 
 
 def train_split_size(config) -> int:
@@ -251,6 +266,7 @@ def make_train_loader(config, *, shard_options: grain.sharding.ShardOptions | No
   batch_size = _local_batch_size(config.batch_size, "batch_size", shard_options.shard_count)
   shuffle_seed, augment_seed = _shard_seeds(config.seed, shard_options)
   train_transform, _ = _transforms_from_config(config)
+  _warn_if_evaluating_on_training_data(data)
 
   ds = _shard(grain.MapDataset.source(make_source(config, data.train_split)), shard_options)
   if len(ds) == 0:

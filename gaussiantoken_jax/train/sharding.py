@@ -60,6 +60,14 @@ def _check_mesh(mesh) -> None:
     raise ValueError(f"`mesh` must be a jax.sharding.Mesh with axes {MESH_AXES} (see make_mesh), got {mesh!r}.")
 
 
+def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the global batch `batch_size` (config field `name`) splits evenly over the mesh,
+  as `batch_sharding` splits every batch; checked before anything compiles, which would fail less clearly."""
+  if batch_size % mesh.size:
+    raise ValueError(f"{name}={batch_size}: the global batch must be a multiple of the {mesh.size} devices of the "
+                     f"mesh {dict(mesh.shape)}, over which every batch is split.")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every device of the mesh, other dimensions whole."""
   _check_mesh(mesh)

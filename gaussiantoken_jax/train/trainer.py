@@ -161,12 +161,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   _silence_orbax_info_logs()
   # --- Processes and devices.
   distributed.initialize_from_env()
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size("config.batch_size", config.batch_size, mesh)
+  if config.data.eval_batch_size:
+    sharding.check_batch_size("config.data.eval_batch_size", config.data.eval_batch_size, mesh)
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
   writer = writers.create_writer(workdir, is_main)
-  mesh = sharding.make_mesh(config.mesh)
   logging.info("Process %d of %d; mesh %s over %d devices (%d local).", jax.process_index(), jax.process_count(),
                dict(mesh.shape), jax.device_count(), jax.local_device_count())
 
