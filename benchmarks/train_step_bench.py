@@ -33,12 +33,14 @@ The last line printed is one JSON object: images_per_s, images_per_s_lpips, enco
 gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops,
 peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
 lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
-minus 1), and the settings.
+minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of one machine class).
 """
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import platform
 import statistics
 import time
 
@@ -237,6 +239,19 @@ def part_rows(steps, state, lpips_params, batch_size: int, rounds: int, probe: M
   return rows
 
 
+def host_cpu() -> str:
+  """The host's CPU as /proc/cpuinfo names it, with its family and model numbers and AVX-512 if it has it: the
+  fractions of the matmul peak differ between CPUs of the same machine class (docs/benchmarks.md)."""
+  try:
+    first_processor = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+  except OSError:
+    return platform.processor() or "unknown"
+  info = dict((key.strip(), value.strip()) for key, _, value in
+              (line.partition(":") for line in first_processor.splitlines()))
+  avx512 = ", AVX-512" if "avx512f" in info.get("flags", "").split() else ""
+  return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}{avx512})"
+
+
 def main(argv):
   del argv
   config = _CONFIG.value.copy_and_resolve_references()
@@ -245,8 +260,9 @@ def main(argv):
   if hasattr(config_lib, "resolve_steps"):  # configs whose durations are in epochs
     config = config_lib.resolve_steps(config, _NOMINAL_TRAIN_SIZE)
   device = jax.devices()[0]
+  cpu = host_cpu()
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}, {jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPU cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{os.cpu_count()} CPU cores ({cpu}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"config {config.model.type}, image {config.data.image_size}, batch {batch_size}, "
         f"conv_dtype {config.model.conv_dtype}, encode batch {_ENCODE_BATCH_SIZE.value}")
   mesh = sharding.make_mesh(config.mesh)
@@ -319,7 +335,7 @@ def main(argv):
       encode_peak_fraction_best=round(encode["peak_fraction_best"], 4),
       lpips_overhead=round(lpips_overhead, 4), step_ms=round(step["ms"], 1),
       step_lpips_ms=round(lpips["ms"], 1), encode_ms=round(encode["ms"], 1), batch_size=batch_size,
-      encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform,
+      encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform, cpu=cpu,
       lpips_weights=lpips_source)))
 
 

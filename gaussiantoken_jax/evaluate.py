@@ -8,11 +8,11 @@ Restores the EMA weights of the newest (or `--step`) checkpoint with the config 
 evaluation split (default: the config's `data.eval_split`) through the sharded model and writes the metrics
 as JSON: {"rfid", "kid", "kid_std", "psnr", "psnr_block_baseline", "psnr_uint8", "ssim", "lpips",
 "codebook_usage", "perplexity", "num_images", "fit_geometry_steps", "step", "batch_size", "config_name",
-"split", "workdir", "config"}. Beside it go the pictures, `<output stem>_reconstructions.png`, `_gaussians.png` (GaussianToken) and
-`_codebook_usage.png`. See docs/evaluation.md for the definitions. `--fit_geometry_steps=N` (GaussianToken)
-evaluates the tokenizer with each image's geometry fitted to the image at encode time (`geometry_fit`); the
-record says how many steps. `--batch_size` sets the evaluation batch (default: the run's). With several
-processes, start it on every process, like training.
+"split", "workdir", "config"}. Beside it go the pictures, `<output stem>_reconstructions.png`,
+`_gaussians.png` (GaussianToken) and `_codebook_usage.png`. See docs/evaluation.md for the definitions.
+`--fit_geometry_steps=N` (GaussianToken) evaluates the tokenizer with each image's geometry fitted to the image
+at encode time (`geometry_fit`); the record says how many steps. `--batch_size` sets the evaluation batch
+(default: the run's). With several processes, start it on every process, like training.
 """
 from __future__ import annotations
 
@@ -79,15 +79,15 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
   if batch_size is not None:
     loader_config = config.copy_and_resolve_references()
     loader_config.data.eval_batch_size = batch_size
-  sharding.check_batch_size("the evaluation batch (--batch_size; default the run's)", loader_config.data.eval_batch_size or loader_config.batch_size,
-                            restored.steps.mesh)
+  batch_size = loader_config.data.eval_batch_size or loader_config.batch_size
+  sharding.check_batch_size("the evaluation batch (--batch_size; default the run's)", batch_size, restored.steps.mesh)
   loader = data.make_eval_loader(loader_config, split=split)
   evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
                                       inception.load_inception_params(inception_weights) if with_fid else None,
                                       fit_geometry_steps=fit_geometry_steps)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
   record = {**metrics, "fit_geometry_steps": fit_geometry_steps, "step": restored.step,
-            "batch_size": loader_config.data.eval_batch_size or loader_config.batch_size,
+            "batch_size": batch_size,
             "config_name": config_name(config),
             "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}
   if jax.process_index() == 0:

@@ -118,7 +118,8 @@ def make_source(config, split: str):
 def _folder_source_args(data, split: str) -> tuple[str, str, str]:
   """(path, subfolder, split file) of a folder source's `split` (see `make_source`)."""
   split_by_folder = not data.split_file and "{split}" not in data.path
-  return data.path.replace("{split}", split), split if split_by_folder else "", data.split_file.replace("{split}", split)
+  subfolder = split if split_by_folder else ""
+  return data.path.replace("{split}", split), subfolder, data.split_file.replace("{split}", split)
 
 
 def _warn_if_evaluating_on_training_data(data) -> None:
