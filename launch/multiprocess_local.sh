@@ -2,6 +2,7 @@
 # N processes on this machine, as if they were N hosts: each gets DEVICES_PER_PROCESS CPU devices and its
 # share of the data; they meet through jax.distributed on 127.0.0.1 (CPU collectives: gloo). This is how the
 # multi-host code path is tested without a cluster. Logs: WORKDIR/process_<i>.log; metrics from process 0.
+# A SIGTERM (or Ctrl-C) to this script goes to every process; it returns once all have saved and exited.
 #
 #   launch/multiprocess_local.sh 2 configs/demo.py:runlocal /tmp/gt_mp [--config.total_steps=10 ...]
 set -euo pipefail
@@ -11,10 +12,12 @@ if [[ $# -lt 3 ]]; then
 fi
 num_processes=$1 config=$2 workdir=$3
 shift 3
+[[ "${workdir}" == *://* ]] || workdir=$(realpath -m -- "${workdir}")  # relative to the caller, not the repository
 cd "$(dirname "$0")/.."
 mkdir -p "${workdir}"
 port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}"
+# CPU devices only, also on a machine with GPUs (each process would otherwise claim every GPU).
+export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}"
 export GAUSSIANTOKEN_COORDINATOR_ADDRESS="127.0.0.1:${port}" GAUSSIANTOKEN_NUM_PROCESSES="${num_processes}"
 
 pids=()
@@ -27,6 +30,19 @@ done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
 status=0
 for pid in "${pids[@]}"; do
-  wait "${pid}" || status=$?
+  code=0
+  wait "${pid}" || code=$?
+  # A trapped signal ends `wait` early (status > 128) while the process may still be saving: wait on. If it
+  # has exited meanwhile, one more `wait` returns its own status (127 if the first `wait` already did).
+  while ((code > 128)) && kill -0 "${pid}" 2>/dev/null; do
+    code=0
+    wait "${pid}" || code=$?
+  done
+  if ((code > 128)); then
+    own=0
+    wait "${pid}" 2>/dev/null || own=$?
+    ((own == 127)) || code=${own}
+  fi
+  ((code == 0)) || status=${code}
 done
 exit "${status}"

@@ -10,5 +10,6 @@ if [[ $# -lt 2 ]]; then
 fi
 config=$1 workdir=$2
 shift 2
+[[ "${workdir}" == *://* ]] || workdir=$(realpath -m -- "${workdir}")  # relative to the caller, not the repository
 cd "$(dirname "$0")/.."
 exec python -m gaussiantoken_jax.main --config="${config}" --workdir="${workdir}" "$@"

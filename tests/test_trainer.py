@@ -247,9 +247,10 @@ def test_in_training_rfid_with_random_inception_weights():
 
 
 def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
-  """Run B trains run A's 8 steps but is stopped twice on the way: SIGTERM (it saves at the next step and exits 0,
-  with no checkpoint before that one), then SIGKILL right after a checkpoint. Each restart continues from the newest
-  checkpoint, and B's final state equals A's bit for bit. How often B logs and checkpoints does not enter the state."""
+  """Run B trains run A's 8 steps but is stopped twice on the way: SIGTERM while it compiles its train step (it
+  saves at its first step and exits 0, with no checkpoint before that one), then SIGKILL right after a checkpoint.
+  Each restart continues from the newest checkpoint, and B's final state equals A's bit for bit. How often B logs
+  and checkpoints does not enter the state."""
   workdir_a, returncode = run_a
   assert returncode == 0
   workdir = tmp_path / "run_b"
@@ -260,8 +261,8 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   process, log = start_run(workdir, *args, "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
                            log_path=log_path)
   try:
-    wait_for(lambda: (workdir / "metrics.jsonl").exists() and any(r["step"] >= 1 for r in read_metrics(workdir)),
-             process, what="step 1")
+    # Before the loop: the signal must not be lost while the run restores and compiles.
+    wait_for(lambda: "Initialised a new run" in log_path.read_text(), process, what="the initialisation")
     process.send_signal(signal.SIGTERM)
   finally:
     returncode = finish((process, log))

@@ -159,8 +159,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   config = config_lib.resolve_steps(config, data.train_split_size(config))
   _check_loop_config(config)
   _silence_orbax_info_logs()
-  # --- Processes and devices.
   distributed.initialize_from_env()
+  # SIGTERM asks the loop to save and stop from here on: jax.distributed installs a handler of its own that
+  # would swallow the signal while the run restores and compiles (minutes), before the loop starts.
+  with checkpointing.PreemptionGuard(sync_every_steps=config.log_every_steps) as guard:
+    return _train(config, workdir, guard, start_time)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing.PreemptionGuard,
+           start_time: float) -> step_lib.TrainState:
+  """`train_and_evaluate` after its start-up, with the preemption guard in place."""
+  # --- Processes and devices.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size("config.batch_size", config.batch_size, mesh)
   if config.data.eval_batch_size:
@@ -247,34 +256,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     interval, unchecked = [], []  # this interval's metrics (on device); (step, metrics) not yet checked for NaN
     step = first_step
     final_passes = None  # the evaluation at total_steps, for the closing summary
-    with checkpointing.PreemptionGuard(sync_every_steps=config.log_every_steps) as guard:
-      while step < config.total_steps:
-        batch = data.to_global_array(next(train_iter), steps.batch_sharding)
-        state, step_metrics = train_step(state, batch, lpips_params)
-        step += 1
-        if profiler is not None:
-          profiler(step)
-        interval.append(step_metrics)
-        unchecked.append((step, step_metrics))
-        stop = guard.should_stop(step)
-        log_now = step % config.log_every_steps == 0 or step == config.total_steps
-        save_now = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
-        if log_now or save_now:
-          _check_finite(unchecked)
-          unchecked = []
-        if log_now:
-          writer.write_scalars(step, _interval_metrics(interval))
-          interval = []
-          progress.report(step)
-        if save_now:
-          save(step)
-        if stop:
-          logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
-          break
-        if step % config.eval_every_steps == 0 or step == config.total_steps:
-          passes = run_eval(step)
-          if step == config.total_steps:
-            final_passes = passes
+    while step < config.total_steps:
+      batch = data.to_global_array(next(train_iter), steps.batch_sharding)
+      state, step_metrics = train_step(state, batch, lpips_params)
+      step += 1
+      if profiler is not None:
+        profiler(step)
+      interval.append(step_metrics)
+      unchecked.append((step, step_metrics))
+      stop = guard.should_stop(step)
+      log_now = step % config.log_every_steps == 0 or step == config.total_steps
+      save_now = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
+      if log_now or save_now:
+        _check_finite(unchecked)
+        unchecked = []
+      if log_now:
+        writer.write_scalars(step, _interval_metrics(interval))
+        interval = []
+        progress.report(step)
+      if save_now:
+        save(step)
+      if stop:
+        logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
+        break
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        passes = run_eval(step)
+        if step == config.total_steps:
+          final_passes = passes
   finally:
     checkpointer.close()  # waits for the last save
     writer.close()
