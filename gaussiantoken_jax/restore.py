@@ -92,6 +92,8 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: 
   """
   workdir, step = locate_checkpoint(workdir, step)
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    # One step for the config and the weights, even if a running training saves a newer one meanwhile.
+    step = ckpt.latest_step() if step is None else step
     if config is None:
       config = ml_collections.ConfigDict(ckpt.restore_config(step))
     steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh) if mesh is None else mesh)

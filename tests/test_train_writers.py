@@ -73,6 +73,19 @@ class _FakeClock:
     return next(self._times)
 
 
+def test_a_resume_discards_the_metrics_logged_after_its_checkpoint(tmp_path):
+  writer = writers.JsonlWriter(tmp_path, log=False)
+  for step in (1, 2, 2, 3, 4):
+    writer.write_scalars(step, {"loss": float(step)})
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 5, "lo')  # a line cut short by a kill
+  assert writers.discard_metrics_after(tmp_path, 2) == 3  # steps 3 and 4, and the broken line
+  assert [(line["step"], line["loss"]) for line in _read_jsonl(tmp_path / "metrics.jsonl")] == [
+      (1, 1.0), (2, 2.0), (2, 2.0)]
+  assert writers.discard_metrics_after(tmp_path, 2) == 0
+  assert writers.discard_metrics_after(tmp_path / "no_run_here", 5) == 0
+
+
 def test_progress_reporter_eta(tmp_path):
   writer = writers.JsonlWriter(tmp_path)
   progress = writers.ProgressReporter(total_steps=1000, batch_size=8, writer=writer, first_step=100,
@@ -80,15 +93,15 @@ def test_progress_reporter_eta(tmp_path):
   # 100 -> 150 in 20 s: 2.5 steps/s, 20 images/s, 850 steps left = 340 s.
   first = progress.report(150)
   assert first == pytest.approx({"steps_per_sec": 2.5, "images_per_sec": 20.0, "eta_seconds": 340.0})
-  # 150 -> 250 in 10 s: 10 steps/s, 750 steps left = 75 s.
+  # 150 -> 250 in 10 s: 10 steps/s now, but 150 steps in 30 s since the start: 750 steps left = 150 s.
   second = progress.report(250)
-  assert second == pytest.approx({"steps_per_sec": 10.0, "images_per_sec": 80.0, "eta_seconds": 75.0})
-  # No time and no step: the speed is unknown, so is the ETA.
+  assert second == pytest.approx({"steps_per_sec": 10.0, "images_per_sec": 80.0, "eta_seconds": 150.0})
+  # No time and no step: no speed in this interval; the ETA keeps the average since the start.
   third = progress.report(250)
-  assert third["steps_per_sec"] == 0.0 and math.isinf(third["eta_seconds"])
+  assert third["steps_per_sec"] == 0.0 and third["eta_seconds"] == pytest.approx(150.0)
   lines = _read_jsonl(tmp_path / "metrics.jsonl")
   assert [line["step"] for line in lines] == [150, 250, 250]
-  assert lines[1]["eta_seconds"] == pytest.approx(75.0)
+  assert lines[1]["eta_seconds"] == pytest.approx(150.0)
   with pytest.raises(ValueError, match="previously reported step 250"):
     progress.report(200)
   with pytest.raises(ValueError, match="batch_size"):

@@ -289,6 +289,8 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)",
                                         log_path.read_text() + caplog.text)]
   assert len(resumed) == 2 and resumed[0] == saved[0] and next_checkpoint <= resumed[1] < TOTAL, resumed
+  logged = [r["step"] for r in read_metrics(workdir)]
+  assert logged == sorted(logged)  # each resume dropped what the stopped run had logged past its checkpoint
   chex.assert_trees_all_equal(restore(workdir_a)[1], restore(workdir)[1])
 
 

@@ -208,6 +208,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       restored = checkpointer.restore(steps.abstract_state, data=data.restore_args(train_iter))
       state = restored.state
       logging.info("Resumed from the checkpoint of step %d in %s.", restored.step, checkpointer.directory)
+      if is_main:
+        dropped = writers.discard_metrics_after(workdir, restored.step)
+        if dropped:
+          logging.info("Dropped %d line(s) of %s logged after step %d: they are trained again.", dropped,
+                       writers.METRICS_FILE, restored.step)
     else:
       state = steps.init()
       logging.info("Initialised a new run in %s.", workdir)

@@ -170,6 +170,32 @@ class NoOpWriter:
     pass
 
 
+def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
+  """Drops the lines of `metrics.jsonl` logged after `step`, and a last line cut short; returns how many went.
+
+  A run resumed from its checkpoint at `step` trains and logs the steps after it again, so without this the
+  file would hold those steps twice, from two runs, and a plot of it would go back in time. (TensorBoard keeps
+  both; its viewer shows the later ones.)
+  """
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a write cut off by a kill
+      continue
+    if record.get("step", 0) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) < len(lines):
+    temporary = path.parent / f".{path.name}.tmp"
+    temporary.write_text("".join(kept))
+    temporary.replace(path)
+  return len(lines) - len(kept)
+
+
 def create_writer(workdir: epath.PathLike, is_main_process: bool):
   """The run's metric writer (see the module docstring); only the main process writes anything."""
   if not is_main_process:
@@ -197,9 +223,10 @@ def format_duration(seconds: float) -> str:
 class ProgressReporter:
   """Training speed and time to completion: steps/s, images/s and ETA, as scalars and one log line.
 
-  Speeds are measured over the interval since the previous report (or since construction), so they
-  include whatever the loop did in between (evaluation, checkpoints): the ETA is then an honest estimate
-  of wall time left, since those recur. The first interval also includes compilation.
+  The speeds are those of the interval since the previous report (or since construction). The ETA takes the
+  average speed since construction instead: evaluations and checkpoints fall into a few intervals only, and an
+  ETA from the last interval alone would leave them out everywhere else, though they recur. The trainer
+  builds its reporter after compiling the train step; the evaluation's first pass compiles inside the average.
 
     progress = ProgressReporter(total_steps=..., batch_size=config.batch_size, writer=writer, first_step=step)
     ...
@@ -221,15 +248,15 @@ class ProgressReporter:
     self._batch_size = batch_size
     self._writer = writer
     self._clock = clock
-    self._last_step = first_step
-    self._last_time = clock()
+    self._first_step = self._last_step = first_step
+    self._start_time = self._last_time = clock()
     self._unit, self._units = unit, units
 
   def report(self, step: int) -> dict[str, float]:
     """Measures the speed since the last report, writes it (if there is a writer), logs it and returns it.
 
-    Returns {"steps_per_sec", "images_per_sec", "eta_seconds"}; the ETA is
-    (total_steps - step) / steps_per_sec, infinite if no step was taken in the interval.
+    Returns {"steps_per_sec", "images_per_sec", "eta_seconds"}: the interval's speeds, and (total_steps - step)
+    over the average speed since construction, infinite if no step has been taken since.
     """
     if not isinstance(step, int) or step < self._last_step:
       raise ValueError(f"`step` must be an int >= the previously reported step {self._last_step}, got {step!r}.")
@@ -237,7 +264,8 @@ class ProgressReporter:
     elapsed = now - self._last_time
     steps = step - self._last_step
     steps_per_sec = steps / elapsed if elapsed > 0 else math.inf if steps else 0.0
-    eta = (self._total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+    average = (step - self._first_step) / max(now - self._start_time, 1e-9)
+    eta = (self._total_steps - step) / average if average > 0 else math.inf
     scalars = {
         "steps_per_sec": steps_per_sec,
         "images_per_sec": steps_per_sec * self._batch_size,
