@@ -255,7 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       return passes
 
     # --- The loop.
-    profiler = writers.create_profiler(workdir, is_main, config.profile_steps)
+    profiler = writers.create_profiler(workdir, is_main, config.profile_steps, first_step)
     progress = writers.ProgressReporter(total_steps=config.total_steps, batch_size=config.batch_size,
                                         writer=writer, first_step=first_step)
     interval, unchecked = [], []  # this interval's metrics (on device); (step, metrics) not yet checked for NaN

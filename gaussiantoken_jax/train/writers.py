@@ -309,11 +309,12 @@ def image_grid(images: np.ndarray, rows: int, *, padding: int = 0, pad_value: in
   return grid
 
 
-def create_profiler(workdir: epath.PathLike, is_main_process: bool, num_profile_steps: int):
+def create_profiler(workdir: epath.PathLike, is_main_process: bool, num_profile_steps: int, first_step: int = 0):
   """A `hook(step)` that captures a JAX profile of `num_profile_steps` steps into `workdir` for TensorBoard.
 
-  clu's `periodic_actions.Profile` (first capture at step 10, then at most hourly), which imports TensorFlow:
-  without it, or on processes other than the main one, or with `num_profile_steps=0`, returns None.
+  clu's `periodic_actions.Profile` (first capture 10 steps after `first_step`, the step the run starts or
+  resumes from, then at most hourly), which imports TensorFlow: without it, or on processes other than the
+  main one, or with `num_profile_steps=0`, returns None.
   """
   if not isinstance(num_profile_steps, int) or isinstance(num_profile_steps, bool) or num_profile_steps < 0:
     raise ValueError(f"`num_profile_steps` must be an int >= 0, got {num_profile_steps!r}.")
@@ -324,5 +325,7 @@ def create_profiler(workdir: epath.PathLike, is_main_process: bool, num_profile_
   except ImportError as e:
     logging.info("No profiling (%s).", e)
     return None
-  # Exactly `num_profile_steps` steps (no minimum duration), so a capture never runs into evaluation.
-  return periodic_actions.Profile(num_profile_steps=num_profile_steps, profile_duration_ms=None, logdir=str(workdir))
+  # `num_profile_steps` steps and no minimum duration (clu's default also runs on for at least 3 s). clu's first
+  # capture is at one fixed step: a run resumed past it would wait an hour, so it counts from this run's start.
+  return periodic_actions.Profile(num_profile_steps=num_profile_steps, profile_duration_ms=None, logdir=str(workdir),
+                                  first_profile=first_step + 10)
