@@ -62,7 +62,8 @@ def main(argv):
   for codes in (int(c) for c in _CODES.value):
     palette = KMeans(codes, n_init=1, random_state=0).fit(train_colours)
     snapped = palette.cluster_centers_[palette.predict(held_means.reshape(-1, 3))].reshape(held_means.shape)
-    print(f"{f'block means on a {codes}-colour palette':40s} {np.log2(codes):14.0f} {_psnr(held, _upsample(snapped, _SIZE)):8.2f}")
+    psnr = _psnr(held, _upsample(snapped, _SIZE))
+    print(f"{f'block means on a {codes}-colour palette':40s} {np.log2(codes):14.0f} {psnr:8.2f}")
 
 
 if __name__ == "__main__":

@@ -79,15 +79,15 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
   if batch_size is not None:
     loader_config = config.copy_and_resolve_references()
     loader_config.data.eval_batch_size = batch_size
-  batch_size = loader_config.data.eval_batch_size or loader_config.batch_size
-  sharding.check_batch_size("the evaluation batch (--batch_size; default the run's)", batch_size, restored.steps.mesh)
+  eval_batch = loader_config.data.eval_batch_size or loader_config.batch_size
+  sharding.check_batch_size("the evaluation batch (--batch_size; default the run's)", eval_batch, restored.steps.mesh)
   loader = data.make_eval_loader(loader_config, split=split)
   evaluator = evaluator_lib.Evaluator(restored.steps, losses.load_lpips_params(config.loss.lpips_weights_path),
                                       inception.load_inception_params(inception_weights) if with_fid else None,
                                       fit_geometry_steps=fit_geometry_steps)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
   record = {**metrics, "fit_geometry_steps": fit_geometry_steps, "step": restored.step,
-            "batch_size": batch_size,
+            "batch_size": eval_batch,
             "config_name": config_name(config),
             "split": split or config.data.eval_split, "workdir": str(workdir), "config": config.to_dict()}
   if jax.process_index() == 0:

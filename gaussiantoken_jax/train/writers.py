@@ -174,8 +174,7 @@ def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
   """Drops the lines of `metrics.jsonl` logged after `step`, and a last line cut short; returns how many went.
 
   A run resumed from its checkpoint at `step` trains and logs the steps after it again, so without this the
-  file would hold those steps twice, from two runs, and a plot of it would go back in time. (TensorBoard keeps
-  both; its viewer shows the later ones.)
+  file would hold those steps twice, from two runs, and a plot of it would go back in time.
   """
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
@@ -189,7 +188,7 @@ def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
       continue
     if record.get("step", 0) <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
-  if len(kept) < len(lines):
+  if kept != lines:  # also when a whole last record only lost its newline, which the next append needs
     temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text("".join(kept))
     temporary.replace(path)
