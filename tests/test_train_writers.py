@@ -86,6 +86,18 @@ def test_a_resume_discards_the_metrics_logged_after_its_checkpoint(tmp_path):
   assert writers.discard_metrics_after(tmp_path / "no_run_here", 5) == 0
 
 
+def test_logged_at_finds_a_scalar_at_its_step_only(tmp_path):
+  assert not writers.logged_at(tmp_path, 2, "loss")  # no file yet
+  writer = writers.JsonlWriter(tmp_path)
+  writer.write_scalars(2, {"loss": 1.0})
+  writer.write_scalars(3, {"eval_psnr": 20.0})
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 4, "eval_psnr": 2')  # cut short by a kill
+  assert writers.logged_at(tmp_path, 2, "loss") and writers.logged_at(tmp_path, 3, "eval_psnr")
+  assert not writers.logged_at(tmp_path, 2, "eval_psnr") and not writers.logged_at(tmp_path, 3, "loss")
+  assert not writers.logged_at(tmp_path, 4, "eval_psnr")
+
+
 def test_progress_reporter_eta(tmp_path):
   writer = writers.JsonlWriter(tmp_path)
   progress = writers.ProgressReporter(total_steps=1000, batch_size=8, writer=writer, first_step=100,

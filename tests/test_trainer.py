@@ -294,6 +294,37 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   chex.assert_trees_all_equal(restore(workdir_a)[1], restore(workdir)[1])
 
 
+def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_path, caplog):
+  """In-process, on a copy of run A stopped between the two passes of its last evaluation (its checkpoints and its
+  metrics without the fitted pass): the restart trains nothing and evaluates both passes; a second restart finds
+  the evaluation logged and does nothing."""
+  workdir_a, returncode = run_a
+  assert returncode == 0
+  shutil.copytree(workdir_a / "checkpoints", tmp_path / "checkpoints")
+  records_a = read_metrics(workdir_a)
+  lines = (workdir_a / "metrics.jsonl").read_text().splitlines(keepends=True)
+  (tmp_path / "metrics.jsonl").write_text("".join(line for line in lines if "eval_fitted_psnr" not in line))
+  config = load_demo_config("runlocal")
+  config.update(dict(total_steps=TOTAL, checkpoint_every_steps=EVERY, log_every_steps=EVERY, eval_every_steps=1000,
+                     eval_fit_geometry_steps=SHARED_FIT_STEPS))
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert f"The checkpoint of the last step, {TOTAL}, has no final evaluation" in caplog.text
+  assert "Train step compiled." not in caplog.text
+  records = read_metrics(tmp_path)
+  for key in ("eval_psnr", "eval_fitted_psnr"):  # the same state and images: the figures of run A
+    expected = [r[key] for r in records_a if key in r][-1]
+    assert [r["step"] for r in records if key in r][-1] == TOTAL
+    assert [r[key] for r in records if key in r][-1] == pytest.approx(expected, rel=1e-5), key
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert f"Nothing to train: the checkpoint in {tmp_path} is at step {TOTAL}" in caplog.text
+  assert read_metrics(tmp_path) == records
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [4, 6, 8]  # nothing was trained or saved
+
+
 def test_resuming_with_another_batch_seed_or_model_stops_naming_both_values(run_a, tmp_path, caplog):
   """In-process, on a copy of run A's checkpoints: the check comes before any state is restored or compiled."""
   workdir_a, returncode = run_a

@@ -11,7 +11,8 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
 * Checkpoints every `checkpoint_every_steps` and at the end: the state, the config and every process's data
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
-* SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0).
+* SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0). A run stopped at its last
+  step or during its final evaluation resumes into that evaluation (it is missing from `metrics.jsonl`).
 * Evaluation with the EMA weights every `eval_every_steps` and at the end, over the first `num_eval_images`
   images of the eval split: the pass of `python -m gaussiantoken_jax.evaluate` (`evaluation.Evaluator`). PSNR
   beside the block-average baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must
@@ -217,16 +218,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       state = steps.init()
       logging.info("Initialised a new run in %s.", workdir)
     first_step = int(state.step)
-    if first_step >= config.total_steps:
+    # A run stopped at its last step, or during its final evaluation, resumes into that evaluation only. The
+    # metrics file is in the workdir every process restores from, so all of them take the same branch.
+    final_key = "eval_fitted_psnr" if fitted_evaluator is not None else "eval_psnr"
+    evaluate_only = first_step == config.total_steps and not writers.logged_at(workdir, first_step, final_key)
+    if first_step >= config.total_steps and not evaluate_only:
       logging.info("Nothing to train: the checkpoint in %s is at step %d >= total_steps=%d.", workdir, first_step,
                    config.total_steps)
       return state
 
     # --- Compile ahead of time; then all processes start the loop together (see distributed.barrier).
     # (The evaluation pass compiles at its first use.)
-    train_step = steps.train_step.lower(state, steps.abstract_batch(config.batch_size), lpips_params).compile()
-    distributed.barrier("gaussiantoken_jax.trainer.compiled")
-    logging.info("Train step compiled.")
+    if not evaluate_only:
+      train_step = steps.train_step.lower(state, steps.abstract_batch(config.batch_size), lpips_params).compile()
+      distributed.barrier("gaussiantoken_jax.trainer.compiled")
+      logging.info("Train step compiled.")
 
     def save(step: int) -> None:
       checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
@@ -288,6 +294,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
         passes = run_eval(step)
         if step == config.total_steps:
           final_passes = passes
+    if evaluate_only:
+      logging.info("The checkpoint of the last step, %d, has no final evaluation in %s (the run stopped before it "
+                   "was written): evaluating now.", step, workdir / writers.METRICS_FILE)
+      final_passes = run_eval(step)
   finally:
     checkpointer.close()  # waits for the last save
     writer.close()

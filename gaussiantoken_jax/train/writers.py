@@ -195,6 +195,21 @@ def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
   return len(lines) - len(kept)
 
 
+def logged_at(workdir: epath.PathLike, step: int, name: str) -> bool:
+  """Whether `metrics.jsonl` in `workdir` holds the scalar `name` at `step` (False without the file)."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return False
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a write cut off by a kill
+      continue
+    if record.get("step") == step and name in record:
+      return True
+  return False
+
+
 def create_writer(workdir: epath.PathLike, is_main_process: bool):
   """The run's metric writer (see the module docstring); only the main process writes anything."""
   if not is_main_process:
