@@ -46,6 +46,7 @@ def get_config(arg=None):
   # The last evaluation also fits each held-out image's geometry to it (25 steps, ~35 s here): +2.3 dB
   # (docs/training.md).
   c.eval_fit_geometry_steps = 25
+  c.profile_steps = 0  # a CPU profile of 5 steps takes seconds to write (writers.Profiler); the demo has five minutes
 
   if arg.baseline == "vq":
     # The paper's plain VQ: no Gaussians; one more downsampling level gives an 8x8 grid of codes, as many as K = 64.

@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1_000
   c.eval_every_steps = 1_000
   c.keep_checkpoints = 3
-  c.profile_steps = 5  # steps per JAX profile (clu periodic_actions.Profile; needs TensorFlow); 0 = off
+  c.profile_steps = 5  # steps per JAX profile, from 10 steps after the start, then hourly (writers.Profiler); 0 = off
   c.num_eval_images = 10_000  # images for the in-training evaluation (0 = the whole eval split)
   # rFID / KID in training only over at least this many images (evaluation.MIN_FID_IMAGES, the Inception feature
   # dimension: below it FID is mostly its own small-sample bias; docs/evaluation.md), with the FID Inception
@@ -159,12 +159,13 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
 
 def shrink_for_cpu(c: ml_collections.ConfigDict) -> None:
   """The part of `:runlocal` that is the same in every config file: toy widths, logging and evaluation every
-  few steps, 16 eval images, no worker processes. The structure of the model is kept."""
+  few steps, 16 eval images, no worker processes, no profile. The structure of the model is kept."""
   c.log_every_steps = 5
   c.checkpoint_every_steps = 10
   c.eval_every_steps = 10
   c.num_eval_images = 16
   c.data.num_workers = 0
+  c.profile_steps = 0  # a CPU profile records every kernel: ~9 s and 73 MB for 5 steps here (writers.Profiler)
   c.model.update(dict(ch=16, num_res_blocks=1, num_groups=8, embed_dim=32, num_gaussians=16,
                       codebook_size=64))
   c.model.embedder.update(dict(num_blocks=2, num_encoder_layers=1, num_decoder_layers=1, mlp_dim=64,

@@ -2,6 +2,8 @@
 import json
 import logging
 import math
+import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -188,26 +190,38 @@ def test_create_writer_with_tensorflow_writes_tensorboard_and_jsonl(tmp_path):
   assert scalars == {4: 1.5}
 
 
-def test_profiler_is_off_without_tensorflow_on_other_processes_and_at_zero_steps(tmp_path):
+def test_profiler_is_off_on_other_processes_and_at_zero_steps(tmp_path):
   assert writers.create_profiler(tmp_path, is_main_process=False, num_profile_steps=5) is None
   assert writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=0) is None
   with pytest.raises(ValueError, match=r"`num_profile_steps` must be an int >= 0, got -1"):
     writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=-1)
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    assert writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=5) is None
 
 
-def test_profiler_with_tensorflow_captures_a_trace_of_the_profiled_steps(tmp_path):
-  """Only where TensorFlow is installed (clu's periodic_actions import it): a real JAX trace lands in workdir."""
-  pytest.importorskip("tensorflow")
+def test_profiler_captures_the_profiled_steps_then_waits_an_hour_and_close_ends_an_open_capture(tmp_path, caplog):
+  """Real `jax.profiler` captures of a jitted matmul: one after step 13 (resumed at step 3, first capture 10 steps
+  later) that holds steps 14-15, none while the hour since it has not passed, another once it has; `close` ends
+  a capture the loop left open (a second trace could not start otherwise)."""
   import jax  # pylint: disable=import-outside-toplevel
-  profiler = writers.create_profiler(tmp_path, is_main_process=True, num_profile_steps=2)
-  step_fn = jax.jit(lambda x: x @ x.T)
+  now = [0.0]
+  profiler = writers.Profiler(tmp_path, num_steps=2, first_step=3, clock=lambda: now[0])
+  step_fn = jax.jit(lambda x: x @ x.T / 64.0)
   x = jnp.ones((64, 64))
-  for step in range(1, 16):  # clu's first capture starts at step 10
-    x = step_fn(x) / 64.0
-    profiler(step)
-  traces = list(tmp_path.rglob("*.xplane.pb"))
-  assert traces, sorted(str(p) for p in tmp_path.rglob("*"))
+  captures = lambda: sorted((tmp_path / "plugins" / "profile").glob("*"))  # noqa: E731
+  with caplog.at_level(logging.INFO):
+    for step in range(4, 40):
+      x = step_fn(x)
+      profiler(step, x)
+      if step == 12:
+        assert not (tmp_path / "plugins").exists()
+  assert len(captures()) == 1 and re.findall(r"Profiling steps \d+-\d+", caplog.text) == ["Profiling steps 14-15"]
+  files = sorted(p.name for p in captures()[0].iterdir())
+  assert {name.split(".", 1)[1] for name in files} == {"xplane.pb", "trace.json.gz"}, files
+  shutil.rmtree(tmp_path / "plugins")  # a second capture in the same second would reuse the first one's folder
+  for step, now[0] in ((40, 3599.0), (41, 3600.0)):  # an hour after the first capture's start, the second
+    x = step_fn(x)
+    profiler(step, x)
+    assert not captures()  # written when it ends
+  profiler.close()
+  assert len(captures()) == 1
+  jax.profiler.start_trace(str(tmp_path / "other"))  # no capture is left running
+  jax.profiler.stop_trace()

@@ -203,6 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
   # deadlock a two-process run after its first checkpoint.
   checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                             async_save=jax.process_count() == 1)
+  profiler = None  # created with the loop; the `finally` ends a capture the loop left open
   try:
     if checkpointer.latest_step() is not None:
       checkpointing.check_resumable(checkpointer.restore_config(), config, where=str(checkpointer.directory))
@@ -272,7 +273,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       state, step_metrics = train_step(state, batch, lpips_params)
       step += 1
       if profiler is not None:
-        profiler(step)
+        profiler(step, step_metrics)
       interval.append(step_metrics)
       unchecked.append((step, step_metrics))
       stop = guard.should_stop(step)
@@ -299,6 +300,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
                    "was written): evaluating now.", step, workdir / writers.METRICS_FILE)
       final_passes = run_eval(step)
   finally:
+    if profiler is not None:
+      profiler.close()
     checkpointer.close()  # waits for the last save
     writer.close()
   if is_main and final_passes is not None:
