@@ -17,8 +17,12 @@ write them to device memory; their gradients are checked against autodiff of the
 """
 from __future__ import annotations
 
+import functools
+import numbers
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from gaussiantoken_jax.checks import check_float_array
 from pallas_kernels import splat as pallas_splat
@@ -33,6 +37,9 @@ def _check_args(means, rotations, scales, features, height, width, cutoff, impl)
   check_float_array("splat", "scales", scales, "[B, K, 2]", 3, last_dim=2)
   check_float_array("splat", "features", features, "[B, K, C]", 3)
   b, k = means.shape[:2]
+  if k < 1 or features.shape[2] < 1:
+    raise ValueError(f"splat: needs at least one Gaussian and one feature channel, got K = {k} and "
+                     f"C = {features.shape[2]} (features of shape {tuple(features.shape)}).")
   for name, x in (("rotations", rotations), ("scales", scales), ("features", features)):
     if tuple(x.shape[:2]) != (b, k):
       raise ValueError(
@@ -40,7 +47,7 @@ def _check_args(means, rotations, scales, features, height, width, cutoff, impl)
   for name, n in (("height", height), ("width", width)):
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
       raise ValueError(f"splat: `{name}` must be a positive Python int, got {n!r}.")
-  if not isinstance(cutoff, (int, float)) or not 0.0 <= cutoff < 1.0:
+  if not isinstance(cutoff, numbers.Real) or isinstance(cutoff, bool) or not 0.0 <= cutoff < 1.0:
     raise ValueError(f"splat: `cutoff` must be a float in [0, 1), got {cutoff!r}.")
   if impl not in IMPLS:
     raise ValueError(f"splat: `impl` must be one of {IMPLS}, got {impl!r}.")
@@ -62,17 +69,42 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
       "auto" (pallas on GPU and TPU, else xla).
 
   Returns:
-    [B, height, width, C] in the dtype of `features`; computed in float32 whatever the input dtype.
+    [B, height, width, C] in the dtype of `features` (float32 for float64 without jax_enable_x64); computed in
+    float32 whatever the input dtype.
+
+  Differentiable in all four arrays in reverse mode (`jax.grad`, `jax.vjp`) on every impl. The kernels'
+  gradients are a `custom_vjp`, which has no forward-mode rule: `jax.jvp`, `jacfwd` and second derivatives need
+  impl="xla".
   """
   _check_args(means, rotations, scales, features, height, width, cutoff, impl)
+  out_dtype = jax.dtypes.canonicalize_dtype(features.dtype)
+  if means.shape[0] == 0:  # an empty batch: no kernel launch with an empty grid
+    return jnp.zeros((0, height, width, features.shape[2]), out_dtype)
   args = [jnp.asarray(a, jnp.float32) for a in (means, rotations, scales, features)]
   impl, variant = _resolve(impl, jax.default_backend())
   if impl == "xla":
     out = splat_xla(*args, height=height, width=width, cutoff=float(cutoff))
   else:
-    out = pallas_splat.splat(*args, height=height, width=width, cutoff=float(cutoff), backend=variant,
-                             interpret=(impl == "pallas_interpret"))
-  return out.astype(features.dtype)
+    kernel = functools.partial(pallas_splat.splat, height=height, width=width, cutoff=float(cutoff),
+                               backend=variant, interpret=(impl == "pallas_interpret"))
+    out = _split_over_context_mesh(kernel, means.shape[0])(*args)
+  return out.astype(out_dtype)
+
+
+def _split_over_context_mesh(kernel, batch_size: int):
+  """`kernel` run on each device's share of the batch when a mesh is in context (`sharding.traced_on`).
+
+  XLA's partitioner cannot split a Pallas call: inside a jit over batch-sharded arrays it would gather the
+  inputs and run the whole global batch on every device. `shard_map` hands each device its own images, split
+  over every axis of the mesh as `train.sharding.batch_sharding` splits batches. Without a context mesh, on
+  one device, or for a batch the mesh does not divide (the init's dummy batch), the kernel sees the whole batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or batch_size % mesh.size:
+    return kernel
+  spec = PartitionSpec(mesh.axis_names)
+  # check_vma=False: the kernel's outputs carry no varying-axes annotations (Pallas output shapes are plain).
+  return jax.shard_map(kernel, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
 def _resolve(impl: str, platform: str) -> tuple[str, str | None]:

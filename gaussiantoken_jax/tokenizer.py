@@ -19,6 +19,10 @@ parameters as an argument:
       return tokenizer.decode_fn(variables, tokens)
     step(tokenizer.variables, images)
 
+With a batch split over several devices, jit `sharding.traced_on(tokenizer.mesh, step)` instead (or trace under
+`jax.set_mesh`), so that the Pallas splat on GPU / TPU runs each device's own images rather than the whole
+batch on every device (`gaussiantoken_jax.splatting`); the methods do this themselves.
+
 `fit_geometry_steps=N` refines each image's Gaussian geometry against the image itself after the embedder has
 predicted it: N Adam steps on the image's L1 reconstruction error through the decoder, the codes fixed
 (`geometry_fit`). The tokens keep their format and size; decoding is unchanged. It costs N decoder forward and
@@ -117,8 +121,9 @@ class GaussianTokenizer:
     self.model = restored.model
     self.mesh: Mesh = restored.steps.mesh
     self.variables = {"params": restored.params, **restored.model_state}
-    self._encode = jax.jit(self.encode_fn, static_argnames=("fit_geometry_steps", "fit_learning_rate"))
-    self._decode = jax.jit(self.decode_fn)
+    self._encode = jax.jit(sharding.traced_on(self.mesh, self.encode_fn),
+                           static_argnames=("fit_geometry_steps", "fit_learning_rate"))
+    self._decode = jax.jit(sharding.traced_on(self.mesh, self.decode_fn))
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, step: int | None = None, use_ema: bool = True,

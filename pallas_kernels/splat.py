@@ -230,6 +230,9 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
 
 
 def _gpu_params(layout: _Layout):
+  """Triton's launch parameters; none for the interpreter, which then runs without the Triton module."""
+  if layout.interpret:
+    return None
   return pltriton.CompilerParams(num_warps=layout.blocks.num_warps, num_stages=2)
 
 
@@ -300,7 +303,7 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
           interpret: bool = False, backward_pass_impl: str = "pallas", block_sizes: BlockSizes | None = None):
   """Pallas splat: [B, K, 2], [B, K], [B, K, 2], [B, K, C] -> float32 [B, height, width, C].
 
-  Differentiable in all four arrays. No argument checks beyond the options (gaussiantoken_jax.splat checks
+  Differentiable in all four arrays in reverse mode (a `custom_vjp`: no jvp). No argument checks beyond the options (gaussiantoken_jax.splat checks
   shapes and dtypes); inputs are cast to float32.
 
   Args:

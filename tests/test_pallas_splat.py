@@ -10,6 +10,7 @@ products, so the difference is a few float32 roundings (6e-8) times the sum's le
 its square root typically; 1e-5 of the norm covers these shapes (K <= 130, H * W <= 272) with margin.
 """
 import functools
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import pytest
 
 from gaussiantoken_jax import splat
 from gaussiantoken_jax import splatting
+from gaussiantoken_jax.train import sharding
 from pallas_kernels import splat as pallas_splat
 
 CUTOFF = 1.0 / 255.0
@@ -121,6 +123,15 @@ def test_public_splat_pallas_interpret_keeps_dtype_and_matches_xla():
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
+def test_the_interpreter_needs_no_triton(monkeypatch):
+  """A JAX release without the Triton lowering loses the compiled GPU kernels only (module docstring)."""
+  monkeypatch.setattr(pallas_splat, "pltriton", None)
+  args = random_gaussians(8, 2, 9, 3)
+  got = splat(*args, height=5, width=6, impl="pallas_interpret")
+  assert relative_error(got, splat(*args, height=5, width=6, impl="xla")) < 1e-5
+  assert splatting._resolve("auto", "gpu") == ("xla", None)  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("backend, platform, target", [("gpu", "cuda", "xla.gpu.triton"),
                                                        ("tpu", "tpu", "tpu_custom_call")])
 def test_forward_and_backward_lower_without_hardware(backend, platform, target):
@@ -134,6 +145,40 @@ def test_forward_and_backward_lower_without_hardware(backend, platform, target):
       lowering_platforms=(platform,))
   calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line]
   assert len(calls) == 2 and all(target in line for line in calls), calls  # the forward and the backward kernel
+
+
+def test_on_a_batch_split_mesh_each_device_splats_its_own_images():
+  """Under a mesh in context (`sharding.traced_on`, as every jitted step of the project is traced), the kernel
+  runs inside `shard_map`: values and gradients equal the XLA path's on the 8 host devices (interpreter), and
+  the GPU lowering's Triton calls have a grid of the local batch (B / 8 images), not the global one."""
+  mesh = sharding.make_mesh(dict(data=4, fsdp=2))
+  batch_sharding = sharding.batch_sharding(mesh)
+  b, k, h, w, c = 16, 37, 9, 7, 5
+  args = [jax.device_put(a, batch_sharding) for a in random_gaussians(4, b, k, c)]
+  cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(b, h, w, c)), jnp.float32)
+
+  def value_and_grads_of(impl):
+    def loss(*a):
+      return jnp.sum(cotangent * splat(*a, height=h, width=w, impl=impl))
+    return jax.jit(sharding.traced_on(mesh, jax.value_and_grad(loss, argnums=(0, 1, 2, 3))))
+
+  (value, grads), (want_value, want_grads) = (value_and_grads_of(impl)(*args) for impl in ("pallas_interpret", "xla"))
+  assert relative_error(value, want_value) < 1e-5
+  for name, got, want in zip(NAMES, grads, want_grads):
+    assert got.sharding.spec == batch_sharding.spec, name
+    assert relative_error(got, want) < 1e-5, name
+
+  def triton_grids(fn):
+    def loss(*a):
+      kernel = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=CUTOFF, backend="gpu")
+      return jnp.sum(splatting._split_over_context_mesh(kernel, b)(*a) ** 2)  # pylint: disable=protected-access
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding) for a in args]
+    text = jax.jit(fn(jax.grad(loss, argnums=(0, 1, 2, 3)))).trace(*abstract).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return [int(x) for x in re.findall(r"triton.*?grid_x = (\d+)", text)]
+
+  assert triton_grids(functools.partial(sharding.traced_on, mesh)) == [b // mesh.size] * 2  # forward, backward
+  assert triton_grids(lambda fn: fn) == [b] * 2  # no mesh in context: the whole batch on every device
 
 
 @pytest.mark.parametrize("impl, platform, want", [

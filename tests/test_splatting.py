@@ -4,6 +4,7 @@ The reference below builds Sigma = R diag(s)^2 R^T explicitly and inverts it wit
 route from the code under test (which rotates the offset into the Gaussian's frame).
 """
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +144,12 @@ def test_output_dtype_follows_features_and_computes_in_float32():
     (dict(height=0), r"`height` must be a positive Python int, got 0"),
     (dict(width=4.0), r"`width` must be a positive Python int"),
     (dict(cutoff=1.5), r"`cutoff` must be a float in \[0, 1\)"),
+    (dict(cutoff=True), r"`cutoff` must be a float in \[0, 1\)"),
     (dict(impl="cuda"), r"`impl` must be one of"),
+    (dict(means=np.zeros((2, 0, 2), np.float32), rotations=np.zeros((2, 0), np.float32),
+          scales=np.ones((2, 0, 2), np.float32), features=np.zeros((2, 0, 4), np.float32)),
+     r"needs at least one Gaussian and one feature channel, got K = 0 and C = 4"),
+    (dict(features=np.zeros((2, 3, 0), np.float32)), r"got K = 3 and C = 0"),
 ])
 def test_bad_input_raises_clear_value_error(bad, match):
   kwargs = dict(means=np.zeros((2, 3, 2), np.float32), rotations=np.zeros((2, 3), np.float32),
@@ -152,3 +158,19 @@ def test_bad_input_raises_clear_value_error(bad, match):
   kwargs.update(bad)
   with pytest.raises(ValueError, match=match):
     splat(**kwargs)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_an_empty_batch_numpy_scalars_and_float64_inputs(impl):
+  """B = 0 gives an empty map (no kernel launch with an empty grid); a NumPy cutoff is a float like any other;
+  float64 NumPy inputs give float32 without JAX's truncation warning (x64 is off)."""
+  empty = [np.zeros((0, 3, 2)), np.zeros((0, 3)), np.ones((0, 3, 2)), np.zeros((0, 3, 4))]
+  out = splat(*(a.astype(np.float32) for a in empty), height=4, width=5, impl=impl)
+  assert out.shape == (0, 4, 5, 4) and out.dtype == jnp.float32
+  args = random_gaussians(6, 2, 5, 3)
+  want = splat(*args, height=4, width=5, impl=impl)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = splat(*(a.astype(np.float64) for a in args), height=4, width=5, cutoff=np.float32(1 / 255), impl=impl)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

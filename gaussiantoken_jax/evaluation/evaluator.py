@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from gaussiantoken_jax import data, pixels
 from gaussiantoken_jax.checks import check_non_negative_int
 from gaussiantoken_jax.evaluation import fid, image_metrics, inception, pictures
+from gaussiantoken_jax.train import sharding
 from gaussiantoken_jax.train import step as step_lib
 from gaussiantoken_jax.train import writers
 
@@ -89,7 +90,7 @@ class Evaluator:
         outputs["fake"] = inception.features(inception_params, pixels.to_pixels(x_hat))
       return outputs
 
-    self._batch_outputs = jax.jit(batch_outputs)
+    self._batch_outputs = jax.jit(sharding.traced_on(steps.mesh, batch_outputs))
 
   @property
   def computes_fid(self) -> bool:

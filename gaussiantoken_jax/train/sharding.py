@@ -14,6 +14,7 @@ one of them = all remaining devices) and `fsdp_min_weight_size`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,6 +59,23 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None 
 def _check_mesh(mesh) -> None:
   if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != MESH_AXES:
     raise ValueError(f"`mesh` must be a jax.sharding.Mesh with axes {MESH_AXES} (see make_mesh), got {mesh!r}.")
+
+
+def traced_on(mesh: Mesh, fn):
+  """`fn`, traced with `mesh` as JAX's context mesh: jit this instead of `fn`.
+
+  Ops that split their work over the batch themselves read the context mesh while they are traced: the Pallas
+  splat, which XLA's partitioner cannot split (`gaussiantoken_jax.splatting`). The program is otherwise the
+  same: the mesh's axes are Auto, so shardings still come only from the jit's arguments.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  # The jitted program's name (profiles, the compilation cache): that of `fn`, also when it is a partial.
+  traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",
+                                                                          "traced"))
+  return traced
 
 
 def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:

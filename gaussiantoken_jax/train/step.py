@@ -139,7 +139,7 @@ class Steps:
   def _init_fn(self):
     # One function object for both `abstract_state` and `_compiled_init`: JAX caches traces by the function's
     # identity, so the second use reuses the first trace (demo: about 1 s saved per Steps).
-    return functools.partial(init_train_state, self)
+    return sharding.traced_on(self.mesh, functools.partial(init_train_state, self))
 
   @functools.cached_property
   def abstract_state(self) -> TrainState:
@@ -197,7 +197,7 @@ class Steps:
   @functools.cached_property
   def train_step(self):
     """The module's `train_step`, jitted: (state, batch, lpips_params) -> (state, metrics); the state is donated."""
-    return jax.jit(functools.partial(train_step, self),
+    return jax.jit(sharding.traced_on(self.mesh, functools.partial(train_step, self)),
                    in_shardings=(self.state_shardings, self.batch_sharding, self._replicated),
                    out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
 
@@ -205,7 +205,7 @@ class Steps:
   def eval_step(self):
     """The module's `eval_step`, jitted: (ema_params, model_state, batch, lpips_params) -> EvalOutput."""
     shardings = self.state_shardings
-    return jax.jit(functools.partial(eval_step, self),
+    return jax.jit(sharding.traced_on(self.mesh, functools.partial(eval_step, self)),
                    in_shardings=(shardings.ema_params, shardings.model_state, self.batch_sharding, self._replicated),
                    out_shardings=EvalOutput(metrics=self._replicated, code_counts=self._replicated,
                                             reconstructions=self.batch_sharding, indices=self.batch_sharding,
