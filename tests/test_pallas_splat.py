@@ -151,7 +151,7 @@ def test_on_a_batch_split_mesh_each_device_splats_its_own_images():
   """Under a mesh in context (`sharding.traced_on`, as every jitted step of the project is traced), the kernel
   runs inside `shard_map`: values and gradients equal the XLA path's on the 8 host devices (interpreter), and
   the GPU lowering's Triton calls have a grid of the local batch (B / 8 images), not the global one."""
-  mesh = sharding.make_mesh(dict(data=4, fsdp=2))
+  mesh = sharding.make_mesh(dict(data=4, fsdp=2), jax.devices("cpu"))  # the 8 host devices, also on a GPU machine
   batch_sharding = sharding.batch_sharding(mesh)
   b, k, h, w, c = 16, 37, 9, 7, 5
   args = [jax.device_put(a, batch_sharding) for a in random_gaussians(4, b, k, c)]
