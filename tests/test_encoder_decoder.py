@@ -68,8 +68,10 @@ def np_resblock(p, x, groups):
 
 
 def np_adagn(p, x, style, groups):
-  std = np.sqrt(style.var(axis=(1, 2)) + GN_EPS)  # [B, z]
   mean = style.mean(axis=(1, 2))
+  n = style.shape[1] * style.shape[2]
+  # Unbiased, as torch's default `var` in the reference.
+  std = np.sqrt(((style - mean[:, None, None, :]) ** 2).sum(axis=(1, 2)) / (n - 1) + GN_EPS)  # [B, z]
   gamma = std @ p["gamma"]["kernel"] + p["gamma"]["bias"]
   beta = mean @ p["beta"]["kernel"] + p["beta"]["bias"]
   return gamma[:, None, None, :] * np_group_norm(x, groups) + beta[:, None, None, :]

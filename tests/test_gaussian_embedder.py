@@ -465,7 +465,8 @@ def oracle_case():
   """Perturbed parameters, an input map, output weights, and the module's outputs and input gradient of
   loss = sum over the outputs of <weights, output> (one compile for both)."""
   rng = np.random.default_rng(11)
-  feature_map = rng.normal(size=(2, 4, 4, ORACLE_SIZES["embed_dim"])).astype(np.float32)
+  # A non-square map: on a square one, swapped heights and widths (in the reference points, say) go unseen.
+  feature_map = rng.normal(size=(2, 4, 6, ORACLE_SIZES["embed_dim"])).astype(np.float32)
   params = jax.jit(functools.partial(ORACLE_MODULE.init, train=False))(jax.random.key(12), feature_map)["params"]
   # After init the stacked blocks / layers are identical and several kernels are zero (sampling offsets,
   # attention weights): noise on every entry makes each stack entry distinct, so a wrong stack index, a swapped
@@ -497,10 +498,11 @@ def test_forward_matches_a_float64_numpy_oracle(oracle_case):
   parameters and input, its difference from the float64 oracle is float32 rounding (u = 6e-8 per operation)
   amplified along ~40 layers in sequence (lifter, 2 encoder layers, 2 blocks of anchor encoder + 2 decoder
   layers + FFN + 6-layer refinement, feature head), most ending in a LayerNorm that divides the error by its
-  input's standard deviation. Measured: <= 1.2e-6 here, <= 2e-5 over 12 other parameter draws;
-  outputs are O(1) (|features| < 6), so an absolute 1e-4 is float32 rounding with a 5x margin over the worst
-  draw, while each of the 18 mutations of the module we tried (a non-residual centre, a missing positional
-  embedding, a reversed block or layer order, ...) moves some output by 0.1 or more.
+  input's standard deviation. Measured: 1.6e-6 here, <= 5.1e-6 over 12 other parameter draws on this map and
+  <= 2e-5 over 12 on a 4 x 4 one; outputs are O(1) (|features| < 6), so an absolute 1e-4 is float32 rounding with
+  a 5x margin over the worst draw, while each of the 18 mutations of the module we tried (a non-residual centre,
+  a missing positional embedding, a reversed block or layer order, ...) moves some output by 0.1 or more, as
+  does swapping height and width in the pixel centres (features by 1.7), which a square map hides.
   """
   expected = numpy_gaussian_embedder(oracle_case["variables"], oracle_case["feature_map"], ORACLE_SIZES)
   for name, value in expected.items():
@@ -517,9 +519,9 @@ def test_input_gradient_matches_finite_differences_of_the_oracle(oracle_case):
   Differences: step h = 1e-6 on a float64 loss of size ~10 are exact to ~1e-14 / h = 1e-8 (rounding) plus
   h^2 f''' ~ 1e-11 (truncation). The forward has kinks (ReLU at 0, bilinear sampling where a sample crosses a
   pixel-centre line or the map's border, the mean logit's clip); a difference that straddled one would not
-  match the half-step difference, which is checked first (they agree to ~1e-10 of the scale below).
-  Gradient: the module's float32 backward carries float32 rounding like the forward; over all 256 entries its
-  error is ~1e-6 of |grad| (measured 1.1e-6 against a full finite-difference gradient). By Cauchy-Schwarz the
+  match the half-step difference, which is checked first (they agree to <= 2e-9 of the scale below).
+  Gradient: the module's float32 backward carries float32 rounding like the forward; over all 384 entries its
+  error is ~1e-6 of |grad| (measured 9.8e-7 against a full finite-difference gradient). By Cauchy-Schwarz the
   error of a directional derivative is then at most ~1e-6 |grad| |d|: 1e-5 |grad| |d| leaves a 10x margin
   (measured <= 1e-7 |grad| |d| on these directions). A stop_gradient on one path (the centre read of the memory,
   or the encoder's attention), which leaves the forward exact, fails here by more than 1e-2 |grad| |d|.

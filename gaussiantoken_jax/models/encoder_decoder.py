@@ -5,9 +5,12 @@ Encoder: conv_in -> per level `num_res_blocks` ResBlocks (+ a stride-2 conv afte
 Decoder: conv_in -> mid ResBlocks -> per level from the top down: AdaptiveGroupNorm conditioned on the decoder
 input, ResBlocks, and (above level 0) a conv + depth-to-space x2 upsampler -> GroupNorm -> swish -> 3x3 conv.
 
-Layout is NHWC. Parameters are float32; `dtype` is the compute dtype of the convolutions only. GroupNorm and
-the AdaGN statistics always run in float32 (bfloat16 group statistics over a 256x256 map lose too many bits),
-and the modules return float32 so that the float32 embedder, quantizer and losses downstream see no bfloat16.
+Layout is NHWC. Parameters are float32; `dtype` is the compute dtype of the convolutions and so also the dtype
+of the residual stream between them: with bfloat16, the convolutions and ResBlocks return bfloat16 (except a
+ResBlock without a shortcut conv right after an AdaGN, whose float32 input promotes the sum to float32). GroupNorm
+and the AdaGN statistics always run in float32 (bfloat16 group statistics over a 256x256 map lose too many
+bits), and the modules return float32 so that the float32 embedder, quantizer and losses downstream see no
+bfloat16.
 
 Initialisation follows PyTorch's defaults (what the reference trains from): kernels and biases
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Parameter names follow the reference's state-dict names (conv_in,
@@ -156,7 +159,7 @@ class ResBlock(nn.Module):
 class AdaptiveGroupNorm(nn.Module):
   """gamma(style) * GroupNorm_noaffine(x) + beta(style), conditioned on a second NHWC map.
 
-  gamma = Dense(per-channel spatial std of `style`, computed as sqrt(biased var + eps)) and
+  gamma = Dense(per-channel spatial std of `style`, computed as sqrt(unbiased var + eps)) and
   beta = Dense(per-channel spatial mean of `style`): the decoder feeds its own input (the splatted z-map) as
   the style at every level. All of it runs in float32.
   """
@@ -166,7 +169,9 @@ class AdaptiveGroupNorm(nn.Module):
   def __call__(self, x: jax.Array, style: jax.Array) -> jax.Array:
     channels, style_channels = x.shape[-1], style.shape[-1]
     style = style.astype(jnp.float32)
-    style_std = jnp.sqrt(jnp.var(style, axis=(1, 2)) + GROUP_NORM_EPS)  # [B, z]
+    # Unbiased (N - 1), as the reference's `Tensor.var(dim=-1)`, whose default correction is 1 despite its
+    # "#not unbias" comment (improved_model.py, AdaptiveGroupNorm.forward).
+    style_std = jnp.sqrt(jnp.var(style, axis=(1, 2), ddof=1) + GROUP_NORM_EPS)  # [B, z]
     style_mean = jnp.mean(style, axis=(1, 2))  # [B, z]
     dense = functools.partial(nn.Dense, channels, kernel_init=torch_default_kernel_init,
                               bias_init=torch_default_bias_init(style_channels))

@@ -25,10 +25,11 @@ draw, while each copy gets its own dropout draws.
 
 Initialisers as in the reference: PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))) in the
 anchor encoder, the asymmetric FFN, the refinement MLP and the feature head; xavier with zero bias in the
-attention layers and the lifter. One deliberate difference (docs/differences.md): the refinement head's scale
-outputs start at the bias that gives `initial_scale` (1 feature pixel) instead of ~2-3 pixels, which on 2-pixel
-centre spacing made every Gaussian overlap about ten others and stalled the start of training
-(docs/training.md, "Why GaussianToken did not learn").
+attention layers and the lifter; xavier kernels in the transformer layers' MLPs, whose biases start at zero
+where the reference's keep PyTorch's default (not chosen; docs/differences.md). One deliberate difference
+(docs/differences.md): the refinement head's scale outputs start at the bias that gives `initial_scale`
+(1 feature pixel) instead of ~2-3 pixels, which on 2-pixel centre spacing made every Gaussian overlap about ten
+others and stalled the start of training (docs/training.md, "Why GaussianToken did not learn").
 
 Two further deliberate differences make the embedder learn on varied data (docs/differences.md; measured in
 docs/training.md, "What made the embedder learn"), each switchable back to the reference:
@@ -150,9 +151,10 @@ def anchor_init(key, shape, dtype=jnp.float32, *, grid: bool = False):
 def _torch_linear(x: jax.Array, features: int, name: str | None = None, bias_init=None) -> jax.Array:
   """A Dense layer with PyTorch's default Linear init (kernel and bias U(+-1/sqrt(fan_in))).
 
-  The reference re-initialises only its attention modules and lifter with xavier / zero bias; the anchor
-  encoder, the asymmetric FFN, the refinement MLP and the feature head keep PyTorch's default, which makes
-  their initial outputs (and Adam's first relative updates) smaller than xavier's by about 1.7x.
+  The reference re-initialises only its transformer layers (xavier kernels; the attention modules zero their
+  biases, the MLPs keep PyTorch's default ones) and its lifter (xavier / zero bias); the anchor encoder, the
+  asymmetric FFN, the refinement MLP and the feature head keep PyTorch's default, which makes their initial
+  outputs (and Adam's first relative updates) smaller than xavier's by about 1.7x.
   """
   return nn.Dense(features, kernel_init=torch_default_kernel_init,
                   bias_init=bias_init or torch_default_bias_init(x.shape[-1]), name=name)(x)
@@ -253,7 +255,11 @@ class _ScaledHead(nn.Module):
 
 
 class _FeedForward(nn.Module):
-  """Post-norm residual MLP of a transformer layer: LN(x + Drop(Linear(Drop(ReLU(Linear(x))))))."""
+  """Post-norm residual MLP of a transformer layer: LN(x + Drop(Linear(Drop(ReLU(Linear(x)))))).
+
+  Xavier kernels as in the reference, but zero biases where the reference's keep PyTorch's default
+  U(+-1/sqrt(fan_in)) (its `_reset_parameters` skips 1-d parameters; not chosen, docs/differences.md).
+  """
   dim: int
   hidden_dim: int
   dropout: float
