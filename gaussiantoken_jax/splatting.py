@@ -29,6 +29,8 @@ from pallas_kernels import splat as pallas_splat
 from pallas_kernels.splat import gaussian_weights, splat_xla  # pylint: disable=unused-import  # re-exported
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# jax.sharding's in JAX 0.10; also in the top-level namespace of later releases, which is tried first.
+_get_abstract_mesh = getattr(jax, "get_abstract_mesh", None) or jax.sharding.get_abstract_mesh
 
 
 def _check_args(means, rotations, scales, features, height, width, cutoff, impl) -> None:
@@ -99,7 +101,7 @@ def _split_over_context_mesh(kernel, batch_size: int):
   over every axis of the mesh as `train.sharding.batch_sharding` splits batches. Without a context mesh, on
   one device, or for a batch the mesh does not divide (the init's dummy batch), the kernel sees the whole batch.
   """
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = _get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or batch_size % mesh.size:
     return kernel
   spec = PartitionSpec(mesh.axis_names)

@@ -61,6 +61,10 @@ def _check_mesh(mesh) -> None:
     raise ValueError(f"`mesh` must be a jax.sharding.Mesh with axes {MESH_AXES} (see make_mesh), got {mesh!r}.")
 
 
+# jax.sharding's in JAX 0.10; also in the top-level namespace of later releases, which is tried first.
+_use_abstract_mesh = getattr(jax, "use_abstract_mesh", None) or jax.sharding.use_abstract_mesh
+
+
 def traced_on(mesh: Mesh, fn):
   """`fn`, traced with `mesh` as JAX's context mesh: jit this instead of `fn`.
 
@@ -70,7 +74,7 @@ def traced_on(mesh: Mesh, fn):
   """
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with _use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
   # The jitted program's name (profiles, the compilation cache): that of `fn`, also when it is a partial.
   traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",
