@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaussiantoken_jax import splat
-from gaussiantoken_jax import splatting
+from gaussiantoken_jax import losses, splat, splatting
 from gaussiantoken_jax.train import sharding
+from gaussiantoken_jax.train import step as step_lib
 from pallas_kernels import splat as pallas_splat
+from runs import load_demo_config
 
 CUTOFF = 1.0 / 255.0
 NAMES = ("means", "rotations", "scales", "features")
@@ -121,6 +122,19 @@ def test_public_splat_pallas_interpret_keeps_dtype_and_matches_xla():
   assert got.dtype == jnp.bfloat16 and got.shape == (2, 6, 5, 4)
   # Same float32 sums on both paths, then one bfloat16 rounding (relative 2^-8) of the output.
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+def test_the_train_step_lowers_for_gpus_with_the_kernel_on_each_devices_images(monkeypatch):
+  """The whole `:runlocal` train step on 8 devices, with the splat dispatched as on a GPU, lowers for CUDA with
+  the forward and backward kernels inside `shard_map` at the local batch (8 images / 8 devices)."""
+  monkeypatch.setattr(splatting, "_resolve", lambda impl, platform: ("pallas", "gpu"))
+  config = load_demo_config("runlocal")
+  steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices("cpu")))
+  lpips_params = jax.eval_shape(losses.load_lpips_params)
+  text = steps.train_step.trace(steps.abstract_state, steps.abstract_batch(config.batch_size), lpips_params).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert [int(x) for x in re.findall(r"triton.*?grid_x = (\d+)", text)] == [config.batch_size // 8] * 2
+  assert text.count("sdy.manual_computation") == 2
 
 
 def test_the_interpreter_needs_no_triton(monkeypatch):
