@@ -79,7 +79,7 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
   impl="xla".
   """
   _check_args(means, rotations, scales, features, height, width, cutoff, impl)
-  out_dtype = jax.dtypes.canonicalize_dtype(features.dtype)
+  out_dtype = jnp.result_type(features)  # float64 -> float32 without x64, as JAX would store it
   if means.shape[0] == 0:  # an empty batch: no kernel launch with an empty grid
     return jnp.zeros((0, height, width, features.shape[2]), out_dtype)
   args = [jnp.asarray(a, jnp.float32) for a in (means, rotations, scales, features)]
