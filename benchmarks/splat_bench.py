@@ -36,7 +36,8 @@ from gaussiantoken_jax import splat
 SHAPES = {"cifar": (256, 64, 16, 16, 3), "imagenet": (64, 256, 32, 32, 8), "large": (32, 1024, 64, 64, 64)}
 # Datasheet float32 (CUDA-core / VPU) peaks, FLOP/s, by device_kind substring, the first match wins (the PCIe
 # H100 before the SXM one, whose device_kind names its memory, e.g. "NVIDIA H100 80GB HBM3").
-FP32_PEAK = {"H200": 67e12, "H100 PCIe": 51.2e12, "H100": 67e12, "A100": 19.5e12, "RTX 3090": 35.6e12, "RTX 4090": 82.6e12}
+FP32_PEAK = {"H200": 67e12, "H100 PCIe": 51.2e12, "H100": 67e12, "A100": 19.5e12, "RTX 3090": 35.6e12,
+             "RTX 4090": 82.6e12}
 
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to run, from {list(SHAPES)}.")
 _IMPLS = flags.DEFINE_list("impls", None, "splat impls to time (default: xla, plus pallas on GPU/TPU).")
