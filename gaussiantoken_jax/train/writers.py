@@ -171,25 +171,33 @@ class NoOpWriter:
     pass
 
 
+def _logged_lines(workdir: epath.PathLike) -> list[tuple[str, dict | None]]:
+  """(line, record) for every line of `workdir/metrics.jsonl` (none without the file); the record is None for a
+  line cut short by a kill."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  lines = []
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      lines.append((line, json.loads(line)))
+    except json.JSONDecodeError:  # a write cut off by a kill
+      lines.append((line, None))
+  return lines
+
+
 def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
   """Drops the lines of `metrics.jsonl` logged after `step`, and a last line cut short; returns how many went.
 
   A run resumed from its checkpoint at `step` trains and logs the steps after it again, so without this the
   file would hold those steps twice, from two runs, and a plot of it would go back in time.
   """
-  path = epath.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return 0
-  lines = path.read_text().splitlines(keepends=True)
-  kept = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # a write cut off by a kill
-      continue
-    if record.get("step", 0) <= step:
-      kept.append(line if line.endswith("\n") else line + "\n")
+  logged = _logged_lines(workdir)
+  lines = [line for line, _ in logged]
+  kept = [line if line.endswith("\n") else line + "\n" for line, record in logged
+          if record is not None and record.get("step", 0) <= step]
   if kept != lines:  # also when a whole last record only lost its newline, which the next append needs
+    path = epath.Path(workdir) / METRICS_FILE
     temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text("".join(kept))
     temporary.replace(path)
@@ -198,17 +206,8 @@ def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
 
 def logged_at(workdir: epath.PathLike, step: int, name: str) -> bool:
   """Whether `metrics.jsonl` in `workdir` holds the scalar `name` at `step` (False without the file)."""
-  path = epath.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return False
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # a write cut off by a kill
-      continue
-    if record.get("step") == step and name in record:
-      return True
-  return False
+  return any(record is not None and record.get("step") == step and name in record
+             for _, record in _logged_lines(workdir))
 
 
 def create_writer(workdir: epath.PathLike, is_main_process: bool):
