@@ -85,20 +85,30 @@ def pixel_centres(height: int, width: int):
   return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
 
 
+def _image_weights(rows, *, height: int, width: int, cutoff: float):
+  """[K, H*W] weights of one image's Gaussians from their `geometry` rows (each [K])."""
+  px, py = pixel_centres(height, width)
+  return gaussian_tile([r[:, None] for r in rows], px[None, :], py[None, :], cutoff)[0]
+
+
+def _image_splat(rows, features, *, height: int, width: int, cutoff: float):
+  """[H*W, C] splat of one image: its Gaussians' `geometry` rows (each [K]) and features [K, C]."""
+  w = _image_weights(rows, height=height, width=width, cutoff=cutoff)
+  return jnp.einsum("kp,kc->pc", w, features, precision=jax.lax.Precision.HIGHEST)
+
+
 def gaussian_weights(means, rotations, scales, *, height: int, width: int, cutoff: float):
   """Per-Gaussian weights for ONE image: means [K, 2], rotations [K], scales [K, 2] -> [K, H, W] float32."""
-  rows = [r[:, None] for r in geometry(means, rotations, scales, height=height, width=width)]
-  px, py = pixel_centres(height, width)
-  w = gaussian_tile(rows, px[None, :], py[None, :], cutoff)[0]
-  return w.reshape(-1, height, width)
+  rows = geometry(means, rotations, scales, height=height, width=width)
+  return _image_weights(rows, height=height, width=width, cutoff=cutoff).reshape(-1, height, width)
 
 
 def splat_xla(means, rotations, scales, features, *, height: int, width: int, cutoff: float):
   """Dense XLA path: float32 [B, H, W, C]; builds a [K, H*W] weight matrix per image (vmapped)."""
 
   def one_image(m, r, s, f):
-    w = gaussian_weights(m, r, s, height=height, width=width, cutoff=cutoff).reshape(m.shape[0], -1)
-    return jnp.einsum("kp,kc->pc", w, f, precision=jax.lax.Precision.HIGHEST).reshape(height, width, -1)
+    rows = geometry(m, r, s, height=height, width=width)
+    return _image_splat(rows, f, height=height, width=width, cutoff=cutoff).reshape(height, width, -1)
 
   return jax.vmap(one_image)(means, rotations, scales, features)
 
@@ -157,13 +167,8 @@ class _Layout:
 
 def _core_xla(layout: _Layout, geom, feats):
   """The kernels' contract in jnp: geom [B, 8, Kp], feats [B, Kp, Cp] -> [B, Pp, Cp] (padded pixels 0)."""
-  px, py = pixel_centres(layout.height, layout.width)
-
-  def one_image(g, f):
-    w = gaussian_tile([g[r, :, None] for r in range(6)], px[None, :], py[None, :], layout.cutoff)[0]
-    return jnp.einsum("kp,kc->pc", w, f, precision=jax.lax.Precision.HIGHEST)
-
-  out = jax.vmap(one_image)(geom, feats)
+  splat_one = functools.partial(_image_splat, height=layout.height, width=layout.width, cutoff=layout.cutoff)
+  out = jax.vmap(lambda g, f: splat_one(tuple(g[:6]), f))(geom, feats)
   return jnp.pad(out, ((0, 0), (0, layout.padded_p - layout.num_pixels), (0, 0)))
 
 
