@@ -8,10 +8,15 @@ is encoding: a few Adam steps on that image's L1 reconstruction error, with the 
 decoder fixed. A plain-VQ token has nothing continuous to refine. The result is still a valid token of the same
 size and format; it is decoded by the unchanged decoder.
 
-By default the steps are unrolled into one program rather than run as a loop, because XLA:CPU runs the body of a
-`lax.scan` about 4x slower than the same ops outside a loop (measured: 10 fitting steps on 64 demo images, 2.2 s
-per step as a scan against 0.47 s unrolled). Compilation then grows with the number of steps (about 7 s for 10
-steps of the demo's decoder); `unroll=1` keeps one loop body, the better choice for many steps of a cheap decode.
+By default the steps are unrolled into one program rather than run as a loop, because XLA:CPU (jaxlib 0.10.2)
+hands the convolutions at a program's top level to its YNNPACK library but leaves those inside a while loop's body
+to its generic convolution, several times slower for the decoder's backward: measured with 10 steps on 16 demo
+images, the decoder's forward and input gradient took 1.00 s unrolled against 3.40 s as a `lax.scan` (the forward
+alone: 0.40 s both ways), and the profile of the loop showed `conv_general_dilated` thunks where the unrolled
+program has `ynn_fusion`s; `GaussianTokenizer.encode` of 64 images with 25 fitting steps took 10.0 s unrolled
+against 36 s as a loop (`unroll=5` as slow as 1; scratch timings on 2 CPU cores, 2026-12-03). Compilation then grows with the number of steps (about 25 s for 25 steps of the demo's decoder on 64
+images); `unroll=1` keeps one loop body, the better choice for many steps of a cheap decode, and on backends
+whose loops run as fast as straight-line code.
 """
 from __future__ import annotations
 
