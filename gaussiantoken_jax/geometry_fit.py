@@ -8,15 +8,12 @@ is encoding: a few Adam steps on that image's L1 reconstruction error, with the 
 decoder fixed. A plain-VQ token has nothing continuous to refine. The result is still a valid token of the same
 size and format; it is decoded by the unchanged decoder.
 
-By default the steps are unrolled into one program rather than run as a loop, because XLA:CPU (jaxlib 0.10.2)
-hands the convolutions at a program's top level to its YNNPACK library but leaves those inside a while loop's body
-to its generic convolution, several times slower for the decoder's backward: measured with 10 steps on 16 demo
-images, the decoder's forward and input gradient took 1.00 s unrolled against 3.40 s as a `lax.scan` (the forward
-alone: 0.40 s both ways), and the profile of the loop showed `conv_general_dilated` thunks where the unrolled
-program has `ynn_fusion`s; `GaussianTokenizer.encode` of 64 images with 25 fitting steps took 10.0 s unrolled
-against 36 s as a loop (`unroll=5` as slow as 1; scratch timings on 2 CPU cores, 2026-12-03). Compilation then grows with the number of steps (about 25 s for 25 steps of the demo's decoder on 64
-images); `unroll=1` keeps one loop body, the better choice for many steps of a cheap decode, and on backends
-whose loops run as fast as straight-line code.
+The steps run as a `lax.scan`, so the program holds one step whatever their number. On XLA:CPU that needs the
+decoder's convolutions in the form of `models.conv` (their input gradient with an HWIO kernel): with autodiff's
+form, convolutions inside a loop body miss the YNNPACK library that those at the top level get, and the fit ran
+3.6x slower as a loop than unrolled (`GaussianTokenizer.encode` of 64 demo images with 25 steps: 36 s against
+10.0 s). Now, on 2 CPU cores (2026-12-03): 11.4 s a call as a loop against 10.9 s unrolled, and 19.5 s against
+43 s for the first call, which compiles. `unroll` is still `lax.scan`'s, for a backend where unrolling pays.
 """
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ LEARNING_RATE = 0.02
 
 
 def fit_geometry(decode: Callable, means, rotations, scales, target, *, steps: int, learning_rate: float,
-                 scale_bounds: tuple[float, float], unroll: int | bool = True):
+                 scale_bounds: tuple[float, float], unroll: int | bool = 1):
   """Refines (means, rotations, scales) so that `decode(means, rotations, scales)` approaches `target`.
 
   Args:

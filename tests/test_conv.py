@@ -54,16 +54,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_im2col_equals_plain_conv_values_and_gradients(case):
-  x_shape, w_shape, stride, padding = CASES[case]
-  rng = np.random.default_rng(0)
+def _assert_equals_plain_conv(fn, case, x_shape, w_shape, stride, padding, seed):
+  """`fn`'s output and gradients against lax's convolution, within the float32 bound of the module docstring."""
+  rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
   out_shape = jax.eval_shape(lambda a, b: plain_conv(a, b, stride, padding), x, w).shape
   cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
   plain = _with_grads(plain_conv, stride, padding)
-  got = _with_grads(im2col_conv, stride, padding)(x, w, cotangent)
+  got = _with_grads(fn, stride, padding)(x, w, cotangent)
   want = plain(x, w, cotangent)
   magnitude = plain(jnp.abs(x), jnp.abs(w), jnp.abs(cotangent))
   kh, kw, c_in, c_out = w_shape
@@ -72,6 +71,11 @@ def test_im2col_equals_plain_conv_values_and_gradients(case):
     assert g.shape == r.shape, name
     excess = np.max(np.abs(np.asarray(g) - np.asarray(r)) - 4 * EPS32 * np.sqrt(n) * np.asarray(m))
     assert excess <= 0, f"{case}: {name} differs beyond float32 rounding (by {excess:.3g} over the bound)"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_im2col_equals_plain_conv_values_and_gradients(case):
+  _assert_equals_plain_conv(im2col_conv, case, *CASES[case], seed=0)
 
 
 @pytest.mark.parametrize("kernel, input_hw, output_hw, expected", [
@@ -89,8 +93,8 @@ def test_window_exceeds_map(kernel, input_hw, output_hw, expected):
 
 
 def _count_convs(fn, *args) -> int:
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return sum(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.jaxpr.eqns)
+  """Convolutions in the jaxpr of `fn`, those inside `_stride1_conv`'s custom_vjp call included."""
+  return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated[")
 
 
 def _discriminator_convs(size: int) -> int:
@@ -114,6 +118,43 @@ def test_cpu_uses_im2col_exactly_where_a_window_exceeds_its_map(monkeypatch):
   assert _lpips_convs(32) == 10 + 5 and _lpips_convs(64) == 13 + 5
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # other backends: always the plain convolution
   assert _discriminator_convs(32) == 5 and _lpips_convs(32) == 13 + 5
+
+
+def stride1_conv(x, w, stride, padding):
+  assert stride == 1
+  return conv._stride1_conv(x, w, padding, None)  # pylint: disable=protected-access
+
+
+# (x shape, kernel shape, padding): the encoder / decoder's 3x3 convolutions (PyTorch's padding 1) and 1x1
+# shortcuts, uneven padding, and an even kernel (the discriminator's 4x4 with padding 1 on larger maps).
+STRIDE1_CASES = {
+    "3x3_pad1_64_to_32": ((2, 16, 16, 64), (3, 3, 64, 32), ((1, 1), (1, 1))),
+    "1x1_32_to_64": ((2, 8, 8, 32), (1, 1, 32, 64), ((0, 0), (0, 0))),
+    "3x3_uneven_pad_nonsquare": ((2, 9, 7, 16), (3, 3, 16, 8), ((0, 2), (2, 0))),
+    "4x4_pad1": ((2, 10, 10, 8), (4, 4, 8, 12), ((1, 1), (1, 1))),
+}
+
+
+@pytest.mark.parametrize("case", list(STRIDE1_CASES))
+def test_stride1_conv_equals_plain_conv_values_and_gradients(case):
+  """The explicit HWIO input gradient (and autodiff's kernel gradient) against lax's own, to float32 rounding
+  (the bound of the module docstring; a kernel flipped along one axis only, or not transposed, misses it)."""
+  x_shape, w_shape, padding = STRIDE1_CASES[case]
+  _assert_equals_plain_conv(stride1_conv, case, x_shape, w_shape, 1, padding, seed=2)
+
+
+def test_cpu_takes_the_stride1_form_for_stride1_convolutions_only(monkeypatch):
+  x, w = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
+
+  def form(stride, padding=((1, 1), (1, 1))):
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv.conv_general_dilated(
+        a, b, (stride, stride), padding, dimension_numbers=_NHWC))(x, w))
+    return "_stride1_conv" in jaxpr
+
+  assert form(1) and not form(2) and not form(1, "SAME")
+  assert not form(1, ((3, 3), (1, 1)))  # padding beyond k - 1: autodiff's input gradient would need a crop
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not form(1)
 
 
 def test_conv_module_keeps_nn_conv_parameters():

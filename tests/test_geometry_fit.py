@@ -24,7 +24,7 @@ def splat_decode(means, rotations, scales):
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate", "scale_bounds"))
 def fit(start, target, *, steps, learning_rate=0.05, scale_bounds=(0.1, 3.0)):
   return geometry_fit.fit_geometry(splat_decode, *start, target, steps=steps, learning_rate=learning_rate,
-                                   scale_bounds=scale_bounds, unroll=1)
+                                   scale_bounds=scale_bounds)
 
 
 def test_the_fit_recovers_the_geometry_that_rendered_the_target():
