@@ -65,19 +65,27 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _im2col_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                    feature_group_count, batch_group_count) -> bool:
+def _simple_cpu_conv(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                     batch_group_count) -> bool:
+  """On the CPU, NHWC x HWIO, explicit non-negative padding, no dilation, one group: the forms below apply."""
   if jax.default_backend() != "cpu" or lhs.ndim != 4 or isinstance(padding, str) \
      or any(p < 0 for pair in padding for p in pair):
     return False
   if feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) \
      or any(d != 1 for d in (rhs_dilation or (1, 1))):
     return False
-  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
-    return False
+  return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+
+
+def _im2col_applies(lhs, rhs, window_strides, padding) -> bool:
   (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
   out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip((h, w), padding, (kh, kw), window_strides)]
   return min(out) >= 1 and window_exceeds_map((kh, kw), (h, w), out)
+
+
+def _stride1_applies(lhs, rhs, window_strides, padding, preferred_element_type) -> bool:
+  return tuple(window_strides) == (1, 1) and preferred_element_type is None and lhs.dtype == rhs.dtype \
+      and all(p <= k - 1 for k, pair in zip(rhs.shape[:2], padding) for p in pair)
 
 
 def _plain_stride1(lhs, rhs, padding, precision):
@@ -109,31 +117,18 @@ def _stride1_conv_bwd(padding, precision, residuals, cotangent):
 _stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
 
 
-def _stride1_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                     feature_group_count, batch_group_count, preferred_element_type) -> bool:
-  if jax.default_backend() != "cpu" or lhs.ndim != 4 or isinstance(padding, str) or tuple(window_strides) != (1, 1):
-    return False
-  if feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) \
-     or any(d != 1 for d in (rhs_dilation or (1, 1))) or preferred_element_type is not None \
-     or lhs.dtype != rhs.dtype:
-    return False
-  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
-    return False
-  return all(0 <= p <= k - 1 for k, pair in zip(rhs.shape[:2], padding) for p in pair)
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
   """`lax.conv_general_dilated`, computed on the CPU as im2col + dot where a window exceeds its map, and with an
   HWIO input gradient for the other stride-1 convolutions (module docstring)."""
-  if _im2col_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                     feature_group_count, batch_group_count):
-    return im2col_conv(lhs, rhs, window_strides, padding, precision=precision,
-                       preferred_element_type=preferred_element_type)
-  if _stride1_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                      feature_group_count, batch_group_count, preferred_element_type):
-    return _stride1_conv(lhs, rhs, tuple(tuple(pair) for pair in padding), precision)
+  if _simple_cpu_conv(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                      batch_group_count):
+    if _im2col_applies(lhs, rhs, window_strides, padding):
+      return im2col_conv(lhs, rhs, window_strides, padding, precision=precision,
+                         preferred_element_type=preferred_element_type)
+    if _stride1_applies(lhs, rhs, window_strides, padding, preferred_element_type):
+      return _stride1_conv(lhs, rhs, tuple(tuple(pair) for pair in padding), precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision=precision,
                                   preferred_element_type=preferred_element_type)
