@@ -10,10 +10,10 @@ size and format; it is decoded by the unchanged decoder.
 
 The steps run as a `lax.scan`, so the program holds one step whatever their number. On XLA:CPU that needs the
 decoder's convolutions in the form of `models.conv` (their input gradient with an HWIO kernel): with autodiff's
-form, convolutions inside a loop body miss the YNNPACK library that those at the top level get, and the fit ran
-3.6x slower as a loop than unrolled (`GaussianTokenizer.encode` of 64 demo images with 25 steps: 36 s against
-10.0 s). Now, on 2 CPU cores (2026-12-03): 11.4 s a call as a loop against 10.9 s unrolled, and 19.5 s against
-43 s for the first call, which compiles. `unroll` is still `lax.scan`'s, for a backend where unrolling pays.
+form, convolutions inside a loop body miss the YNNPACK library that those at the top level get. Measured on 2 CPU
+cores, `GaussianTokenizer.encode` of 64 demo images with 25 steps: as a loop 11.4 s a call against 10.9 s
+unrolled (36 s as a loop with autodiff's convolutions), and the first call, which compiles, 19.5 s against 43 s
+unrolled. `unroll` is `lax.scan`'s, for a backend where unrolling pays.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ convolution with the flipped kernel read as HWOI. At a program's top level layou
 around and YNNPACK takes it; inside a while body it does not, and XLA's generic convolution runs instead. So
 every other stride-1 convolution on the CPU goes through `_stride1_conv`, whose `custom_vjp` computes the input
 gradient with the flipped kernel transposed to HWIO by an explicit op (the kernel gradient is autodiff's).
-Measured (2 CPU cores): four 3x3 64-channel convolutions on 16 32x32 maps, 10 gradient steps w.r.t. the input
-in a `lax.scan`: 2.31 s with autodiff's form, 1.17 s with this one, 1.15-1.18 s unrolled either way; this is
-what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no forward-mode rule: on the CPU,
+Measured (`benchmarks/conv_backward_bench.py`, 2 CPU cores): 10 input-gradient steps of a 3x3 128-channel
+convolution on 8 32x32 maps in a `lax.scan` took 971 ms with autodiff's form, 306 ms with this one, 286-320 ms
+unrolled either way (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no forward-mode rule: on the CPU,
 `jax.jvp` and `jacfwd` through these convolutions fail (nothing in the project uses them).
 
 The choice is made at trace time from static shapes and `jax.default_backend()`; parameters (names, shapes,
