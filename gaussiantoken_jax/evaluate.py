@@ -27,7 +27,7 @@ from PIL import Image
 
 from gaussiantoken_jax import data, losses, restore
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
-from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax import cli_flags, command_line
 from gaussiantoken_jax.evaluation import inception
 from gaussiantoken_jax.train import distributed, sharding
 
@@ -119,4 +119,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  command_line.run(main)

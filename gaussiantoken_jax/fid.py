@@ -21,7 +21,7 @@ from absl import logging
 import numpy as np
 
 from gaussiantoken_jax.evaluation import fid as fid_lib
-from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax import cli_flags, command_line
 from gaussiantoken_jax.evaluation import image_sets, inception
 
 _DEFAULT_BATCH_SIZE = 50  # Inception batch when --batch_size is not given
@@ -60,11 +60,8 @@ def main(argv):
     raise app.UsageError(f"Expected two paths (PATH_A PATH_B), got {argv[1:]}.")
   weights = cli_flags.INCEPTION_WEIGHTS.value
   params = None if weights is None else inception.load_inception_params(weights)
-  try:
-    result = compare(argv[1], argv[2], batch_size=cli_flags.BATCH_SIZE.value or _DEFAULT_BATCH_SIZE,
-                     inception_params=params)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  result = compare(argv[1], argv[2], batch_size=cli_flags.BATCH_SIZE.value or _DEFAULT_BATCH_SIZE,
+                   inception_params=params)
   for side in ("a", "b"):
     if result[f"skipped_{side}"]:
       print(f"Skipped {result[f'skipped_{side}']} unreadable file(s) in {argv[1 if side == 'a' else 2]}.")
@@ -74,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command_line.run(main)

@@ -53,7 +53,7 @@ import numpy as np
 from etils import epath
 from flax import serialization
 
-from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax import cli_flags, command_line
 from gaussiantoken_jax.data import pipeline, sources
 from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
 from gaussiantoken_jax.train import distributed, sharding
@@ -365,4 +365,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  command_line.run(main)

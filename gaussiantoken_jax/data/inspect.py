@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from gaussiantoken_jax import cli_flags
+from gaussiantoken_jax import cli_flags, command_line
 from gaussiantoken_jax.data import pipeline
 
 _DATA = flags.DEFINE_string("data", None, "'demo', an image folder / .tar archive, or a TFDS dataset name.")
@@ -110,4 +110,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("data")
-  app.run(main)
+  command_line.run(main)
