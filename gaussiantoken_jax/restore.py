@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from gaussiantoken_jax.train import checkpointing, sharding
@@ -92,8 +95,13 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: 
   """
   workdir, step = locate_checkpoint(workdir, step)
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
-    # One step for the config and the weights, even if a running training saves a newer one meanwhile.
-    step = ckpt.latest_step() if step is None else step
+    # One step for the config and the weights, even if a running training saves a newer one meanwhile, and on
+    # every process the step process 0 found: each restores its own shards, which must come from one checkpoint.
+    if step is None:
+      step = ckpt.latest_step()
+      if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+        step = None if step < 0 else step
     if config is None:
       config = ml_collections.ConfigDict(ckpt.restore_config(step))
     steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh) if mesh is None else mesh)

@@ -53,12 +53,18 @@ def test_interval_metrics_average_the_steps_but_keep_the_last_learning_rates_and
 
 
 def test_check_finite_names_the_first_bad_step():
-  per_step = [(5, {"loss": np.float32(1), "disc_loss": np.float32(1)}),
-              (6, {"loss": np.float32(1), "disc_loss": np.float32(np.inf)}),
-              (7, {"loss": np.float32(np.nan), "disc_loss": np.float32(np.nan)})]
+  finite = {"loss": np.float32(1), "disc_loss": np.float32(1), "grad_norm": np.float32(2),
+            "disc_grad_norm": np.float32(3)}
+  per_step = [(5, finite), (6, {**finite, "disc_loss": np.float32(np.inf)}),
+              (7, {name: np.float32(np.nan) for name in finite})]
   trainer._check_finite(per_step[:1])
-  with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 6: \{'disc_loss': inf\}"):
+  with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step 6: \{'disc_loss': inf\}"):
     trainer._check_finite(per_step)
+  # The losses are those of the parameters before a step: with a finite loss and a non-finite gradient that
+  # step's update, and so the checkpoint saved after it, would be NaN.
+  for name in ("grad_norm", "disc_grad_norm"):
+    with pytest.raises(FloatingPointError, match=f"at step 6: {{'{name}': nan}}"):
+      trainer._check_finite([per_step[0], (6, {**finite, name: np.float32(np.nan)})])
 
 
 @pytest.fixture(name="run_a")
@@ -257,8 +263,8 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   log_path = tmp_path / "log.txt"
   args = (f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
           f"--config.log_every_steps={EVERY}")
-  # SIGTERM: logging every step makes the preemption check run every step; no regular checkpoint.
-  process, log = start_run(workdir, *args, "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+  # SIGTERM: no regular log or checkpoint (one process checks for the signal at every step).
+  process, log = start_run(workdir, *args, "--config.log_every_steps=1000", "--config.checkpoint_every_steps=1000",
                            log_path=log_path)
   try:
     # Before the loop: the signal must not be lost while the run restores and compiles.
@@ -270,7 +276,9 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
     saved = ckpt.all_steps()
   assert len(saved) == 1 and 1 <= saved[0] < TOTAL - EVERY, saved
-  assert max(r["step"] for r in read_metrics(workdir)) <= saved[0]  # nothing trained after the checkpoint
+  # The stop logs the steps since the last log (none had been), and nothing was trained after the checkpoint.
+  records = read_metrics(workdir)
+  assert {r["step"] for r in records} == set(saved) and any("loss" in r for r in records), records
   # SIGKILL as soon as the resumed run has written its next checkpoint.
   next_checkpoint = (saved[0] // EVERY + 1) * EVERY
   process, log = start_run(workdir, *args, log_path=log_path)
@@ -311,6 +319,7 @@ def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_pa
     trainer.train_and_evaluate(config, str(tmp_path))
   assert f"The checkpoint of the last step, {TOTAL}, has no final evaluation" in caplog.text
   assert "Train step compiled." not in caplog.text
+  assert f"Evaluated the checkpoint of the last step, {TOTAL}, in " in caplog.text and "Finished" not in caplog.text
   records = read_metrics(tmp_path)
   for key in ("eval_psnr", "eval_fitted_psnr"):  # the same state and images: the figures of run A
     expected = [r[key] for r in records_a if key in r][-1]
@@ -348,14 +357,18 @@ def test_resuming_with_another_batch_seed_or_model_stops_naming_both_values(run_
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  """In-process: the loop raises FloatingPointError (which `main` turns into a non-zero exit like any other)."""
+  """In-process: the loop raises FloatingPointError (which `main` turns into a non-zero exit like any other).
+  The workdir holds the metrics of an earlier start that was killed before its first checkpoint (its last line
+  cut short): a fresh start drops them."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": 0.5}\n{"step": 10, "loss": 0.4}\n{"step": 1')
   config = load_demo_config("runlocal")
   # Warm-up reaches lr ~ 2e29 at the second step: the parameters blow up and the next loss is not finite.
   config.update(dict(total_steps=10, checkpoint_every_steps=1, log_every_steps=10, eval_every_steps=1000))
   config.optimizer.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match=r"Non-finite loss at step (\d+)") as error:
+  with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+)") as error:
     trainer.train_and_evaluate(config, str(tmp_path))
-  bad_step = int(re.search(r"Non-finite loss at step (\d+)", str(error.value)).group(1))
+  assert (tmp_path / "metrics.jsonl").read_text() == ""  # the stop came before the first log step
+  bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     steps = ckpt.all_steps()
   assert steps and max(steps) < bad_step, (steps, bad_step)

@@ -7,8 +7,8 @@ line and for the training loop alike.
 Per batch, on the device (one jitted function, sharded like the eval step): `train.step.eval_step` (per-image
 PSNR on [0, 1], LPIPS-VGG, code counts, reconstructions), the reference-protocol PSNR inputs and SSIM
 (`image_metrics`), and the FID Inception pool3 features of the originals and of the reconstructions. Nothing
-is fetched to the host until the pass is over (except for the progress lines); then FID and KID are computed
-in float64 (`evaluation.fid`).
+is fetched to the host until the pass is over, except the first batch's pictures and what the progress lines
+wait for; then FID and KID are computed in float64 (`evaluation.fid`).
 
 rFID, as in the reference, is the FID between the originals of the evaluation set and their reconstructions
 (reconstructions clipped to [0, 255], not quantised, as the reference feeds Inception floats:
@@ -111,7 +111,7 @@ class Evaluator:
 
     Returns:
       (metrics, pictures): metrics {"rfid", "kid", "kid_std" (only with Inception parameters), "psnr",
-      "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity", "num_images"}; pictures
+      "psnr_block_baseline", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity", "num_images"}; pictures
       {"reconstructions", "codebook_usage", and "gaussians" for GaussianToken}: uint8 [H, W, 3] arrays.
     """
     if max_images is not None and (not isinstance(max_images, int) or max_images < 1):

@@ -6,8 +6,10 @@ Two PSNRs are reported because the reference's number is not the usual one (docs
 * `psnr_uint8`: the reference's protocol: both images quantised to uint8 by truncation, divided by 255, and the
   MSE pooled over each batch of 64 images before taking 10 log10(1 / MSE); the mean over batches. The reference
   passes whole batches to skimage's per-image PSNR, which pools the squared error over the batch. Pooling is
-  done here on fixed groups of `REFERENCE_BATCH` consecutive images (the reference's evaluation batch), so the
-  value does not depend on this project's evaluation batch size.
+  done here on fixed groups of `REFERENCE_BATCH` consecutive images (the reference's evaluation batch), so on one
+  process the value does not depend on this project's evaluation batch size. With several processes the images
+  arrive in the order their shards are gathered (each global batch holds process 0's images, then process 1's),
+  so the groups, and the value, can differ a little from one process's.
 
 SSIM is the reference's setting, scikit-image's `structural_similarity` defaults: 7x7 uniform window, K1 0.01,
 K2 0.03, data range 1, sample (N - 1) covariances, the mean over the windows that lie inside the image (skimage

@@ -6,8 +6,10 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
 * Metrics: the step's dicts of scalars stay on the device until the log step, then are averaged on the host
   (`_interval_metrics`) and written with steps/s, images/s and ETA.
 * NaN/Inf: checked in one place, at each log or checkpoint step, for every step since the last check (as
-  big_vision does at its log steps), so the host does not wait for the device in between. A non-finite loss
-  raises FloatingPointError before anything is written, leaving the last good checkpoint as the newest one.
+  big_vision does at its log steps), so the host does not wait for the device in between. A non-finite loss or
+  gradient norm raises FloatingPointError before anything is written, leaving the last good checkpoint as the
+  newest one: the losses are those of the parameters before a step, the gradient norms say whether its update,
+  and so the state a checkpoint would save, is finite.
 * Checkpoints every `checkpoint_every_steps` and at the end: the state, the config and every process's data
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
@@ -48,16 +50,19 @@ from gaussiantoken_jax.train import checkpointing, distributed, sharding, writer
 from gaussiantoken_jax.train import step as step_lib
 
 
+_FINITE_METRICS = ("loss", "disc_loss", "grad_norm", "disc_grad_norm")
+
+
 def _check_finite(per_step: list[tuple[int, dict]]) -> None:
-  """Raises FloatingPointError at the first of these (step, metrics) whose generator or discriminator loss is
-  NaN or Inf."""
-  values = jax.device_get([{"loss": m["loss"], "disc_loss": m["disc_loss"]} for _, m in per_step])
+  """Raises FloatingPointError at the first of these (step, metrics) whose generator or discriminator loss or
+  gradient norm is NaN or Inf."""
+  values = jax.device_get([{name: m[name] for name in _FINITE_METRICS} for _, m in per_step])
   for (step, _), step_values in zip(per_step, values):
     bad = {name: float(value) for name, value in step_values.items() if not math.isfinite(float(value))}
     if bad:
       raise FloatingPointError(
-          f"Non-finite loss at step {step}: {bad}. Training stopped; the newest checkpoint is the last good "
-          f"state (lower the learning rate or check the data before resuming).")
+          f"Non-finite loss or gradient at step {step}: {bad}. Training stopped; the newest checkpoint is the "
+          f"last good state (lower the learning rate or check the data before resuming).")
 
 
 def _interval_metrics(per_step: list[dict]) -> dict[str, float]:
@@ -117,12 +122,14 @@ def _silence_orbax_info_logs() -> None:
 
 
 def _log_summary(config: ml_collections.ConfigDict, workdir: epath.Path, passes: dict[str, dict[str, float]],
-                 seconds: float) -> None:
-  """The run's last lines: the final evaluation's figures beside the block-mean baseline, and where to look."""
+                 seconds: float, trained: bool) -> None:
+  """The run's last lines: the final evaluation's figures beside the block-mean baseline, and where to look.
+  `trained`: False when this process only ran the final evaluation of a run stopped before it."""
   results = passes[""]
   step = config.total_steps
   cells = step_lib.block_baseline_cells(config)
-  lines = [f"Finished {step:,} steps in {writers.format_duration(seconds)} (this process, compilation included). "
+  done = f"Finished {step:,} steps" if trained else f"Evaluated the checkpoint of the last step, {step:,},"
+  lines = [f"{done} in {writers.format_duration(seconds)} (this process, compilation included). "
            f"Held-out reconstructions of {results['num_images']} images with the EMA weights: PSNR "
            f"{results['psnr']:.2f} dB against {results['psnr_block_baseline']:.2f} dB for {cells}x{cells} block "
            f"means, SSIM {results['ssim']:.3f}, LPIPS {results['lpips']:.3f}."]
@@ -218,6 +225,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     else:
       state = steps.init()
       logging.info("Initialised a new run in %s.", workdir)
+      # A run killed before its first complete checkpoint starts afresh: what it logged goes too.
+      if is_main and (dropped := writers.discard_metrics_after(workdir, 0)):
+        logging.info("Dropped %d line(s) of %s from an earlier start that saved no checkpoint.", dropped,
+                     writers.METRICS_FILE)
     first_step = int(state.step)
     # A run stopped at its last step, or during its final evaluation, resumes into that evaluation only. The
     # metrics file is in the workdir every process restores from, so all of them take the same branch.
@@ -277,7 +288,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       interval.append(step_metrics)
       unchecked.append((step, step_metrics))
       stop = guard.should_stop(step)
-      log_now = step % config.log_every_steps == 0 or step == config.total_steps
+      # A stop logs too: the resumed run starts after this step and would never log the steps since the last log.
+      log_now = stop or step % config.log_every_steps == 0 or step == config.total_steps
       save_now = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
       if log_now or save_now:
         _check_finite(unchecked)
@@ -305,5 +317,5 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     checkpointer.close()  # waits for the last save
     writer.close()
   if is_main and final_passes is not None:
-    _log_summary(config, workdir, final_passes, time.monotonic() - start_time)
+    _log_summary(config, workdir, final_passes, time.monotonic() - start_time, trained=not evaluate_only)
   return state
