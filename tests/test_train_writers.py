@@ -88,16 +88,19 @@ def test_a_resume_discards_the_metrics_logged_after_its_checkpoint(tmp_path):
   assert writers.discard_metrics_after(tmp_path / "no_run_here", 5) == 0
 
 
-def test_logged_at_finds_a_scalar_at_its_step_only(tmp_path):
-  assert not writers.logged_at(tmp_path, 2, "loss")  # no file yet
+def test_logged_record_finds_a_scalar_at_its_step_only(tmp_path):
+  assert writers.logged_record(tmp_path, 2, "loss") is None  # no file yet
   writer = writers.JsonlWriter(tmp_path)
   writer.write_scalars(2, {"loss": 1.0})
-  writer.write_scalars(3, {"eval_psnr": 20.0})
+  writer.write_scalars(3, {"eval_psnr": 20.0, "eval_ssim": 0.5})
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 4, "eval_psnr": 2')  # cut short by a kill
-  assert writers.logged_at(tmp_path, 2, "loss") and writers.logged_at(tmp_path, 3, "eval_psnr")
-  assert not writers.logged_at(tmp_path, 2, "eval_psnr") and not writers.logged_at(tmp_path, 3, "loss")
-  assert not writers.logged_at(tmp_path, 4, "eval_psnr")
+  without_time = lambda record: {name: value for name, value in record.items() if name != "time"}
+  assert without_time(writers.logged_record(tmp_path, 2, "loss")) == {"step": 2, "loss": 1.0}
+  assert without_time(writers.logged_record(tmp_path, 3, "eval_psnr")) == {"step": 3, "eval_psnr": 20.0,
+                                                                           "eval_ssim": 0.5}
+  assert writers.logged_record(tmp_path, 2, "eval_psnr") is None and writers.logged_record(tmp_path, 3, "loss") is None
+  assert writers.logged_record(tmp_path, 4, "eval_psnr") is None
 
 
 def test_progress_reporter_eta(tmp_path):

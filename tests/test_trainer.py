@@ -304,8 +304,8 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
 
 def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_path, caplog):
   """In-process, on a copy of run A stopped between the two passes of its last evaluation (its checkpoints and its
-  metrics without the fitted pass): the restart trains nothing and evaluates both passes; a second restart finds
-  the evaluation logged and does nothing."""
+  metrics without the fitted pass): the restart trains nothing and runs the missing pass only; a second restart
+  finds the evaluation logged and does nothing."""
   workdir_a, returncode = run_a
   assert returncode == 0
   shutil.copytree(workdir_a / "checkpoints", tmp_path / "checkpoints")
@@ -321,6 +321,7 @@ def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_pa
   assert "Train step compiled." not in caplog.text
   assert f"Evaluated the checkpoint of the last step, {TOTAL}, in " in caplog.text and "Finished" not in caplog.text
   records = read_metrics(tmp_path)
+  assert [r["step"] for r in records if "eval_psnr" in r].count(TOTAL) == 1  # the first pass was not run again
   for key in ("eval_psnr", "eval_fitted_psnr"):  # the same state and images: the figures of run A
     expected = [r[key] for r in records_a if key in r][-1]
     assert [r["step"] for r in records if key in r][-1] == TOTAL

@@ -14,7 +14,7 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
 * SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0). A run stopped at its last
-  step or during its final evaluation resumes into that evaluation (it is missing from `metrics.jsonl`).
+  step or during its final evaluation resumes into the pass(es) of that evaluation missing from `metrics.jsonl`.
 * Evaluation with the EMA weights every `eval_every_steps` and at the end, over the first `num_eval_images`
   images of the eval split: the pass of `python -m gaussiantoken_jax.evaluate` (`evaluation.Evaluator`). PSNR
   beside the block-average baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must
@@ -233,7 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     # A run stopped at its last step, or during its final evaluation, resumes into that evaluation only. The
     # metrics file is in the workdir every process restores from, so all of them take the same branch.
     final_key = "eval_fitted_psnr" if fitted_evaluator is not None else "eval_psnr"
-    evaluate_only = first_step == config.total_steps and not writers.logged_at(workdir, first_step, final_key)
+    evaluate_only = first_step == config.total_steps and writers.logged_record(workdir, first_step, final_key) is None
     if first_step >= config.total_steps and not evaluate_only:
       logging.info("Nothing to train: the checkpoint in %s is at step %d >= total_steps=%d.", workdir, first_step,
                    config.total_steps)
@@ -249,17 +249,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     def save(step: int) -> None:
       checkpointer.save(step, state, config=config, data=data.checkpoint_args(train_iter))
 
-    def run_eval(step: int) -> dict[str, dict[str, float]]:
-      """Evaluates, writes and logs; returns {"": results} and, at the end with the fit, {"fitted_": ...}."""
-      results, images = evaluate(evaluator, state, eval_loader, max_eval_images)
-      writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
-      cells = step_lib.block_baseline_cells(config)
-      logging.info("Eval at step %d over %d images: PSNR %.2f dB (uint8 pooled %.2f dB), SSIM %.3f%s; the trivial "
-                   "answer (%dx%d block means, as many values as tokens) gets %.2f dB.", step, results["num_images"],
-                   results["psnr"], results["psnr_uint8"], results["ssim"],
-                   f", rFID {results['rfid']:.2f}" if "rfid" in results else "", cells, cells,
-                   results["psnr_block_baseline"])
-      writer.write_images(step, {f"eval_{name}": picture[None] for name, picture in images.items()})
+    def run_eval(step: int, logged: dict | None = None) -> dict[str, dict[str, float]]:
+      """Evaluates, writes and logs; returns {"": results} and, at the end with the fit, {"fitted_": ...}.
+      `logged`: the first pass's record in metrics.jsonl, when only the fitted pass is missing."""
+      if logged is None:
+        results, images = evaluate(evaluator, state, eval_loader, max_eval_images)
+        writer.write_scalars(step, {f"eval_{name}": value for name, value in results.items()})
+        cells = step_lib.block_baseline_cells(config)
+        logging.info("Eval at step %d over %d images: PSNR %.2f dB (uint8 pooled %.2f dB), SSIM %.3f%s; the "
+                     "trivial answer (%dx%d block means, as many values as tokens) gets %.2f dB.", step,
+                     results["num_images"], results["psnr"], results["psnr_uint8"], results["ssim"],
+                     f", rFID {results['rfid']:.2f}" if "rfid" in results else "", cells, cells,
+                     results["psnr_block_baseline"])
+        writer.write_images(step, {f"eval_{name}": picture[None] for name, picture in images.items()})
+      else:
+        results = {name.removeprefix("eval_"): value for name, value in logged.items() if name.startswith("eval_")}
       passes = {"": results}
       if fitted_evaluator is not None and step == config.total_steps:
         results, images = evaluate(fitted_evaluator, state, eval_loader, max_eval_images)
@@ -310,7 +314,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     if evaluate_only:
       logging.info("The checkpoint of the last step, %d, has no final evaluation in %s (the run stopped before it "
                    "was written): evaluating now.", step, workdir / writers.METRICS_FILE)
-      final_passes = run_eval(step)
+      # Stopped between the two passes: the first is in metrics.jsonl already.
+      final_passes = run_eval(step, logged=writers.logged_record(workdir, step, "eval_psnr"))
   finally:
     if profiler is not None:
       profiler.close()

@@ -204,10 +204,12 @@ def discard_metrics_after(workdir: epath.PathLike, step: int) -> int:
   return len(lines) - len(kept)
 
 
-def logged_at(workdir: epath.PathLike, step: int, name: str) -> bool:
-  """Whether `metrics.jsonl` in `workdir` holds the scalar `name` at `step` (False without the file)."""
-  return any(record is not None and record.get("step") == step and name in record
-             for _, record in _logged_lines(workdir))
+def logged_record(workdir: epath.PathLike, step: int, name: str) -> dict | None:
+  """The last record of `metrics.jsonl` in `workdir` that holds the scalar `name` at `step`; None if there is
+  none (or no file)."""
+  found = [record for _, record in _logged_lines(workdir)
+           if record is not None and record.get("step") == step and name in record]
+  return found[-1] if found else None
 
 
 def create_writer(workdir: epath.PathLike, is_main_process: bool):
