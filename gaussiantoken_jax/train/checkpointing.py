@@ -10,8 +10,8 @@ Layout: `workdir/checkpoints/<step>/` with three Orbax items:
 
 Saves are asynchronous by default (`async_save=True`; the trainer turns it off for runs of several processes):
 `save` returns once the arrays are copied off the devices and the writing goes on in a background thread; `wait`
-blocks until it is on disk. Orbax writes each step into a temporary
-directory and renames it when complete (or, on object stores, writes a `commit_success.txt` last).
+blocks until it is on disk. Orbax writes each step into a temporary directory and renames it when complete (or,
+on object stores, writes a `commit_success.txt` last).
 
 A save cut short by a kill leaves either a temporary directory (Orbax ignores it; we let Orbax delete it at
 start-up) or, on file systems without atomic rename or after an interrupted copy, a step directory without
