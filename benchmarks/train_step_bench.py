@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from gaussiantoken_jax import config_lib, losses, splatting
+from gaussiantoken_jax import config_lib, losses, splatting, xla_options
 from gaussiantoken_jax import weights as weights_lib
 from gaussiantoken_jax.data import to_model_input
 from gaussiantoken_jax.train import sharding
@@ -159,7 +159,8 @@ def time_encode(steps, state, image_size: int, batch_size: int, rounds: int, pro
                        method=model.encode)
 
   images = jnp.asarray(synthetic_images(batch_size, image_size, 1))
-  compiled = jax.jit(encode).lower(state.ema_params, state.model_state, images).compile()
+  compiled = jax.jit(encode, compiler_options=xla_options.compiler_options()).lower(
+      state.ema_params, state.model_state, images).compile()
   return timed_calls(compiled, state.ema_params, state.model_state, images, rounds=rounds, probe=probe), \
       flops_of(compiled)
 
@@ -174,11 +175,13 @@ def time_part(fn, args, grad_argnums, rounds: int, probe: MatmulProbe):
   fwd+bwd returns the gradients w.r.t. `args[i]` for i in `grad_argnums` of <fn(*args), fixed random
   cotangents>.
   """
-  fwd = jax.jit(fn).lower(*args).compile()
+  options = xla_options.compiler_options()  # as the step's own programs are compiled
+  fwd = jax.jit(fn, compiler_options=options).lower(*args).compile()
   output = fwd(*args)
   rng = np.random.default_rng(2)
   cotangents = [jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(output)]
-  fwd_bwd = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums))
+  fwd_bwd = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums),
+                    compiler_options=options)
   fwd_bwd = fwd_bwd.lower(*args).compile()
   fwd_seconds = statistics.median(timed_calls(fwd, *args, rounds=rounds, probe=probe))
   fwd_bwd_seconds = statistics.median(timed_calls(fwd_bwd, *args, rounds=rounds, probe=probe))

@@ -46,7 +46,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from gaussiantoken_jax import geometry_fit, pixels, restore
+from gaussiantoken_jax import geometry_fit, pixels, restore, xla_options
 from gaussiantoken_jax.checks import check_non_negative_int
 from gaussiantoken_jax.train import sharding
 
@@ -121,9 +121,14 @@ class GaussianTokenizer:
     self.model = restored.model
     self.mesh: Mesh = restored.steps.mesh
     self.variables = {"params": restored.params, **restored.model_state}
-    self._encode = jax.jit(sharding.traced_on(self.mesh, self.encode_fn),
-                           static_argnames=("fit_geometry_steps", "fit_learning_rate"))
-    self._decode = jax.jit(sharding.traced_on(self.mesh, self.decode_fn))
+    # Called inside a caller's jit, the methods run the traced forms: JAX takes compiler_options only on a
+    # top-level jit (xla_options).
+    self._encode_traced = sharding.traced_on(self.mesh, self.encode_fn)
+    self._decode_traced = sharding.traced_on(self.mesh, self.decode_fn)
+    options = xla_options.compiler_options(self.mesh)
+    self._encode = jax.jit(self._encode_traced, static_argnames=("fit_geometry_steps", "fit_learning_rate"),
+                           compiler_options=options)
+    self._decode = jax.jit(self._decode_traced, compiler_options=options)
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, step: int | None = None, use_ema: bool = True,
@@ -206,13 +211,15 @@ class GaussianTokenizer:
     self._check_images(images, check_values=True)
     self.check_fit(fit_geometry_steps, fit_learning_rate)
     # Python scalars: jit keys its cache on the static arguments, and NumPy ones would compile again.
-    return self._encode(self.variables, self._to_devices(images), fit_geometry_steps=int(fit_geometry_steps),
-                        fit_learning_rate=float(fit_learning_rate))
+    encode = self._encode if _is_concrete(images) else self._encode_traced
+    return encode(self.variables, self._to_devices(images), fit_geometry_steps=int(fit_geometry_steps),
+                  fit_learning_rate=float(fit_learning_rate))
 
   def decode(self, tokens: Tokens):
     """Tokens (as `encode` makes them, or edited, or loaded) -> float32 [B,H,W,3] in [-1, 1]."""
     self._check_tokens(tokens, check_values=True)
-    return self._decode(self.variables, jax.tree.map(self._to_devices, tokens))
+    decode = self._decode if all(map(_is_concrete, jax.tree.leaves(tokens))) else self._decode_traced
+    return decode(self.variables, jax.tree.map(self._to_devices, tokens))
 
   def reconstruct(self, images, fit_geometry_steps: int = 0, fit_learning_rate: float = geometry_fit.LEARNING_RATE):
     """decode(encode(images, ...))."""

@@ -15,15 +15,16 @@ autodiff is slices, pads and dots, so no convolution is left for the simplifier 
 on every backend but the CPU, it is `lax.conv_general_dilated` unchanged: the slow loop is XLA:CPU's, GPU and
 TPU hand convolutions to their own emitters and libraries (not measured here: no GPU was lent for this change).
 
-Inside a loop body (`lax.scan`, `fori_loop`) XLA:CPU has a second weak spot: it hands convolutions to its
-YNNPACK library only when their kernel is laid out HWIO, and the input gradient that JAX's autodiff emits is a
-convolution with the flipped kernel read as HWOI. At a program's top level layout assignment turns that kernel
-around and YNNPACK takes it; inside a while body it does not, and XLA's generic convolution runs instead. So
-every other stride-1 convolution on the CPU goes through `_stride1_conv`, whose `custom_vjp` computes the input
-gradient with the flipped kernel transposed to HWIO by an explicit op (the kernel gradient is autodiff's).
-Measured (`benchmarks/conv_backward_bench.py`, 2 CPU cores): 10 input-gradient steps of a 3x3 128-channel
-convolution on 8 32x32 maps in a `lax.scan` took 971 ms with autodiff's form, 306 ms with this one, 286-320 ms
-unrolled either way (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no forward-mode rule: on the CPU,
+Inside a loop body (`lax.scan`, `fori_loop`) XLA:CPU has a second weak spot: it runs a convolution with its fast
+library kernels (YNNPACK's by default, Eigen's with the project's options, `xla_options`) only when the kernel is
+laid out HWIO, and the input gradient that JAX's autodiff emits is a convolution with the flipped kernel read as
+HWOI. At a program's top level layout assignment turns that kernel around; inside a while body it does not, and
+XLA's generic convolution runs instead. So every other stride-1 convolution on the CPU goes through
+`_stride1_conv`, whose `custom_vjp` computes the input gradient with the flipped kernel transposed to HWIO by an
+explicit op (the kernel gradient is autodiff's). Measured (`benchmarks/conv_backward_bench.py`, 2 CPU cores): 10
+input-gradient steps of a 3x3 128-channel convolution on 8 32x32 maps in a `lax.scan` took 971 ms with
+autodiff's form, 306 ms with this one, 286-320 ms unrolled either way, and 892 against 250 ms with the project's
+options (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no forward-mode rule: on the CPU,
 `jax.jvp` and `jacfwd` through these convolutions fail (nothing in the project uses them).
 
 The choice is made at trace time from static shapes and `jax.default_backend()`; parameters (names, shapes,

@@ -34,7 +34,7 @@ import optax
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gaussiantoken_jax import geometry_fit, losses, models
+from gaussiantoken_jax import geometry_fit, losses, models, xla_options
 from gaussiantoken_jax.evaluation import image_metrics
 from gaussiantoken_jax.pixels import to_model_input
 from gaussiantoken_jax.train import optim, sharding
@@ -172,7 +172,8 @@ class Steps:
 
   @functools.cached_property
   def _compiled_init(self):
-    init = jax.jit(self._init_fn, out_shardings=self.state_shardings).lower()
+    init = jax.jit(self._init_fn, out_shardings=self.state_shardings,
+                   compiler_options=xla_options.compiler_options(self.mesh)).lower()
     # The program is one threefry draw per parameter, run once. On XLA:CPU, LLVM's -O1 compiles it in about 60%
     # of the time of the default -O2 (demo: 9 against 16 s) and gave the same bits on every config checked
     # (tests/test_train_step.py holds it to that); the train step is not compiled this way: slower, other bits.
@@ -199,7 +200,8 @@ class Steps:
     """The module's `train_step`, jitted: (state, batch, lpips_params) -> (state, metrics); the state is donated."""
     return jax.jit(sharding.traced_on(self.mesh, functools.partial(train_step, self)),
                    in_shardings=(self.state_shardings, self.batch_sharding, self._replicated),
-                   out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
+                   out_shardings=(self.state_shardings, self._replicated), donate_argnums=0,
+                   compiler_options=xla_options.compiler_options(self.mesh))
 
   @functools.cached_property
   def eval_step(self):
@@ -209,7 +211,8 @@ class Steps:
                    in_shardings=(shardings.ema_params, shardings.model_state, self.batch_sharding, self._replicated),
                    out_shardings=EvalOutput(metrics=self._replicated, code_counts=self._replicated,
                                             reconstructions=self.batch_sharding, indices=self.batch_sharding,
-                                            gaussians=self.batch_sharding))
+                                            gaussians=self.batch_sharding),
+                   compiler_options=xla_options.compiler_options(self.mesh))
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> Steps:

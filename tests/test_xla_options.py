@@ -1,0 +1,31 @@
+"""xla_options: on the CPU the project's programs leave convolutions to XLA's own emitter and keep YNNPACK's dots
+and reductions; elsewhere they get no options."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gaussiantoken_jax import xla_options
+from hlo import ynn_fused_opcodes
+
+
+def _compiled_text(fn, *args, options):
+  return jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+
+
+def test_cpu_options_take_convolutions_from_ynnpack_and_leave_it_dots_and_reductions():
+  assert jax.default_backend() == "cpu"
+  options = xla_options.compiler_options()
+  assert options == xla_options.CPU_OPTIONS
+  x, w = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # smaller ones YNNPACK leaves to XLA anyway
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # XLA's defaults give the convolution to YNNPACK (the check can see it); the options do not.
+  assert ynn_fused_opcodes(_compiled_text(conv, x, w, options=None))["convolution"] == 1
+  assert ynn_fused_opcodes(_compiled_text(conv, x, w, options=options))["convolution"] == 0
+  a = jnp.ones((64, 64))  # one program each: YNNPACK fuses a dot into the reduction that consumes it
+  assert ynn_fused_opcodes(_compiled_text(lambda a: a @ a, a, options=options))["dot"] == 1
+  assert ynn_fused_opcodes(_compiled_text(lambda a: jnp.tanh(a).sum(axis=0), a, options=options))["reduce"] == 1
+
+
+def test_other_platforms_get_no_options(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert xla_options.compiler_options() is None
