@@ -27,7 +27,8 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 
 @functools.cache
 def _cpu_options_accepted() -> bool:
-  probe = jax.jit(lambda x: x + 1.0).lower(jax.device_put(np.zeros(1, np.float32), jax.devices("cpu")[0]))
+  cpu = jax.local_devices(backend="cpu")[0]  # this process's own: with several processes, devices()[0] is process 0's
+  probe = jax.jit(lambda x: x + 1.0).lower(jax.device_put(np.zeros(1, np.float32), cpu))
   try:
     probe.compile(compiler_options=CPU_OPTIONS)
   except jax.errors.JaxRuntimeError as err:
