@@ -22,6 +22,7 @@ config's image size (no data is read):
               (one pass over B images, train-mode BatchNorm) and LPIPS (VGG16 over 2B images). "x/step" is how
               often the step runs it (the discriminator three times: once inside the generator's loss, on the
               real and the fake batch in its own), and "share" that many fwd+bwd times over the step's time.
+Every program is compiled with the project's options (`xla_options`: on the CPU, no YNNPACK convolutions).
 GFLOP are XLA's, from the compiled executable's cost analysis; "%peak" is achieved GFLOP/s over the matmul's
 (medians); "best %" is the fastest step or call over the fastest matmul, the figure least moved by other
 processes on a shared machine (their load only ever slows both down).
