@@ -24,8 +24,9 @@ XLA's generic convolution runs instead. So every other stride-1 convolution on t
 explicit op (the kernel gradient is autodiff's). Measured (`benchmarks/conv_backward_bench.py`, 2 CPU cores): 10
 input-gradient steps of a 3x3 128-channel convolution on 8 32x32 maps in a `lax.scan` took 971 ms with
 autodiff's form, 306 ms with this one, 286-320 ms unrolled either way, and 892 against 250 ms with the project's
-options (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no forward-mode rule: on the CPU,
-`jax.jvp` and `jacfwd` through these convolutions fail (nothing in the project uses them).
+options (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as a loop. A `custom_vjp` has no
+forward-mode rule: on the CPU, `jax.jvp` and `jacfwd` through these convolutions fail (nothing in the project uses
+them).
 
 The choice is made at trace time from static shapes and `jax.default_backend()`; parameters (names, shapes,
 init) are nn.Conv's own, so checkpoints do not change. im2col + dot, and the explicit input gradient, sum the same
