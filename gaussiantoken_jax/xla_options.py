@@ -41,6 +41,8 @@ def _cpu_options_accepted() -> bool:
 def compiler_options(mesh: Mesh | None = None) -> dict | None:
   """`jax.jit`'s `compiler_options` for programs on `mesh` (None: the default backend): CPU_OPTIONS on the CPU,
   None elsewhere. Call it after the backend is chosen (`jax.distributed.initialize` first), not at import."""
+  if mesh is not None and not isinstance(mesh, Mesh):
+    raise ValueError(f"compiler_options: `mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   if platform == "cpu" and _cpu_options_accepted():
     return dict(CPU_OPTIONS)

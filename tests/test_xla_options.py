@@ -1,7 +1,10 @@
 """xla_options: on the CPU the project's programs leave convolutions to XLA's own emitter and keep YNNPACK's dots
 and reductions; elsewhere they get no options."""
+import logging
+
 import jax
 import jax.numpy as jnp
+import pytest
 from jax import lax
 
 from gaussiantoken_jax import xla_options
@@ -29,3 +32,19 @@ def test_cpu_options_take_convolutions_from_ynnpack_and_leave_it_dots_and_reduct
 def test_other_platforms_get_no_options(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert xla_options.compiler_options() is None
+
+
+def test_a_refused_option_falls_back_to_the_defaults_with_a_warning(monkeypatch, caplog):
+  monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
+  xla_options._cpu_options_accepted.cache_clear()  # pylint: disable=protected-access
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert xla_options.compiler_options() is None
+    assert "This XLA refuses the CPU compile options" in caplog.text and "NO_SUCH_FUSION_TYPE" in caplog.text
+  finally:
+    xla_options._cpu_options_accepted.cache_clear()  # pylint: disable=protected-access
+
+
+def test_a_mesh_that_is_not_a_mesh_is_refused():
+  with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh or None, got list"):
+    xla_options.compiler_options(jax.devices())
