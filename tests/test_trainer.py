@@ -8,6 +8,7 @@ cache, so only the first one compiles. Run A, which the other runs are compared 
 `:runlocal` run, which the tokenizer tests restore too.
 """
 import functools
+import json
 import logging
 import math
 import pathlib
@@ -333,6 +334,33 @@ def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_pa
   assert read_metrics(tmp_path) == records
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     assert ckpt.all_steps() == [4, 6, 8]  # nothing was trained or saved
+
+
+def test_a_run_killed_during_an_evaluation_runs_it_on_resume(run_a, tmp_path, caplog):
+  """In-process, on a copy of run A cut back to its checkpoint of step 6 as if killed while evaluating step 6 (the
+  checkpoint is saved first): the restart evaluates step 6 before training on, then trains to run A's final state
+  and final figures."""
+  workdir_a, returncode = run_a
+  assert returncode == 0
+  shutil.copytree(workdir_a / "checkpoints", tmp_path / "checkpoints")
+  shutil.rmtree(tmp_path / "checkpoints" / str(TOTAL))
+  records_a = read_metrics(workdir_a)
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      line for line in (workdir_a / "metrics.jsonl").read_text().splitlines(keepends=True)
+      if json.loads(line)["step"] <= 6))
+  config = load_demo_config("runlocal")
+  config.update(dict(total_steps=TOTAL, checkpoint_every_steps=EVERY, log_every_steps=EVERY, eval_every_steps=6,
+                     eval_fit_geometry_steps=0))
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert "The checkpoint of step 6 has no evaluation in" in caplog.text
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records if "eval_psnr" in r] == [6, TOTAL]
+  order = [(r["step"], "eval_psnr" in r) for r in records]
+  assert order.index((6, True)) < order.index((TOTAL, False))  # evaluated before the steps after it were trained
+  expected = [r["eval_psnr"] for r in records_a if "eval_psnr" in r][-1]
+  assert [r["eval_psnr"] for r in records if "eval_psnr" in r][-1] == pytest.approx(expected, rel=1e-5)
+  chex.assert_trees_all_equal(restore(workdir_a)[1], restore(tmp_path)[1])
 
 
 def test_resuming_with_another_batch_seed_or_model_stops_naming_both_values(run_a, tmp_path, caplog):

@@ -13,8 +13,9 @@ restore-or-init, then the loop. Per step: next local batch -> global array -> ji
 * Checkpoints every `checkpoint_every_steps` and at the end: the state, the config and every process's data
   iterator position. Restarting the same command on the same workdir continues exactly where the newest
   complete checkpoint left off (same batches, same random draws).
-* SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0). A run stopped at its last
-  step or during its final evaluation resumes into the pass(es) of that evaluation missing from `metrics.jsonl`.
+* SIGTERM: a checkpoint at the next step boundary, then a normal return (exit status 0). A run stopped on an
+  evaluation step, or killed during an evaluation, resumes into the pass(es) of that evaluation missing from
+  `metrics.jsonl` (at the last step, that is all it does).
 * Evaluation with the EMA weights every `eval_every_steps` and at the end, over the first `num_eval_images`
   images of the eval split: the pass of `python -m gaussiantoken_jax.evaluate` (`evaluation.Evaluator`). PSNR
   beside the block-average baseline with as many cells as tokens (`eval_psnr_block_baseline`: a tokenizer must
@@ -230,10 +231,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
         logging.info("Dropped %d line(s) of %s from an earlier start that saved no checkpoint.", dropped,
                      writers.METRICS_FILE)
     first_step = int(state.step)
-    # A run stopped at its last step, or during its final evaluation, resumes into that evaluation only. The
+
+    def eval_due(step: int) -> bool:
+      return step % config.eval_every_steps == 0 or step == config.total_steps
+
+    # A checkpoint is saved before its step's evaluation, so a run killed during a long evaluation (a preemption's
+    # grace period is shorter than an rFID pass), or stopped on an evaluation step, resumes at a step whose
+    # evaluation is missing: it runs that evaluation first. At the last step that is all there is to do. The
     # metrics file is in the workdir every process restores from, so all of them take the same branch.
-    final_key = "eval_fitted_psnr" if fitted_evaluator is not None else "eval_psnr"
-    evaluate_only = first_step == config.total_steps and writers.logged_record(workdir, first_step, final_key) is None
+    final = first_step == config.total_steps
+    pending_key = "eval_fitted_psnr" if final and fitted_evaluator is not None else "eval_psnr"
+    eval_pending = (first_step > 0 and eval_due(first_step)
+                    and writers.logged_record(workdir, first_step, pending_key) is None)
+    evaluate_only = final and eval_pending
     if first_step >= config.total_steps and not evaluate_only:
       logging.info("Nothing to train: the checkpoint in %s is at step %d >= total_steps=%d.", workdir, first_step,
                    config.total_steps)
@@ -276,13 +286,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
         passes["fitted_"] = results
       return passes
 
+    final_passes = None  # the evaluation at total_steps, for the closing summary
+    if eval_pending:
+      if final:
+        logging.info("The checkpoint of the last step, %d, has no final evaluation in %s (the run stopped before it "
+                     "was written): evaluating now.", first_step, workdir / writers.METRICS_FILE)
+      else:
+        logging.info("The checkpoint of step %d has no evaluation in %s (the run stopped before it was written): "
+                     "evaluating it before training on.", first_step, workdir / writers.METRICS_FILE)
+      # Stopped between the last evaluation's two passes: the first is in metrics.jsonl already.
+      passes = run_eval(first_step, logged=writers.logged_record(workdir, first_step, "eval_psnr"))
+      if final:
+        final_passes = passes
+
     # --- The loop.
     profiler = writers.create_profiler(workdir, is_main, config.profile_steps, first_step)
     progress = writers.ProgressReporter(total_steps=config.total_steps, batch_size=config.batch_size,
                                         writer=writer, first_step=first_step)
     interval, unchecked = [], []  # this interval's metrics (on device); (step, metrics) not yet checked for NaN
     step = first_step
-    final_passes = None  # the evaluation at total_steps, for the closing summary
     while step < config.total_steps:
       batch = data.to_global_array(next(train_iter), steps.batch_sharding)
       state, step_metrics = train_step(state, batch, lpips_params)
@@ -307,15 +329,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       if stop:
         logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", step)
         break
-      if step % config.eval_every_steps == 0 or step == config.total_steps:
+      if eval_due(step):
         passes = run_eval(step)
         if step == config.total_steps:
           final_passes = passes
-    if evaluate_only:
-      logging.info("The checkpoint of the last step, %d, has no final evaluation in %s (the run stopped before it "
-                   "was written): evaluating now.", step, workdir / writers.METRICS_FILE)
-      # Stopped between the two passes: the first is in metrics.jsonl already.
-      final_passes = run_eval(step, logged=writers.logged_record(workdir, step, "eval_psnr"))
   finally:
     if profiler is not None:
       profiler.close()
