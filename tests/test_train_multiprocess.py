@@ -1,7 +1,8 @@
 """Two real JAX processes (CPU, gloo collectives): preemption agreement and a shared checkpoint.
 
 What a multi-host run relies on and a single process cannot show: a SIGTERM reaching one process stops
-all of them at the same step, and Orbax saves and restores an array whose shards live in two processes.
+all of them at the same step, Orbax saves and restores an array whose shards live in two processes, and a
+barrier name can be met again (`distributed.barrier`).
 """
 import json
 import os
@@ -33,6 +34,7 @@ def test_two_processes_stop_together_and_share_a_checkpoint(tmp_path):
 
   results = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
   assert [r["signalled"] for r in results] == [False, True]
+  assert results[0]["barrier_waits"][1] > 0.9  # a barrier name met again still waits for every process
   for r in results:
     assert r["process_count"] == 2
     # Signalled before step 3, agreed at the next sync step (every 2 steps): 4, on both processes.

@@ -4,12 +4,14 @@ usage: train_multiprocess_worker.py PROCESS_ID COORDINATOR_PORT WORKDIR RESULT_J
 
 Each process has 2 CPU devices; together they form a 2 x 2 ("data", "fsdp") mesh. Process 1 receives
 SIGTERM before step 3; with sync_every_steps=2 both processes must stop at step 4. Then both save one
-checkpoint of an fsdp-sharded array together and restore it into another sharding.
+checkpoint of an fsdp-sharded array together and restore it into another sharding. Last, they meet twice at one
+barrier name, process 1 a second late the second time: process 0 must wait for it again.
 """
 import json
 import os
 import signal
 import sys
+import time
 
 process_id, port, workdir, result_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -22,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from gaussiantoken_jax.train import checkpointing, sharding  # noqa: E402
+from gaussiantoken_jax.train import checkpointing, distributed, sharding  # noqa: E402
 
 mesh = sharding.make_mesh(dict(data=2, fsdp=2))
 kernel = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
@@ -47,7 +49,15 @@ with checkpointing.Checkpointer(workdir) as ckpt:
   restored = ckpt.restore(abstract)
   max_error = max(float(np.max(np.abs(np.asarray(shard.data) - kernel[shard.index])))
                   for shard in restored.state["kernel"].addressable_shards)
+  barrier_waits = []
+  for late in (0.0, 1.0):
+    if process_id == 1:
+      time.sleep(late)
+    start = time.monotonic()
+    distributed.barrier("train_multiprocess_worker.twice", timeout_seconds=60)
+    barrier_waits.append(time.monotonic() - start)
   result = {
+      "barrier_waits": barrier_waits,
       "process_count": jax.process_count(),
       "stopped_at": stopped_at,
       "signalled": signalled,

@@ -67,7 +67,8 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def barrier(name: str, timeout_seconds: int = 3600) -> None:
-  """Waits until every process has reached `name` (a no-op with one process); each name is used once.
+  """Waits until every process has reached `name` (a no-op with one process). A name can be met again once all
+  processes have passed it (a second `train_and_evaluate` in the same processes reuses the trainer's names).
 
   Uses the coordination service, not a device collective: CPU (gloo) collectives give up after 30 s when a
   process arrives late, e.g. because it compiled longer, so processes meet here before their first collective.
