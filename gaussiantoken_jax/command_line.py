@@ -3,6 +3,7 @@ reach the user as one line and exit status 1, not as a traceback through absl an
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from gaussiantoken_jax.weights import WeightsUnavailableError
@@ -23,4 +24,15 @@ def run(main) -> None:
       logging.debug("Where the error below was raised:", exc_info=True)
       sys.exit(f"Error: {err}")
 
-  app.run(main_reporting_input_errors)
+  app.run(main_reporting_input_errors, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that an error raised by a config file itself (e.g. an unknown `:variant`), which
+  ml_collections reports with that file's whole traceback, is shown as its first line and the error's last line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else str(err)
+    sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
