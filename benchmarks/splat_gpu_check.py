@@ -57,8 +57,8 @@ def block_sweep(shape=(64, 256, 32, 32, 8)):
         out, vjp = jax.vjp(f, *a[:4])
         return out, vjp(a[4])
 
-      fwd = time_call(chained(f, 3), *args, rounds=3)
-      both = time_call(chained(fwd_bwd, 3), *args, cotangent, rounds=3)
+      fwd = time_call(chained(f), *args, rounds=3)
+      both = time_call(chained(fwd_bwd), *args, cotangent, rounds=3)
     except Exception as e:  # pylint: disable=broad-except  # a tile that fails to compile is a result too
       print(f" {blocks}: failed, {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue

@@ -12,7 +12,8 @@ config's image size (no data is read):
               the two variants alternating step by step;
   encode      images -> tokens (`model.encode`, train=False, EMA parameters), median over `--rounds` calls at
               `--encode_batch_size`;
-  matmul      a 2048^3 matmul in float32 (bfloat16 on GPU/TPU), timed once before every timed step or call
+  matmul      a 2048^3 matmul in float32 (8192^3 in bfloat16 on GPU/TPU: 2048^3 took too little time there for
+              one timed call to show the chip's rate: 45 TFLOP/s median on an H200), timed once before every timed step or call
               (so that on a shared machine it sees the same load as what it is compared with); its median
               GFLOP/s is the peak every fraction here is taken against;
   parts       (--parts) each part of the step on the step's own intermediate values, forward and
@@ -66,7 +67,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls per encode, matmul and 
 _PARTS = flags.DEFINE_bool("parts", True, "Also time each part of the step (forward and forward+backward).")
 flags.mark_flags_as_required(["config"])
 
-MATMUL_SIZE = 2048
+MATMUL_SIZES = {"cpu": 2048}  # other backends: 8192 (module docstring)
 _WARMUP_STEPS = 2
 # Durations stated in epochs become steps for this many training images; schedules do not change the step's
 # cost (the GAN's weight multiplies, it does not branch).
@@ -82,12 +83,13 @@ def flops_of(compiled) -> float:
 
 
 class MatmulProbe:
-  """A MATMUL_SIZE^3 matmul (float32 on the CPU, bfloat16 elsewhere); `sample()` times one and keeps its GFLOP/s."""
+  """A size^3 matmul (float32 on the CPU, bfloat16 elsewhere); `sample()` times one and keeps its GFLOP/s."""
 
   def __init__(self):
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    self.size = MATMUL_SIZES.get(jax.default_backend(), 8192)
     keys = jax.random.split(jax.random.key(0))
-    self.operands = [jax.random.normal(k, (MATMUL_SIZE, MATMUL_SIZE), dtype) for k in keys]
+    self.operands = [jax.random.normal(k, (self.size, self.size), dtype) for k in keys]
     self.dtype = jnp.dtype(dtype).name
     self.matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(self.matmul(*self.operands))
@@ -96,7 +98,7 @@ class MatmulProbe:
   def sample(self) -> None:
     start = time.perf_counter()
     jax.block_until_ready(self.matmul(*self.operands))
-    self.gflops.append(2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9)
+    self.gflops.append(2 * self.size**3 / (time.perf_counter() - start) / 1e9)
 
 
 def timed_calls(fn, *args, rounds: int, probe: MatmulProbe) -> list[float]:
@@ -292,7 +294,7 @@ def main(argv):
   results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value)
   matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
 
-  print(f"\nmatmul {MATMUL_SIZE}^3 {probe.dtype}: {matmul:.0f} GFLOP/s (median of {len(probe.gflops)}; "
+  print(f"\nmatmul {probe.size}^3 {probe.dtype}: {matmul:.0f} GFLOP/s (median of {len(probe.gflops)}; "
         f"min {min(probe.gflops):.0f}, max {matmul_best:.0f})")
   print(f"LPIPS weights: {lpips_source}")
   print(f"\n{'what':<12} {'batch':>5} {'ms':>9} {'best ms':>9} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} "

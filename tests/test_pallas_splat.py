@@ -23,7 +23,7 @@ from gaussiantoken_jax import losses, splat, splatting
 from gaussiantoken_jax.train import sharding
 from gaussiantoken_jax.train import step as step_lib
 from pallas_kernels import splat as pallas_splat
-from runs import load_demo_config
+from runs import REPO, load_demo_config
 
 CUTOFF = 1.0 / 255.0
 NAMES = ("means", "rotations", "scales", "features")
@@ -221,3 +221,14 @@ def test_pallas_kernels_is_a_leaf_package():
           "print(sorted(m for m in sys.modules if m.startswith('gaussiantoken_jax')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == "[]"
+
+
+def test_the_splat_benchmark_computes_the_xla_weights_in_every_repeat(monkeypatch):
+  """benchmarks/splat_bench.py times chains of 10 repeats; a chain whose geometry stayed the same let XLA compute
+  the XLA path's weights once for all ten, which the Pallas call cannot do (one exponential in the program)."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import splat_bench  # pylint: disable=import-outside-toplevel  # a script's module, on sys.path only here
+  args = splat_bench.make_inputs((2, 5, 4, 4, 3))
+  for name, fn in splat_bench.passes("xla", 4, 4).items():
+    text = fn.lower(*args).compile().as_text()
+    assert len(re.findall(r"exponential\(", text)) == fn.repeats, name
