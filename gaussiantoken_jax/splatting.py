@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gaussiantoken_jax import xla_options
 from gaussiantoken_jax.checks import check_float_array
 from pallas_kernels import splat as pallas_splat
 from pallas_kernels.splat import gaussian_weights, splat_xla  # pylint: disable=unused-import  # re-exported
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-# jax.sharding's in JAX 0.10; also in the top-level namespace of later releases, which is tried first.
-_get_abstract_mesh = getattr(jax, "get_abstract_mesh", None) or jax.sharding.get_abstract_mesh
 
 
 def _check_args(means, rotations, scales, features, height, width, cutoff, impl) -> None:
@@ -68,7 +67,8 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
     cutoff: weights below this are set to 0 (the reference rasteriser's alpha threshold 1/255).
     impl: "xla", "pallas" (the GPU kernel on GPU, the Mosaic TPU kernel on TPU; ValueError elsewhere),
       "pallas_interpret" (that kernel, the GPU one off TPU, under the Pallas interpreter, any platform) or
-      "auto" (pallas on GPU and TPU, else xla).
+      "auto" (pallas on GPU and TPU, else xla), by the platform of the context mesh (`train.sharding.traced_on`)
+      or else of the default backend.
 
   Returns:
     [B, height, width, C] in the dtype of `features` (float32 for float64 without jax_enable_x64); computed in
@@ -83,7 +83,7 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
   if means.shape[0] == 0:  # an empty batch: no kernel launch with an empty grid
     return jnp.zeros((0, height, width, features.shape[2]), out_dtype)
   args = [jnp.asarray(a, jnp.float32) for a in (means, rotations, scales, features)]
-  impl, variant = _resolve(impl, jax.default_backend())
+  impl, variant = _resolve(impl, xla_options.platform())
   if impl == "xla":
     out = splat_xla(*args, height=height, width=width, cutoff=float(cutoff))
   else:
@@ -101,7 +101,7 @@ def _split_over_context_mesh(kernel, batch_size: int):
   over every axis of the mesh as `train.sharding.batch_sharding` splits batches. Without a context mesh, on
   one device, or for a batch the mesh does not divide (the init's dummy batch), the kernel sees the whole batch.
   """
-  mesh = _get_abstract_mesh()
+  mesh = xla_options.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or batch_size % mesh.size:
     return kernel
   spec = PartitionSpec(mesh.axis_names)

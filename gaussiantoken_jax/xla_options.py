@@ -1,4 +1,5 @@
-"""XLA compile options for the project's programs: on the CPU, convolutions stay with XLA's own emitter.
+"""XLA compile options for the project's programs (on the CPU, convolutions stay with XLA's own emitter), and the
+platform that the program being traced runs on (`platform`), which the platform-dependent formulations read.
 
 By default XLA:CPU (JAX 0.10) hands three kinds of op to its YNNPACK library: single dots, single convolutions and
 reductions (`xla_cpu_experimental_ynn_fusion_type`). For this project's convolutions YNNPACK's were the slower
@@ -23,6 +24,9 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
+
+# jax.sharding's in JAX 0.10; also in the top-level namespace of later releases, which is tried first.
+get_abstract_mesh = getattr(jax, "get_abstract_mesh", None) or jax.sharding.get_abstract_mesh
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
@@ -50,6 +54,17 @@ def compiler_options(mesh: Mesh | None = None) -> dict | None:
   if platform == "cpu" and _cpu_options_accepted():
     return dict(CPU_OPTIONS)
   return None
+
+
+def platform() -> str:
+  """The platform ("cpu", "gpu", "tpu") of the program being traced: the context mesh's devices'
+  (`train.sharding.traced_on`), else the default backend.
+
+  The CPU forms of the convolutions and GroupNorm sums and the splat's choice of kernel read it at trace time, so
+  that a program for a mesh of CPU devices on a GPU machine gets the CPU forms and no GPU kernel.
+  """
+  device = getattr(get_abstract_mesh(), "abstract_device", None)  # None without a context mesh
+  return device.platform if device is not None else jax.default_backend()
 
 
 def is_traced(tree) -> bool:

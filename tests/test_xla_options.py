@@ -1,13 +1,17 @@
 """xla_options: on the CPU the project's programs leave convolutions to XLA's own emitter and keep YNNPACK's dots
 and reductions; elsewhere they get no options."""
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
-from gaussiantoken_jax import xla_options
+from gaussiantoken_jax import splat, xla_options
+from gaussiantoken_jax.models import conv
+from gaussiantoken_jax.train import sharding
 from hlo import ynn_fused_opcodes
 
 
@@ -60,3 +64,25 @@ def test_jit_compiles_with_the_options_at_top_level_and_plainly_inside_a_callers
   assert jnp.array_equal(jax.grad(lambda x: square(x).sum())(x), 2.0 * x)
   with pytest.raises(Exception, match="xla_no_such_option"):
     square(x)
+
+
+def test_the_platform_is_the_context_meshs_so_a_cpu_mesh_on_a_gpu_machine_gets_the_cpu_forms(monkeypatch):
+  """On a GPU machine (the default backend patched to "gpu") a program traced for a mesh of CPU devices reads "cpu":
+  the CPU convolution forms apply and splat(impl="auto") takes the XLA path, not the GPU kernel, which would fail to
+  compile for the CPU."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1), jax.devices("cpu"))
+  assert xla_options.platform() == "gpu"
+  seen = []
+
+  def program(means, rotations, scales, features):
+    seen.append((xla_options.platform(), conv._simple_cpu_conv(  # pylint: disable=protected-access
+        jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), ((1, 1), (1, 1)), None, None, ("NHWC", "HWIO", "NHWC"), 1, 1)))
+    return splat(means, rotations, scales, features, height=5, width=4, impl="auto")
+
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(a, jnp.float32) for a in (rng.uniform(-1, 1, (8, 3, 2)), rng.uniform(-3, 3, (8, 3)),
+                                                 rng.uniform(0.5, 2, (8, 3, 2)), rng.normal(size=(8, 3, 2)))]
+  got = jax.jit(sharding.traced_on(mesh, program))(*args)
+  assert seen == [("cpu", True)]
+  np.testing.assert_array_equal(got, jax.jit(functools.partial(splat, height=5, width=4, impl="xla"))(*args))

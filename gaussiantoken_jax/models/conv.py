@@ -28,7 +28,7 @@ options (docs/benchmarks.md); this is what lets `geometry_fit` run its steps as 
 forward-mode rule: on the CPU, `jax.jvp` and `jacfwd` through these convolutions fail (nothing in the project uses
 them).
 
-The choice is made at trace time from static shapes and `jax.default_backend()`; parameters (names, shapes,
+The choice is made at trace time from static shapes and `xla_options.platform()`; parameters (names, shapes,
 init) are nn.Conv's own, so checkpoints do not change. im2col + dot, and the explicit input gradient, sum the same
 products in another order: results equal the plain convolution to float32 rounding (tests/test_conv.py).
 """
@@ -42,6 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from gaussiantoken_jax import xla_options
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -70,7 +72,7 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
 def _simple_cpu_conv(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                      batch_group_count) -> bool:
   """On the CPU, NHWC x HWIO, explicit non-negative padding, no dilation, one group: the forms below apply."""
-  if jax.default_backend() != "cpu" or lhs.ndim != 4 or isinstance(padding, str) \
+  if xla_options.platform() != "cpu" or lhs.ndim != 4 or isinstance(padding, str) \
      or any(p < 0 for pair in padding for p in pair):
     return False
   if feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) \

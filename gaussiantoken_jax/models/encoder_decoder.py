@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaussiantoken_jax import xla_options
 from gaussiantoken_jax.checks import check_nhwc
 from gaussiantoken_jax.models.conv import Conv
 
@@ -77,7 +78,7 @@ def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
   """[B, P, C] -> the mean over P and each group's C / G channels, per channel: [B, 1, C]."""
   batch, positions, channels = v.shape
   group_size = channels // num_groups
-  if jax.default_backend() == "cpu":
+  if xla_options.platform() == "cpu":
     # Per-channel sums over P (a reduction along a major axis, vectorised over the channels), then per group.
     sums = jnp.sum(jnp.sum(v, axis=1).reshape(batch, num_groups, group_size), axis=-1)
   else:  # one reduction, as nn.GroupNorm does
