@@ -6,8 +6,8 @@ Prints the JAX version and device, then for each shape the relative error (norm 
 of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
 1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
 pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset), and times
-the kernel at the ImageNet shape for a few tile sizes. Run by benchmarks/splat_gpu_check.sh, before the
-benchmark.
+the kernel at the ImageNet and the large shape for a few tiles, pipelining depths and dot algorithms (`SWEEP`),
+each with its error against the XLA path. Run by benchmarks/splat_gpu_check.sh, before the benchmark.
 """
 import functools
 import sys
@@ -42,28 +42,42 @@ def relative_error(got, want):
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def block_sweep(shape=(64, 256, 32, 32, 8)):
-  """fwd and fwd+bwd ms of the kernel at the ImageNet shape for a few tile sizes and warp counts (default *)."""
+SWEEP = {  # shape -> (block_k, block_p, num_warps, num_stages, tf32x3) variants; the default tile is added
+    (64, 256, 32, 32, 8): [(16, 128, 4, 2, False), (64, 32, 4, 2, False), (32, 64, 4, 1, False),
+                           (32, 64, 4, 3, False), (32, 64, 4, 2, True), (32, 128, 4, 2, True),
+                           (64, 64, 4, 2, True), (64, 64, 8, 2, True)],
+    (32, 1024, 64, 64, 64): [(32, 64, 4, 2, True), (64, 64, 8, 2, True)],
+}
+
+
+def block_sweep(shape, variants):
+  """fwd and fwd+bwd ms of the kernel for a few tiles, warp counts, pipelining depths and dot algorithms (the
+  default marked *), each with its worst relative error against the XLA path over the output and the gradients."""
   *args, cotangent = make_inputs(shape)
   _, k, h, w, c = shape
   default = pallas_splat.BlockSizes.for_shape(k, h * w, c, "gpu")
-  for block_k, block_p, num_warps in [(16, 64, 4), (16, 128, 4), (32, 32, 4), (32, 64, 4), (32, 64, 8),
-                                      (32, 128, 4), (32, 128, 8), (64, 32, 4), (64, 64, 8)]:
-    blocks = pallas_splat.BlockSizes(block_k, block_p, default.block_c, num_warps)
+
+  def fwd_bwd_of(f):
+    def fwd_bwd(*a):
+      out, vjp = jax.vjp(f, *a[:4])
+      return out, vjp(a[4])
+    return fwd_bwd
+
+  want = jax.jit(fwd_bwd_of(functools.partial(splat, height=h, width=w, impl="xla")))(*args, cotangent)
+  print(f"tile sweep at {shape}", flush=True)
+  for blocks in [default] + [pallas_splat.BlockSizes(bk, bp, default.block_c, *rest) for bk, bp, *rest in variants]:
     try:
       f = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
-
-      def fwd_bwd(*a, f=f):
-        out, vjp = jax.vjp(f, *a[:4])
-        return out, vjp(a[4])
-
+      got = jax.jit(fwd_bwd_of(f))(*args, cotangent)
+      error = max(relative_error(g, v) for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
       fwd = time_call(chained(f), *args, rounds=3)
-      both = time_call(chained(fwd_bwd), *args, cotangent, rounds=3)
+      both = time_call(chained(fwd_bwd_of(f)), *args, cotangent, rounds=3)
     except Exception as e:  # pylint: disable=broad-except  # a tile that fails to compile is a result too
       print(f" {blocks}: failed, {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue
     mark = "*" if blocks == default else " "
-    print(f"{mark}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms", flush=True)
+    print(f"{mark}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms, worst rel. error {error:.1e}",
+          flush=True)
 
 
 def main(impl="pallas", num_shapes=len(SHAPES)):
@@ -95,7 +109,8 @@ def main(impl="pallas", num_shapes=len(SHAPES)):
   print(f"Triton deprecation warnings: {hidden} with pallas_kernels' filter, {shown} with filters reset")
   print(f"worst relative error {worst:.1e}: {'PASS' if worst < 1e-5 else 'FAIL'}")
   if impl == "pallas":
-    block_sweep()
+    for shape, variants in SWEEP.items():
+      block_sweep(shape, variants)
   return 0 if worst < 1e-5 and hidden == 0 else 1
 
 

@@ -121,7 +121,12 @@ def _round_up(n: int, m: int) -> int:
 class BlockSizes:
   """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
 
-  num_warps is the GPU kernels' warps per program (unused on TPU).
+  The other fields are the GPU kernels' alone (unused on TPU): num_warps per program, num_stages of Triton's
+  software pipelining, and tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
+  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. The
+  defaults are what the H200 runs measured (docs/benchmarks.md); the others are there for the tile sweep of
+  benchmarks/splat_gpu_check.py. The interpreter computes every product in float32 whatever tf32x3 says (XLA:CPU
+  has no TF32).
 
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
@@ -131,6 +136,8 @@ class BlockSizes:
   block_p: int
   block_c: int
   num_warps: int = 4
+  num_stages: int = 2
+  tf32x3: bool = False
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
@@ -182,6 +189,12 @@ def _pixel_block(p0, shape, axis, width: int):
   return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
 
 
+def _dot_precision(layout: _Layout):
+  if layout.blocks.tf32x3 and not layout.interpret:
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return jax.lax.Precision.HIGHEST
+
+
 def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
   """One image, one block of pixels: out[P, C] = sum over K blocks of w[P, Kb] @ feats[Kb, C]."""
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
@@ -191,7 +204,7 @@ def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
     ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
     rows = [geom_ref[r, ks][None, :] for r in range(6)]
     w = gaussian_tile(rows, px, py, layout.cutoff)[0]  # [P, Kb]
-    return acc + jnp.dot(w, feats_ref[ks, :], precision=jax.lax.Precision.HIGHEST)
+    return acc + jnp.dot(w, feats_ref[ks, :], precision=_dot_precision(layout))
 
   out_ref[...] = jax.lax.fori_loop(0, layout.padded_k // bk, body,
                                    jnp.zeros((bp, layout.padded_c), jnp.float32))
@@ -208,7 +221,7 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
-  hp = jax.lax.Precision.HIGHEST
+  precision = _dot_precision(layout)
 
   def body(j, carry):
     dfeats, sums = carry
@@ -217,8 +230,8 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
     # Padded pixels get weights too, but their cotangent is 0 (the transpose of the output slice).
     w, u, v, dx, dy = gaussian_tile(rows, px, py, layout.cutoff)  # [Kb, P]
     cot = cot_ref[pl.ds(p0, bp), :]  # [P, C]
-    dw = jax.lax.dot_general(feats, cot, (((1,), (1,)), ((), ())), precision=hp)  # [Kb, P]
-    dfeats = dfeats + jnp.dot(w, cot, precision=hp)
+    dw = jax.lax.dot_general(feats, cot, (((1,), (1,)), ((), ())), precision=precision)  # [Kb, P]
+    dfeats = dfeats + jnp.dot(w, cot, precision=precision)
     a = w * dw
     au, av = a * u, a * v
     new = (au, av, au * dx, au * dy, av * dy, av * dx)
@@ -238,7 +251,7 @@ def _gpu_params(layout: _Layout):
   """Triton's launch parameters; none for the interpreter, which then runs without the Triton module."""
   if layout.interpret:
     return None
-  return pltriton.CompilerParams(num_warps=layout.blocks.num_warps, num_stages=2)
+  return pltriton.CompilerParams(num_warps=layout.blocks.num_warps, num_stages=layout.blocks.num_stages)
 
 
 def _gpu_forward(geom, feats, layout: _Layout):

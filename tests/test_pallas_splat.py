@@ -146,14 +146,17 @@ def test_the_interpreter_needs_no_triton(monkeypatch):
   assert splatting._resolve("auto", "gpu") == ("xla", None)  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("backend, platform, target", [("gpu", "cuda", "xla.gpu.triton"),
-                                                       ("tpu", "tpu", "tpu_custom_call")])
-def test_forward_and_backward_lower_without_hardware(backend, platform, target):
+@pytest.mark.parametrize("backend, platform, target, blocks", [
+    ("gpu", "cuda", "xla.gpu.triton", None),
+    ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 64, 16, num_stages=3, tf32x3=True)),  # sweep's
+    ("tpu", "tpu", "tpu_custom_call", None)])
+def test_forward_and_backward_lower_without_hardware(backend, platform, target, blocks):
   b, k, h, w, c = 3, 70, 9, 13, 5
   args = [jnp.zeros(s, jnp.float32) for s in [(b, k, 2), (b, k), (b, k, 2), (b, k, c)]]
 
   def loss(*a):
-    return jnp.sum(pallas_splat.splat(*a, height=h, width=w, cutoff=CUTOFF, backend=backend) ** 2)
+    out = pallas_splat.splat(*a, height=h, width=w, cutoff=CUTOFF, backend=backend, block_sizes=blocks)
+    return jnp.sum(out ** 2)
 
   lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
       lowering_platforms=(platform,))
