@@ -177,7 +177,7 @@ class Steps:
     # The program is one threefry draw per parameter, run once. On XLA:CPU, LLVM's -O1 compiles it in about 60%
     # of the time of the default -O2 (demo: 9 against 16 s) and gave the same bits on every config checked
     # (tests/test_train_step.py holds it to that); the train step is not compiled this way: slower, other bits.
-    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    options = {"xla_backend_optimization_level": 1} if self.mesh.devices.flat[0].platform == "cpu" else None
     return init.compile(compiler_options=options)
 
   def replicate(self, tree):
