@@ -1,9 +1,10 @@
 """The configuration every `configs/*.py` file starts from, its variants' parsing, and epochs -> steps.
 
-The defaults are the reference implementation's CIFAR setting (reference-implementation.md sections 2-2.8);
-each config file overrides what differs and names the paper's value where paper and code disagree, and shows
-what its variants (`:runlocal`, `:baseline=vq`, `:paper`) change at its end, big_vision style. This module keeps the ~60
-shared fields and the helpers that are the same in every file, so the four settings cannot drift apart.
+The defaults are the public PyTorch code's CIFAR setting (where this project departs from that code:
+docs/differences.md); each config file overrides what differs and names the paper's value where paper and code
+disagree, and shows what its variants (`:runlocal`, `:baseline=vq`, `:paper`) change at its end, big_vision style.
+This module keeps the ~60 shared fields and the helpers that are the same in every file, so the four settings
+cannot drift apart.
 
 Durations are stated in epochs of the training split (`total_epochs`, `optimizer.warmup_epochs`,
 `disc_optimizer.warmup_epochs`, `loss.gan_start_epochs`) and turned into steps once, at start-up, from the
