@@ -113,14 +113,14 @@ def make_inputs(shape, seed=0):
   return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
-def passes(impl, h, w):
+def passes(impl, h, w, repeats: int = 10):
   f = functools.partial(splat, height=h, width=w, impl=impl)
 
   def fwd_bwd(means, rotations, scales, features, cotangent):
     out, vjp = jax.vjp(f, means, rotations, scales, features)
     return out, vjp(cotangent)
 
-  return {"fwd": chained(lambda *a: f(*a[:4])), "fwd+bwd": chained(fwd_bwd)}
+  return {"fwd": chained(lambda *a: f(*a[:4]), repeats), "fwd+bwd": chained(fwd_bwd, repeats)}
 
 
 def main(argv):

@@ -227,11 +227,12 @@ def test_pallas_kernels_is_a_leaf_package():
 
 
 def test_the_splat_benchmark_computes_the_xla_weights_in_every_repeat(monkeypatch):
-  """benchmarks/splat_bench.py times chains of 10 repeats; a chain whose geometry stayed the same let XLA compute
-  the XLA path's weights once for all ten, which the Pallas call cannot do (one exponential in the program)."""
+  """benchmarks/splat_bench.py times chains of repeats (10; 3 here, to compile less); a chain whose geometry stayed
+  the same let XLA compute the XLA path's weights once for all, which the Pallas call cannot do (one exponential
+  in the program)."""
   monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
   import splat_bench  # pylint: disable=import-outside-toplevel  # a script's module, on sys.path only here
   args = splat_bench.make_inputs((2, 5, 4, 4, 3))
-  for name, fn in splat_bench.passes("xla", 4, 4).items():
+  for name, fn in splat_bench.passes("xla", 4, 4, repeats=3).items():
     text = fn.lower(*args).compile().as_text()
     assert len(re.findall(r"exponential\(", text)) == fn.repeats, name
