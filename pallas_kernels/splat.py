@@ -123,10 +123,10 @@ class BlockSizes:
 
   The other fields are the GPU kernels' alone (unused on TPU): num_warps per program, num_stages of Triton's
   software pipelining, and tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
-  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. The
-  defaults are what the H200 runs measured (docs/benchmarks.md); the others are there for the tile sweep of
-  benchmarks/splat_gpu_check.py. The interpreter computes every product in float32 whatever tf32x3 says (XLA:CPU
-  has no TF32).
+  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. Of the
+  defaults, the tile and the 4 warps won the H200 sweeps (docs/benchmarks.md); 2 stages and IEEE dots are the
+  kernels' first choice, not yet swept: benchmarks/splat_gpu_check.py's sweep tries the others. The interpreter
+  computes every product in float32 whatever tf32x3 says (XLA:CPU has no TF32).
 
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
