@@ -17,7 +17,10 @@
 # benchmark times LPIPS with random VGG16 weights of the same shapes and says so.
 set -u
 PART=${1:-all}
-case $PART in all|splat|cifar|imagenet) ;; *) echo "usage: $0 [all|splat|cifar|imagenet], got '$PART'" >&2; exit 2;; esac
+case $PART in
+  all|splat|cifar|imagenet) ;;
+  *) echo "usage: $0 [all|splat|cifar|imagenet], got '$PART'" >&2; exit 2;;
+esac
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/gpu_session_$PART.log
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}

@@ -10,6 +10,7 @@ $PY benchmarks/splat_gpu_check.py; check=$?
 $PY benchmarks/splat_bench.py; bench=$?
 # The compiled-kernel classes only (the lowering tests are the CPU suite's); tests/conftest.py pins the suite to
 # the CPU unless JAX_PLATFORMS says otherwise.
-JAX_PLATFORMS=cuda,cpu $PY -m pytest tests/test_pallas_splat.py -q -k "TestSplat and not Interpret" -p no:cacheprovider; tests=$?
+JAX_PLATFORMS=cuda,cpu $PY -m pytest tests/test_pallas_splat.py -q -k "TestSplat and not Interpret" \
+  -p no:cacheprovider; tests=$?
 echo "exit codes: check $check, bench $bench, tests $tests"
 exit $((check || bench || tests))

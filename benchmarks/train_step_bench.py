@@ -12,10 +12,10 @@ config's image size (no data is read):
               the two variants alternating step by step;
   encode      images -> tokens (`model.encode`, train=False, EMA parameters), median over `--rounds` calls at
               `--encode_batch_size`;
-  matmul      a 2048^3 matmul in float32 (8192^3 in bfloat16 on GPU/TPU: 2048^3 took too little time there for
-              one timed call to show the chip's rate: 45 TFLOP/s median on an H200), timed once before every timed step or call
-              (so that on a shared machine it sees the same load as what it is compared with); its median
-              GFLOP/s is the peak every fraction here is taken against;
+  matmul      a 2048^3 matmul in float32 (8192^3 in bfloat16 on GPU/TPU: 2048^3 took too little time there
+              for one timed call to show the chip's rate, 45 TFLOP/s median on an H200), timed once before
+              every timed step or call (so that on a shared machine it sees the same load as what it is
+              compared with); its median GFLOP/s is the peak every fraction here is taken against;
   parts       (--parts) each part of the step on the step's own intermediate values, forward and
               forward+backward (gradients w.r.t. its parameters and its input; LPIPS w.r.t. the reconstruction
               only, its weights are frozen; the quantizer has no parameters): encoder, embedder, quantizer,
@@ -67,7 +67,6 @@ _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls per encode, matmul and 
 _PARTS = flags.DEFINE_bool("parts", True, "Also time each part of the step (forward and forward+backward).")
 flags.mark_flags_as_required(["config"])
 
-MATMUL_SIZES = {"cpu": 2048}  # other backends: 8192 (module docstring)
 _WARMUP_STEPS = 2
 # Durations stated in epochs become steps for this many training images; schedules do not change the step's
 # cost (the GAN's weight multiplies, it does not branch).
@@ -86,8 +85,8 @@ class MatmulProbe:
   """A size^3 matmul (float32 on the CPU, bfloat16 elsewhere); `sample()` times one and keeps its GFLOP/s."""
 
   def __init__(self):
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    self.size = MATMUL_SIZES.get(jax.default_backend(), 8192)
+    on_cpu = jax.default_backend() == "cpu"
+    dtype, self.size = (jnp.float32, 2048) if on_cpu else (jnp.bfloat16, 8192)  # sizes: module docstring
     keys = jax.random.split(jax.random.key(0))
     self.operands = [jax.random.normal(k, (self.size, self.size), dtype) for k in keys]
     self.dtype = jnp.dtype(dtype).name
