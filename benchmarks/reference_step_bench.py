@@ -11,7 +11,9 @@ What it times, with the reference's own modules built from its `configs/cifar-gq
   step         the training step as `GQGAN.training_step` does it (manual optimisation), LPIPS skipped
                (`perceptual_weight=0`, as our `loss.lpips_weight = 0` row): forward, generator loss with the
                GAN term on (epoch 5; our step always computes it), backward, AdamW; discriminator loss (hinge +
-               LeCAM), backward, AdamW; the weight EMA (`LitEma`). Median over `--steps` after 2 warm-ups.
+               LeCAM), backward, AdamW; the weight EMA (`LitEma` over the generator, as ours; the reference's
+               `LitEma(self)` also averages the discriminator's 2.8M weights, slightly more work than timed here).
+               Median over `--steps` after 2 warm-ups.
   step+lpips   the same with LPIPS-VGG16 in the generator loss (weight 1.0).
   encode       images -> code indices in eval mode without autograd (encoder, embedder, quantizer).
   parts        the encoder, the embedder and the decoder, forward (no autograd) and forward + backward.
