@@ -207,6 +207,14 @@ def test_grid_anchors_start_at_the_cell_centres_of_a_square_grid():
     anchor_init(jax.random.key(5), (8, 69), grid=True)
 
 
+def test_an_embedder_without_encoder_layers_holds_no_zero_size_parameters(feature_map):
+  """`num_encoder_layers=0` leaves out the encoder's parameters: Orbax refuses to save zero-size arrays."""
+  module = GaussianEmbedder(num_gaussians=NUM_GAUSSIANS, feature_dim=FEATURE_DIM, num_encoder_layers=0)
+  shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(3), feature_map)
+  assert "encoder" not in shapes["params"]
+  assert all(leaf.size > 0 for leaf in jax.tree.leaves(shapes))
+
+
 def test_centre_feature_adds_a_linear_read_of_the_memory_at_each_centre(feature_map):
   """features = feature head + bilinear(memory, centre) @ W + b, checked against float64 NumPy.
 

@@ -176,6 +176,10 @@ class _IdenticalInitStack(nn.Module):
 
   @nn.compact
   def __call__(self, carry, *shared):
+    if self.length == 0:
+      # No parameters at all: zero-size stacked arrays would be params a checkpoint cannot save (Orbax refuses
+      # them), e.g. with `num_encoder_layers=0`.
+      return carry
     layer = self.layer_cls(*self.layer_args, parent=None)
     if self.is_initializing():
       rngs = {"params": self.make_rng("params")}
