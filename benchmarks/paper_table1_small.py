@@ -1,6 +1,6 @@
 r"""The paper's Table 1 claim at small scale: GaussianToken against the plain-VQ baseline at an equal token count.
 
-    python benchmarks/paper_table1_small.py                                   # demo data: two 600-step runs
+    python benchmarks/paper_table1_small.py                                   # demo data: two 850-step runs
     python benchmarks/paper_table1_small.py --data_dir=../shared/data         # the CIFAR-10 JPEG copy instead
     python benchmarks/paper_table1_small.py --config=configs/cifar100.py --num_eval_images=10000 \
         --workdir=/tmp/table1_cifar100      # the full setting on a GPU: the reference's recipe (30 epochs), needs
@@ -29,7 +29,7 @@ under that load, which would take the default past 45 minutes; hence it is off o
                         path with `{split}`: trains and evaluates on those images instead of the config's source,
                         listed class by class in turn (split files in <workdir>/splits), so that the first
                         --num_eval_images test images cover every class
-  --steps               training steps of each model; 0 keeps the config's duration (the demo's 600 steps, or
+  --steps               training steps of each model; 0 keeps the config's duration (the demo's 850 steps, or
                         the CIFAR configs' 30 epochs)
   --batch_size, --seed  for both (default: the config's); --inception_weights as for `evaluate`
   --vq_feature_dim      z of the baseline's codes; default 4, the paper's VQGAN row on CIFAR (8x8 tokens of

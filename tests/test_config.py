@@ -63,15 +63,18 @@ def test_steps_given_on_the_command_line_win_over_epochs(caplog):
           in caplog.text)
 
 
-def test_the_demo_counts_in_steps_600_of_16_with_warm_up_50_and_no_gan_before_1200():
+def test_the_demo_counts_in_steps_850_of_16_with_warm_up_50_and_no_gan_before_1200():
   config = load_config("demo")
   assert config.total_epochs is None and config.loss.gan_start_epochs is None  # its "epoch" is artificial
   resolved = config_lib.resolve_steps(config, data.train_split_size(config))
-  assert (resolved.total_steps, resolved.batch_size, resolved.loss.gan_start_step) == (600, 16, 1200)
+  assert (resolved.total_steps, resolved.batch_size, resolved.loss.gan_start_step) == (850, 16, 1200)
   assert resolved.optimizer.warmup_steps == resolved.disc_optimizer.warmup_steps == 50
-  assert config.model.embedder.dropout == 0.0
+  embedder = config.model.embedder
+  assert (embedder.num_blocks, embedder.num_encoder_layers, embedder.dropout) == (1, 0, 0.0)
   runlocal = config_lib.resolve_steps(load_config("demo", "runlocal"), 576)
-  assert runlocal.model.embedder.dropout == 0.1  # the train-step tests exercise it
+  # The train-step tests exercise dropout and stacks of more than one block and encoder layer.
+  assert (runlocal.model.embedder.num_blocks, runlocal.model.embedder.num_encoder_layers) == (2, 1)
+  assert runlocal.model.embedder.dropout == 0.1
   assert (runlocal.total_steps, runlocal.batch_size, runlocal.optimizer.warmup_steps) == (20, 8, 5)
 
 
