@@ -19,11 +19,11 @@ with `--fid` (the default on a GPU or TPU only), rFID and KID over `--num_eval_i
 JSON and the pictures of each go to `<workdir>/<name>/eval.json` and beside it.
 
 Settings, by default the demo's (configs/demo.py: 32x32 crops of the embedded photographs, 64 tokens, ch 32,
-codebook 256, 1200 steps of 16, learning rate 1e-3, no GAN and no LPIPS in the loss). Time on the 2 CPU cores
-while other jobs kept a load of ~7 (`--steps=40`, 2026-12-01): GaussianToken 0.81 steps/s and the baseline 2.4
-(1.1 and 3 on idle cores), 2.3 and 1.2 minutes of set-up and compilation; so about 37 minutes at 1200 steps
-(~28 on idle cores). `--fid` adds the Inception pass over the 321 held-out images: 5-6.5 minutes per model
-under that load, which would take the default past 45 minutes; hence it is off on CPU unless asked for.
+codebook 256, a one-block embedder, 850 steps of 16, learning rate 1e-3, no GAN and no LPIPS in the loss). On 2
+idle CPU cores (2026-12-04) the default took 6.5 minutes: training 238 s for GaussianToken and 132 s for the
+baseline, each including its compilation and its in-training evaluation. `--fid` adds the Inception pass over the
+321 held-out images (5-6.5 minutes per model under a load of ~7 on those cores, 2026-12-01); hence it is off on
+CPU unless asked for.
   --config, --variant   the config file and its variants for both models (e.g. `configs/cifar100.py`, `paper`)
   --data_dir            a folder with the CIFAR JPEG tars `cifar10-jpeg-{train,test}.tar` (../shared/data), or a
                         path with `{split}`: trains and evaluates on those images instead of the config's source,
