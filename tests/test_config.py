@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import pytest
 
 from gaussiantoken_jax import config_lib, data
+from gaussiantoken_jax.train import sharding, step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10_TRAIN = 50_000
@@ -85,6 +87,17 @@ def test_epochs_round_up_after_float_noise_and_a_duration_needs_one_field():
   config.total_steps = None
   with pytest.raises(ValueError, match="Set config.total_epochs or config.total_steps"):
     config_lib.resolve_steps(config, 576)
+
+
+def test_the_demo_train_state_holds_no_zero_size_array():
+  """The demo's embedder has no self-attention encoder layers: a checkpoint of its state must still save (Orbax
+  refuses zero-size arrays). `abstract_state` traces the init without compiling it."""
+  config = load_config("demo")
+  assert config.model.embedder.num_encoder_layers == 0
+  steps = step_lib.make_steps(config, sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1]))
+  empty = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(steps.abstract_state)
+           if leaf.size == 0]
+  assert not empty
 
 
 @pytest.mark.parametrize("name, vq_mult", [("cifar10", (1, 1, 2)), ("cifar100", (1, 1, 2)), ("demo", (1, 1, 2)),
