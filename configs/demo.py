@@ -24,9 +24,9 @@ def get_config(arg=None):
                       codebook_size=256))
   c.model.embedder.update(dict(num_blocks=1, num_encoder_layers=0, num_decoder_layers=1, dropout=0.0))
   c.discriminator.ndf = 16
-  # LPIPS-VGG16 on 32-pixel crops costs 17 GFLOP per batch against 1.1 for this tokenizer and adds ~90% to the
-  # step (555 against 292 ms, docs/benchmarks.md), so the demo trains with L1 + commitment and reports LPIPS only
-  # in evaluation.
+  # LPIPS-VGG16 on 32-pixel crops costs 17 GFLOP forward per batch, several times this tokenizer's step, and
+  # makes the step 2.5x as long (467 against 187 ms at batch 16, benchmarks/train_step_bench.py, 2026-12-04), so
+  # the demo trains with L1 + commitment and reports LPIPS only in evaluation.
   c.loss.lpips_weight = 0.0
   c.batch_size = 16
   # Stated in steps, not epochs: the demo's "epoch" is artificial (9 photos x 64 records, each a fresh random
