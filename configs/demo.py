@@ -24,7 +24,7 @@ def get_config(arg=None):
                       codebook_size=256))
   c.model.embedder.update(dict(num_blocks=1, num_encoder_layers=0, num_decoder_layers=1, dropout=0.0))
   c.discriminator.ndf = 16
-  # LPIPS-VGG16 on 32-pixel crops costs 17 GFLOP forward per batch, several times this tokenizer's step, and
+  # LPIPS-VGG16 on 32-pixel crops costs 17 GFLOP forward per batch, as much as this tokenizer's whole step, and
   # makes the step 2.5x as long (467 against 187 ms at batch 16, benchmarks/train_step_bench.py, 2026-12-04), so
   # the demo trains with L1 + commitment and reports LPIPS only in evaluation.
   c.loss.lpips_weight = 0.0
