@@ -24,7 +24,12 @@ config's image size (no data is read):
               often the step runs it (the discriminator three times: once inside the generator's loss, on the
               real and the fake batch in its own), and "share" that many fwd+bwd times over the step's time.
 Every program is compiled with the project's options (`xla_options`: on the CPU, no YNNPACK convolutions).
-GFLOP are XLA's, from the compiled executable's cost analysis; "%peak" is achieved GFLOP/s over the matmul's
+GFLOP are XLA's, from the cost analysis of each program as lowered, before the backend compiles it. A compiled
+executable's own analysis is not the model's work: on an H200 it reported 0.77 GFLOP per image for the bfloat16
+CIFAR step at batch 64, whose program does 46.0 (nearly all of the work, presumably the library calls to cuDNN
+and cuBLAS, left out), and on the CPU 368 for the same program; in float32 on the CPU the two agree (the demo
+step: 1.055 lowered, 1.057 compiled). The train steps' FLOPs are the whole mesh's, so their "%peak" is taken
+against the matmul's rate times the mesh's device count. "%peak" is achieved GFLOP/s over the matmul's
 (medians); "best %" is the fastest step or call over the fastest matmul, the figure least moved by other
 processes on a shared machine (their load only ever slows both down).
 
@@ -73,9 +78,9 @@ _WARMUP_STEPS = 2
 _NOMINAL_TRAIN_SIZE = 50_000
 
 
-def flops_of(compiled) -> float:
-  """FLOPs of a compiled executable, from XLA's cost analysis (0 where the backend reports none)."""
-  analysis = compiled.cost_analysis()
+def flops_of(lowered) -> float:
+  """FLOPs of a lowered program (`jax.stages.Lowered`), from XLA's cost analysis of its HLO (0 if none)."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per executable
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get("flops", 0.0))
@@ -136,10 +141,10 @@ class StepRunner:
     self.state = self.steps.init()
     self.lpips_params = self.steps.replicate(lpips_params)
     start = time.perf_counter()
-    self.compiled = self.steps.train_step.lower(self.state, self.steps.abstract_batch(batch_size),
-                                                self.lpips_params).compile()
+    lowered = self.steps.train_step.lower(self.state, self.steps.abstract_batch(batch_size), self.lpips_params)
+    self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
-    self.flops = flops_of(self.compiled)
+    self.flops = flops_of(lowered)
     images = synthetic_images(batch_size, config.data.image_size, 0)
     self.batch = {"image": jax.device_put(images, self.steps.batch_sharding)}
     self.seconds: list[float] = []
@@ -161,10 +166,11 @@ def time_encode(steps, state, image_size: int, batch_size: int, rounds: int, pro
                        method=model.encode)
 
   images = jnp.asarray(synthetic_images(batch_size, image_size, 1))
-  compiled = jax.jit(encode, compiler_options=xla_options.compiler_options()).lower(
-      state.ema_params, state.model_state, images).compile()
+  lowered = jax.jit(encode, compiler_options=xla_options.compiler_options()).lower(
+      state.ema_params, state.model_state, images)
+  compiled = lowered.compile()
   return timed_calls(compiled, state.ema_params, state.model_state, images, rounds=rounds, probe=probe), \
-      flops_of(compiled)
+      flops_of(lowered)
 
 
 def _sum_against(tree, cotangents):
@@ -178,16 +184,17 @@ def time_part(fn, args, grad_argnums, rounds: int, probe: MatmulProbe):
   cotangents>.
   """
   options = xla_options.compiler_options()  # as the step's own programs are compiled
-  fwd = jax.jit(fn, compiler_options=options).lower(*args).compile()
+  fwd_lowered = jax.jit(fn, compiler_options=options).lower(*args)
+  fwd = fwd_lowered.compile()
   output = fwd(*args)
   rng = np.random.default_rng(2)
   cotangents = [jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(output)]
-  fwd_bwd = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums),
-                    compiler_options=options)
-  fwd_bwd = fwd_bwd.lower(*args).compile()
+  fwd_bwd_lowered = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums),
+                            compiler_options=options).lower(*args)
+  fwd_bwd = fwd_bwd_lowered.compile()
   fwd_seconds = statistics.median(timed_calls(fwd, *args, rounds=rounds, probe=probe))
   fwd_bwd_seconds = statistics.median(timed_calls(fwd_bwd, *args, rounds=rounds, probe=probe))
-  return fwd_seconds, flops_of(fwd), fwd_bwd_seconds, flops_of(fwd_bwd), output
+  return fwd_seconds, flops_of(fwd_lowered), fwd_bwd_seconds, flops_of(fwd_bwd_lowered), output
 
 
 def part_rows(steps, state, lpips_params, batch_size: int, rounds: int, probe: MatmulProbe):
@@ -287,10 +294,11 @@ def main(argv):
       if i >= _WARMUP_STEPS:
         probe.sample()
       runner.step(timed=i >= _WARMUP_STEPS)
-  results = {name: (runner.seconds, runner.flops, batch_size) for name, runner in runners.items()}
+  # (seconds, FLOPs, batch, devices the program runs on): the steps on the mesh, encode on one device.
+  results = {name: (runner.seconds, runner.flops, batch_size, mesh.devices.size) for name, runner in runners.items()}
   steps, state = runners["step+lpips"].steps, runners["step+lpips"].state
   samples, flops = time_encode(steps, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
-  results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value)
+  results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value, 1)
   matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
 
   print(f"\nmatmul {probe.size}^3 {probe.dtype}: {matmul:.0f} GFLOP/s (median of {len(probe.gflops)}; "
@@ -299,12 +307,12 @@ def main(argv):
   print(f"\n{'what':<12} {'batch':>5} {'ms':>9} {'best ms':>9} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} "
         f"{'%peak':>6} {'best %':>6}")
   summary = {}
-  for name, (samples, flops, batch) in results.items():
+  for name, (samples, flops, batch, devices) in results.items():
     seconds, best = statistics.median(samples), min(samples)
     achieved = flops / seconds / 1e9
     summary[name] = dict(images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
-                         peak_fraction=achieved / matmul, peak_fraction_best=flops / best / 1e9 / matmul_best,
-                         ms=seconds * 1e3)
+                         peak_fraction=achieved / (matmul * devices),
+                         peak_fraction_best=flops / best / 1e9 / (matmul_best * devices), ms=seconds * 1e3)
     print(f"{name:<12} {batch:>5} {seconds * 1e3:9.1f} {best * 1e3:9.1f} {batch / seconds:8.2f} "
           f"{flops / batch / 1e9:10.2f} {achieved:8.0f} {100 * summary[name]['peak_fraction']:6.1f} "
           f"{100 * summary[name]['peak_fraction_best']:6.1f}")
