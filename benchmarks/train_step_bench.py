@@ -1,7 +1,7 @@
 r"""Steady-state train step and encode throughput, against a float32 matmul measured in the same run.
 
     python benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=8
-        [--steps=12] [--encode_batch_size=64] [--rounds=7] [--parts=true]
+        [--steps=12] [--encode_batch_size=64] [--rounds=7] [--parts=true] [--lpips=true]
 
 What it times, all through the project's own code (`train.step.make_steps` on the mesh of
 `config.mesh`, the jitted and donated train step the trainer runs), on synthetic uint8 batches of the
@@ -41,6 +41,7 @@ gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops
 peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
 lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
 minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of one machine class).
+With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null.
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ _ENCODE_BATCH_SIZE = flags.DEFINE_integer("encode_batch_size", 64, "Batch size o
 _STEPS = flags.DEFINE_integer("steps", 12, "Timed train steps per variant (after compilation and 2 warm-ups).")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls per encode, matmul and part row; the median is kept.")
 _PARTS = flags.DEFINE_bool("parts", True, "Also time each part of the step (forward and forward+backward).")
+_LPIPS = flags.DEFINE_bool("lpips", True, "Also time the step with LPIPS in the loss; --nolpips compiles one step "
+                           "program instead of two (the ImageNet step takes minutes to compile on a GPU).")
 flags.mark_flags_as_required(["config"])
 
 _WARMUP_STEPS = 2
@@ -282,7 +285,8 @@ def main(argv):
   probe = MatmulProbe()
 
   runners = {}
-  for name, lpips_weight in (("step", 0.0), ("step+lpips", config.loss.lpips_weight or 1.0)):
+  variants = (("step", 0.0), ("step+lpips", config.loss.lpips_weight or 1.0))[:2 if _LPIPS.value else 1]
+  for name, lpips_weight in variants:
     variant = config.copy_and_resolve_references()
     variant.loss.lpips_weight = lpips_weight
     runners[name] = StepRunner(variant, mesh, lpips_params, batch_size)
@@ -296,7 +300,8 @@ def main(argv):
       runner.step(timed=i >= _WARMUP_STEPS)
   # (seconds, FLOPs, batch, devices the program runs on): the steps on the mesh, encode on one device.
   results = {name: (runner.seconds, runner.flops, batch_size, mesh.devices.size) for name, runner in runners.items()}
-  steps, state = runners["step+lpips"].steps, runners["step+lpips"].state
+  last = list(runners)[-1]  # the step with LPIPS when it ran; its state has trained like the other's
+  steps, state = runners[last].steps, runners[last].state
   samples, flops = time_encode(steps, state, config.data.image_size, _ENCODE_BATCH_SIZE.value, rounds, probe)
   results["encode"] = (samples, flops, _ENCODE_BATCH_SIZE.value, 1)
   matmul, matmul_best = statistics.median(probe.gflops), max(probe.gflops)
@@ -320,7 +325,7 @@ def main(argv):
   if _PARTS.value:
     print("\nParts of the step (one call each, batch as above; f+b = forward and all gradients):", flush=True)
     rows = part_rows(steps, state, lpips_params, batch_size, rounds, probe)
-    step_seconds = statistics.median(results["step+lpips"][0])
+    step_seconds = statistics.median(results[last][0])
     parts_matmul = statistics.median(probe.gflops)
     print(f"{'part':<14} {'fwd ms':>8} {'GFLOP':>7} {'%peak':>6} {'f+b ms':>8} {'GFLOP':>7} {'%peak':>6} "
           f"{'x/step':>6} {'share':>6}")
@@ -329,25 +334,30 @@ def main(argv):
             f"{both * 1e3:8.1f} {both_flops / 1e9:7.2f} {100 * both_flops / both / 1e9 / parts_matmul:6.1f} "
             f"{per_step:>6} {100 * per_step * both / step_seconds:5.1f}%")
     print(f"(%peak against the matmul median over the whole run, {parts_matmul:.0f} GFLOP/s; share: of the "
-          "median step with LPIPS)")
+          f"median {'step with LPIPS' if last == 'step+lpips' else 'step'})")
 
-  step, lpips, encode = summary["step"], summary["step+lpips"], summary["encode"]
-  # Median over the alternating pairs of steps of (with LPIPS / without) - 1.
-  lpips_overhead = statistics.median(b / a for a, b in zip(results["step"][0], results["step+lpips"][0])) - 1.0
-  print(f"\nLPIPS adds {100 * lpips_overhead:.0f}% to the step (median over the {_STEPS.value} alternating pairs)")
+  step, encode = summary["step"], summary["encode"]
+  lpips = {key: None for key in step}  # the LPIPS keys stay in the JSON, as null, under --nolpips
+  lpips_overhead = None
+  if "step+lpips" in summary:
+    lpips = {key: round(value, 4) for key, value in summary["step+lpips"].items()}
+    # Median over the alternating pairs of steps of (with LPIPS / without) - 1.
+    lpips_overhead = round(statistics.median(
+        b / a for a, b in zip(results["step"][0], results["step+lpips"][0])) - 1.0, 4)
+    print(f"\nLPIPS adds {100 * lpips_overhead:.0f}% to the step (median over the {_STEPS.value} alternating pairs)")
   print(json.dumps(dict(
-      images_per_s=round(step["images_per_s"], 3), images_per_s_lpips=round(lpips["images_per_s"], 3),
+      images_per_s=round(step["images_per_s"], 3), images_per_s_lpips=lpips["images_per_s"],
       encode_images_per_s=round(encode["images_per_s"], 3), gflops_per_image=round(step["gflops_per_image"], 3),
-      gflops_per_image_lpips=round(lpips["gflops_per_image"], 3),
+      gflops_per_image_lpips=lpips["gflops_per_image"],
       encode_gflops_per_image=round(encode["gflops_per_image"], 3),
       matmul_gflops=round(matmul, 1), matmul_gflops_best=round(matmul_best, 1),
-      peak_fraction=round(step["peak_fraction"], 4), peak_fraction_lpips=round(lpips["peak_fraction"], 4),
+      peak_fraction=round(step["peak_fraction"], 4), peak_fraction_lpips=lpips["peak_fraction"],
       encode_peak_fraction=round(encode["peak_fraction"], 4),
       peak_fraction_best=round(step["peak_fraction_best"], 4),
-      peak_fraction_lpips_best=round(lpips["peak_fraction_best"], 4),
+      peak_fraction_lpips_best=lpips["peak_fraction_best"],
       encode_peak_fraction_best=round(encode["peak_fraction_best"], 4),
-      lpips_overhead=round(lpips_overhead, 4), step_ms=round(step["ms"], 1),
-      step_lpips_ms=round(lpips["ms"], 1), encode_ms=round(encode["ms"], 1), batch_size=batch_size,
+      lpips_overhead=lpips_overhead, step_ms=round(step["ms"], 1),
+      step_lpips_ms=lpips["ms"], encode_ms=round(encode["ms"], 1), batch_size=batch_size,
       encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform, cpu=cpu,
       lpips_weights=lpips_source)))
 
