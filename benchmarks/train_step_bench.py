@@ -340,7 +340,8 @@ def main(argv):
   lpips = {key: None for key in step}  # the LPIPS keys stay in the JSON, as null, under --nolpips
   lpips_overhead = None
   if "step+lpips" in summary:
-    lpips = {key: round(value, 4) for key, value in summary["step+lpips"].items()}
+    digits = dict(images_per_s=3, gflops_per_image=3, peak_fraction=4, peak_fraction_best=4, ms=1)  # the step's keys' digits
+    lpips = {key: round(value, digits[key]) for key, value in summary["step+lpips"].items()}
     # Median over the alternating pairs of steps of (with LPIPS / without) - 1.
     lpips_overhead = round(statistics.median(
         b / a for a, b in zip(results["step"][0], results["step+lpips"][0])) - 1.0, 4)
