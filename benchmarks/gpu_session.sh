@@ -1,12 +1,13 @@
 #!/bin/bash
 # The GPU checks of this project, in parts sized for a session's 15 minutes of device time (start-up included):
-#   splat     the Pallas splat kernel against the XLA path, its benchmark and tile sweep (splat_gpu_check.sh);
-#             136 s on an H200 (2026-12-04), before the tile sweep went from 9 to 12 variants
+#   splat     the Pallas splat kernel against the XLA path, its benchmark, 12 kernel variants and an Nsight
+#             Compute profile (splat_gpu_check.sh); 136 s on an H200 (2026-12-04) with 9 variants and no profile
 #   cifar     the CIFAR train step and encode throughput in bfloat16 against a bfloat16 matmul
 #             (train_step_bench.py); 262 s there, 131 s of it compiling the step with and without LPIPS
 #   imagenet  the same for the ImageNet config at batch 16, without the LPIPS variant (--nolpips: one step
-#             program to compile, not two); did not finish compiling in 180 s there, so it is left out of `all`
-#             (splat, then cifar) and wants a session of its own
+#             program to compile, not two) and without XLA's Triton GEMM fusions, whose autotuning lengthens
+#             GPU compiles (the dots go to cuBLAS); did not finish compiling in 180 s there with both step
+#             programs and the fusions, so it is left out of `all` (splat, then cifar) and wants a call of its own
 # Each part runs under its own timeout, so a slow part leaves the others their time.
 #
 #   bash benchmarks/gpu_wheels.sh                        # on the CPU machine, once: the missing packages, .whl/
@@ -31,13 +32,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 run_part() { [ "$PART" = all ] && [ "$1" != imagenet ] || [ "$PART" = "$1" ]; }
 {
-  if run_part splat; then timeout 240 bash benchmarks/splat_gpu_check.sh; echo "splat check: exit $?"; fi
+  if run_part splat; then timeout 330 bash benchmarks/splat_gpu_check.sh; echo "splat check: exit $?"; fi
   if run_part cifar; then
     timeout 300 $PY benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=64 \
       --config.model.conv_dtype=bfloat16 --noparts --steps=6 --rounds=3; echo "CIFAR bench: exit $?"
   fi
   if run_part imagenet; then
-    timeout 500 $PY benchmarks/train_step_bench.py --config=configs/imagenet.py --batch_size=16 \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 500 $PY benchmarks/train_step_bench.py --config=configs/imagenet.py --batch_size=16 \
       --encode_batch_size=16 --config.model.conv_dtype=bfloat16 --noparts --nolpips --steps=4 --rounds=3
     echo "ImageNet bench: exit $?"
   fi

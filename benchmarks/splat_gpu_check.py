@@ -1,14 +1,19 @@
-"""One-shot GPU check of the Pallas splat kernel: versions, correctness against the XLA path, warnings.
+"""One-shot GPU check of the Pallas splat kernel, in three modes.
 
-    python benchmarks/splat_gpu_check.py
+    python benchmarks/splat_gpu_check.py check     # versions, correctness, the deprecation warning
+    python benchmarks/splat_gpu_check.py sweep     # kernel variants timed at two shapes
+    python benchmarks/splat_gpu_check.py profile   # one fwd+bwd of two variants, to run under ncu
 
-Prints the JAX version and device, then for each shape the relative error (norm of the difference over norm
-of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
+check prints the JAX version and device, then for each shape the relative error (norm of the difference over
+norm of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
 1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
-pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset), and times
-the kernel at the ImageNet and the large shape for a few tiles, pipelining depths and dot algorithms (`SWEEP`),
-each with its error against the XLA path. Run by benchmarks/splat_gpu_check.sh, before the benchmark.
+pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset).
+sweep times the kernel at the ImageNet and the large shape for a few tiles, pipelining depths, dot algorithms
+and pixel-sum orders (`SWEEP`), each with its error against the XLA path. profile runs the default kernel and
+its `defer_sums` variant once each at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
+benchmarks/splat_gpu_check.sh; a dry run off GPU: `python benchmarks/splat_gpu_check.py check pallas_interpret 3`.
 """
+import dataclasses
 import functools
 import sys
 import warnings
@@ -42,45 +47,62 @@ def relative_error(got, want):
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-SWEEP = {  # shape -> (block_k, block_p, num_warps, num_stages, tf32x3) variants; the default tile is added
-    (64, 256, 32, 32, 8): [(16, 128, 4, 2, False), (64, 32, 4, 2, False), (32, 64, 4, 1, False),
-                           (32, 64, 4, 3, False), (32, 64, 4, 2, True), (32, 128, 4, 2, True),
-                           (64, 64, 4, 2, True), (64, 64, 8, 2, True)],
-    (32, 1024, 64, 64, 64): [(32, 64, 4, 2, True), (64, 64, 8, 2, True)],
+SWEEP = {  # shape -> BlockSizes fields that differ from the default tile's; {} is the default
+    (64, 256, 32, 32, 8): [{}, dict(defer_sums=True), dict(defer_sums=True, block_p=32), dict(tf32x3=True),
+                           dict(tf32x3=True, defer_sums=True), dict(num_stages=3), dict(tf32x3=True, block_p=128),
+                           dict(tf32x3=True, block_k=64)],
+    (32, 1024, 64, 64, 64): [{}, dict(tf32x3=True), dict(tf32x3=True, defer_sums=True),
+                             dict(tf32x3=True, block_k=64, num_warps=8)],
 }
+PROFILE_SHAPE, PROFILE_VARIANTS = (64, 256, 32, 32, 8), [{}, dict(defer_sums=True)]
+
+
+def fwd_bwd_of(f):
+  def fwd_bwd(*a):
+    out, vjp = jax.vjp(f, *a[:4])
+    return out, vjp(a[4])
+  return fwd_bwd
+
+
+def kernel_of(shape, changes):
+  _, k, h, w, c = shape
+  blocks = dataclasses.replace(pallas_splat.BlockSizes.for_shape(k, h * w, c, "gpu"), **changes)
+  return blocks, functools.partial(pallas_splat.splat, height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
 
 
 def block_sweep(shape, variants):
-  """fwd and fwd+bwd ms of the kernel for a few tiles, warp counts, pipelining depths and dot algorithms (the
-  default marked *), each with its worst relative error against the XLA path over the output and the gradients."""
+  """fwd and fwd+bwd ms of the kernel variants (the default marked *), each with its worst relative error
+  against the XLA path over the output and the gradients."""
   *args, cotangent = make_inputs(shape)
-  _, k, h, w, c = shape
-  default = pallas_splat.BlockSizes.for_shape(k, h * w, c, "gpu")
-
-  def fwd_bwd_of(f):
-    def fwd_bwd(*a):
-      out, vjp = jax.vjp(f, *a[:4])
-      return out, vjp(a[4])
-    return fwd_bwd
-
+  _, _, h, w, _ = shape
   want = jax.jit(fwd_bwd_of(functools.partial(splat, height=h, width=w, impl="xla")))(*args, cotangent)
-  print(f"tile sweep at {shape}", flush=True)
-  for blocks in [default] + [pallas_splat.BlockSizes(bk, bp, default.block_c, *rest) for bk, bp, *rest in variants]:
+  print(f"kernel variants at {shape}", flush=True)
+  for changes in variants:
+    blocks, f = kernel_of(shape, changes)
     try:
-      f = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
       got = jax.jit(fwd_bwd_of(f))(*args, cotangent)
       error = max(relative_error(g, v) for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
       fwd = time_call(chained(f), *args, rounds=3)
       both = time_call(chained(fwd_bwd_of(f)), *args, cotangent, rounds=3)
-    except Exception as e:  # pylint: disable=broad-except  # a tile that fails to compile is a result too
+    except Exception as e:  # pylint: disable=broad-except  # a variant that fails to compile is a result too
       print(f" {blocks}: failed, {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue
-    mark = "*" if blocks == default else " "
-    print(f"{mark}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms, worst rel. error {error:.1e}",
-          flush=True)
+    print(f"{'*' if not changes else ' '}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms, "
+          f"worst rel. error {error:.1e}", flush=True)
 
 
-def main(impl="pallas", num_shapes=len(SHAPES)):
+def profile():
+  """One fwd+bwd of each PROFILE_VARIANTS kernel, after a compile that runs nothing: ncu sees 2 kernels each."""
+  args = make_inputs(PROFILE_SHAPE)
+  for changes in PROFILE_VARIANTS:
+    blocks, f = kernel_of(PROFILE_SHAPE, changes)
+    compiled = jax.jit(fwd_bwd_of(f)).lower(*args).compile()
+    print(f"profiling {blocks}", flush=True)
+    jax.block_until_ready(compiled(*args))
+  return 0
+
+
+def check(impl="pallas", num_shapes=len(SHAPES)):
   print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; devices {jax.devices()}", flush=True)
   worst = 0.0
   for shape in SHAPES[:num_shapes]:
@@ -108,12 +130,17 @@ def main(impl="pallas", num_shapes=len(SHAPES)):
   shown = sum("Triton backend is deprecated" in str(x.message) for x in caught)
   print(f"Triton deprecation warnings: {hidden} with pallas_kernels' filter, {shown} with filters reset")
   print(f"worst relative error {worst:.1e}: {'PASS' if worst < 1e-5 else 'FAIL'}")
-  if impl == "pallas":
-    for shape, variants in SWEEP.items():
-      block_sweep(shape, variants)
   return 0 if worst < 1e-5 and hidden == 0 else 1
 
 
+def sweep():
+  for shape, variants in SWEEP.items():
+    block_sweep(shape, variants)
+  return 0
+
+
 if __name__ == "__main__":
-  # A dry run off GPU: `python benchmarks/splat_gpu_check.py pallas_interpret 3`.
-  sys.exit(main(sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 1 else main())
+  mode, *rest = sys.argv[1:] or ["check"]
+  if mode == "check":
+    sys.exit(check(rest[0], int(rest[1])) if rest else check())
+  sys.exit({"sweep": sweep, "profile": profile}[mode]())

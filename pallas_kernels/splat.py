@@ -122,11 +122,14 @@ class BlockSizes:
   """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
 
   The other fields are the GPU kernels' alone (unused on TPU): num_warps per program, num_stages of Triton's
-  software pipelining, and tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
-  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. Of the
-  defaults, the tile and the 4 warps won the H200 sweeps (docs/benchmarks.md); 2 stages and IEEE dots are the
-  kernels' first choice, not yet swept: benchmarks/splat_gpu_check.py's sweep tries the others. The interpreter
-  computes every product in float32 whatever tf32x3 says (XLA:CPU has no TF32).
+  software pipelining; tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
+  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots; and
+  defer_sums, with which the backward adds each pixel block's six [block_k, block_p] geometry terms into six
+  running tiles and sums over pixels once at the end, instead of six cross-thread row sums per pixel block
+  (the same terms, summed in another order; more registers). Of the defaults, the tile and the 4 warps won the
+  H200 sweeps (docs/benchmarks.md); 2 stages, IEEE dots and per-block sums are the kernels' first choice, not
+  yet swept: benchmarks/splat_gpu_check.py's sweep tries the others. The interpreter computes every product
+  in float32 whatever tf32x3 says (XLA:CPU has no TF32).
 
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
@@ -138,6 +141,7 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   tf32x3: bool = False
+  defer_sums: bool = False
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
@@ -218,7 +222,7 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
   dcx = a_ S(a u) - d S(a v), dcy = b S(a u) + c S(a v), da_ = -S(a u dx), db = -S(a u dy),
   dc = -S(a v dy), dd = S(a v dx), with S the sum over pixels.
   """
-  bk, bp = layout.blocks.block_k, layout.blocks.block_p
+  bk, bp, defer = layout.blocks.block_k, layout.blocks.block_p, layout.blocks.defer_sums
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
   precision = _dot_precision(layout)
@@ -235,11 +239,15 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
     a = w * dw
     au, av = a * u, a * v
     new = (au, av, au * dx, au * dy, av * dy, av * dx)
-    return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
+    if not defer:
+      new = tuple(jnp.sum(t, axis=1) for t in new)
+    return dfeats, tuple(s + t for s, t in zip(sums, new))
 
   zeros = jnp.zeros((bk,), jnp.float32)
-  dfeats, (s_au, s_av, s_audx, s_audy, s_avdy, s_avdx) = jax.lax.fori_loop(
-      0, layout.padded_p // bp, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
+  dfeats, sums = jax.lax.fori_loop(
+      0, layout.padded_p // bp, body,
+      (jnp.zeros((bk, layout.padded_c), jnp.float32), (jnp.zeros((bk, bp) if defer else (bk,), jnp.float32),) * 6))
+  s_au, s_av, s_audx, s_audy, s_avdy, s_avdx = (jnp.sum(s, axis=1) for s in sums) if defer else sums
   _, _, a_, b, c, d = (r[:, 0] for r in rows)
   grads = (a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx, zeros, zeros)
   for r, g in enumerate(grads):

@@ -95,6 +95,17 @@ class TestSplatGpu:
     for g in grads:
       np.testing.assert_array_equal(np.asarray(g)[:, 3::7], 0.0)
 
+  def test_deferred_pixel_sums_match_xla_path(self):
+    """`BlockSizes.defer_sums` (GPU only) sums the geometry terms once per program instead of per pixel block;
+    three pixel blocks here (117 pixels, 64 to a block) and Gaussians off the block multiple (37 in 32s)."""
+    if self.BACKEND != "gpu":
+      pytest.skip("defer_sums is a GPU kernel option; the TPU kernel ignores it")
+    shape = (2, 37, 9, 13, 3)
+    args, _, grads = self.run(shape, seed=2, block_sizes=pallas_splat.BlockSizes(32, 64, 16, defer_sums=True))
+    _, want = value_and_grads(*shape[2:], "xla")(*args)
+    for name, g, w in zip(NAMES, grads, want):
+      assert relative_error(g, w) < 1e-5, f"{name}: relative error {relative_error(g, w):.2e}"
+
   def test_xla_backward_pass_equals_kernel_backward(self):
     _, _, grads = self.run(SHAPES[0], seed=1)
     _, _, want = self.run(SHAPES[0], seed=1, backward_pass_impl="xla")
@@ -150,6 +161,7 @@ def test_the_interpreter_needs_no_triton(monkeypatch):
 @pytest.mark.parametrize("backend, platform, target, blocks", [
     ("gpu", "cuda", "xla.gpu.triton", None),
     ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 64, 16, num_stages=3, tf32x3=True)),  # sweep's
+    ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 64, 16, defer_sums=True)),
     ("tpu", "tpu", "tpu_custom_call", None)])
 def test_forward_and_backward_lower_without_hardware(backend, platform, target, blocks):
   b, k, h, w, c = 3, 70, 9, 13, 5
