@@ -24,14 +24,20 @@ config's image size (no data is read):
               often the step runs it (the discriminator three times: once inside the generator's loss, on the
               real and the fake batch in its own), and "share" that many fwd+bwd times over the step's time.
 Every program is compiled with the project's options (`xla_options`: on the CPU, no YNNPACK convolutions).
-GFLOP are XLA's, from the cost analysis of each program as lowered, before the backend compiles it. A compiled
-executable's own analysis is not the model's work: on an H200 it reported 0.77 GFLOP per image for the bfloat16
-CIFAR step at batch 64, whose program does 46.0 (nearly all of the work, presumably the library calls to cuDNN
-and cuBLAS, left out), and on the CPU 368 for the same program; in float32 on the CPU the two agree (the demo
-step: 1.055 lowered, 1.057 compiled). The train steps' FLOPs are the whole mesh's, so their "%peak" is taken
-against the matmul's rate times the mesh's device count. "%peak" is achieved GFLOP/s over the matmul's
-(medians); "best %" is the fastest step or call over the fastest matmul, the figure least moved by other
-processes on a shared machine (their load only ever slows both down).
+GFLOP are XLA's, from the cost analysis of each program traced and lowered, not compiled, for one CPU device
+(`flops_on_cpu`), whatever the platform timed: the same model at the same batch. Off the CPU no count of XLA's
+own serves: the cost analysis of a lowered program counted 0 FLOPs for the ImageNet step on an H200 (JAX
+0.11.2), and that of a compiled executable 0.77 GFLOP per image for the bfloat16 CIFAR step at batch 64, whose
+program does 46.0 (nearly all of the work, presumably the library calls to cuDNN and cuBLAS, left out); on the
+CPU a compiled bfloat16 program counted 368. In float32 on the CPU lowered and compiled agree (the demo step:
+1.055 against 1.057). The CPU programs differ from a GPU's only where the traced platform picks the form
+(`xla_options.platform`): small-map convolutions as im2col + dot (the same multiply-adds) and the splat as XLA's
+dense path, where a GPU runs the Pallas kernel (a custom call, which XLA would count as nothing). The train
+steps' FLOPs are the whole mesh's, so their "%peak" is taken against the matmul's rate times the mesh's device
+count, and "MFU %" against the device's datasheet bfloat16 peak (`BF16_PEAK`) times that count, on the GPUs it
+lists (nan elsewhere). "%peak" is achieved GFLOP/s over the matmul's (medians); "best %" is the fastest step or
+call over the fastest matmul, the figure least moved by other processes on a shared machine (their load only
+ever slows both down).
 
 LPIPS weights: the official ones when `losses.load_lpips_params` can load them (pip fetch, cached);
 otherwise randomly initialised VGG16 weights of the same shapes, which time the same, and the output says so.
@@ -39,7 +45,7 @@ otherwise randomly initialised VGG16 weights of the same shapes, which time the 
 The last line printed is one JSON object: images_per_s, images_per_s_lpips, encode_images_per_s,
 gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops,
 peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
-lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
+mfu, mfu_lpips and encode_mfu (null off the GPUs in `BF16_PEAK`), lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
 minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of one machine class).
 With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null.
 """
@@ -76,6 +82,9 @@ _LPIPS = flags.DEFINE_bool("lpips", True, "Also time the step with LPIPS in the 
 flags.mark_flags_as_required(["config"])
 
 _WARMUP_STEPS = 2
+# Datasheet dense bfloat16 tensor-core peaks with float32 accumulation, FLOP/s, by device_kind substring, the first
+# match wins (the PCIe H100 before the SXM one): the MFU's denominator, which no noisy probe moves.
+BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "RTX 3090": 35.6e12}
 # Durations stated in epochs become steps for this many training images; schedules do not change the step's
 # cost (the GAN's weight multiplies, it does not branch).
 _NOMINAL_TRAIN_SIZE = 50_000
@@ -87,6 +96,26 @@ def flops_of(lowered) -> float:
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per executable
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get("flops", 0.0))
+
+
+def one_cpu_mesh():
+  return sharding.make_mesh(dict(data=1, fsdp=1), jax.devices("cpu")[:1])
+
+
+def step_flops_on_cpu(config, batch_size: int, lpips_params) -> float:
+  """FLOPs of the train step for `config` at a global batch, lowered (not compiled) for one CPU device."""
+  steps = step_lib.make_steps(config, one_cpu_mesh())
+  lpips_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), lpips_params)
+  return flops_of(steps.train_step.trace(steps.abstract_state, steps.abstract_batch(batch_size),
+                                         lpips_abstract).lower())
+
+
+def flops_on_cpu(fn, *args) -> float:
+  """FLOPs of `fn(*args)`, traced on a one-CPU mesh and lowered (not compiled) there; args may be on any device."""
+  mesh = one_cpu_mesh()
+  on_cpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu), args)
+  return flops_of(jax.jit(sharding.traced_on(mesh, fn)).trace(*abstract).lower())
 
 
 class MatmulProbe:
@@ -147,7 +176,7 @@ class StepRunner:
     lowered = self.steps.train_step.lower(self.state, self.steps.abstract_batch(batch_size), self.lpips_params)
     self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
-    self.flops = flops_of(lowered)
+    self.flops = step_flops_on_cpu(config, batch_size, lpips_params)
     images = synthetic_images(batch_size, config.data.image_size, 0)
     self.batch = {"image": jax.device_put(images, self.steps.batch_sharding)}
     self.seconds: list[float] = []
@@ -161,19 +190,16 @@ class StepRunner:
 
 
 def time_encode(steps, state, image_size: int, batch_size: int, rounds: int, probe: MatmulProbe):
-  """(seconds of each timed call, compiled FLOPs per call) of images -> tokens with the EMA parameters."""
+  """(seconds of each timed call, FLOPs per call) of images -> tokens with the EMA parameters."""
   model = steps.model
 
   def encode(params, model_state, images):
     return model.apply({"params": params, **model_state}, to_model_input(images), train=False,
                        method=model.encode)
 
-  images = jnp.asarray(synthetic_images(batch_size, image_size, 1))
-  lowered = jax.jit(encode, compiler_options=xla_options.compiler_options()).lower(
-      state.ema_params, state.model_state, images)
-  compiled = lowered.compile()
-  return timed_calls(compiled, state.ema_params, state.model_state, images, rounds=rounds, probe=probe), \
-      flops_of(lowered)
+  args = (state.ema_params, state.model_state, jnp.asarray(synthetic_images(batch_size, image_size, 1)))
+  compiled = jax.jit(encode, compiler_options=xla_options.compiler_options()).lower(*args).compile()
+  return timed_calls(compiled, *args, rounds=rounds, probe=probe), flops_on_cpu(encode, *args)
 
 
 def _sum_against(tree, cotangents):
@@ -187,17 +213,15 @@ def time_part(fn, args, grad_argnums, rounds: int, probe: MatmulProbe):
   cotangents>.
   """
   options = xla_options.compiler_options()  # as the step's own programs are compiled
-  fwd_lowered = jax.jit(fn, compiler_options=options).lower(*args)
-  fwd = fwd_lowered.compile()
+  fwd = jax.jit(fn, compiler_options=options).lower(*args).compile()
   output = fwd(*args)
   rng = np.random.default_rng(2)
   cotangents = [jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(output)]
-  fwd_bwd_lowered = jax.jit(jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums),
-                            compiler_options=options).lower(*args)
-  fwd_bwd = fwd_bwd_lowered.compile()
+  fn_grad = jax.grad(lambda *a: _sum_against(fn(*a), cotangents), argnums=grad_argnums)
+  fwd_bwd = jax.jit(fn_grad, compiler_options=options).lower(*args).compile()
   fwd_seconds = statistics.median(timed_calls(fwd, *args, rounds=rounds, probe=probe))
   fwd_bwd_seconds = statistics.median(timed_calls(fwd_bwd, *args, rounds=rounds, probe=probe))
-  return fwd_seconds, flops_of(fwd_lowered), fwd_bwd_seconds, flops_of(fwd_bwd_lowered), output
+  return fwd_seconds, flops_on_cpu(fn, *args), fwd_bwd_seconds, flops_on_cpu(fn_grad, *args), output
 
 
 def part_rows(steps, state, lpips_params, batch_size: int, rounds: int, probe: MatmulProbe):
@@ -275,6 +299,7 @@ def main(argv):
   if hasattr(config_lib, "resolve_steps"):  # configs whose durations are in epochs
     config = config_lib.resolve_steps(config, _NOMINAL_TRAIN_SIZE)
   device = jax.devices()[0]
+  bf16_peak = next((v for key, v in BF16_PEAK.items() if key in device.device_kind), None)
   cpu = host_cpu()
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}, {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPU cores ({cpu}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -310,17 +335,19 @@ def main(argv):
         f"min {min(probe.gflops):.0f}, max {matmul_best:.0f})")
   print(f"LPIPS weights: {lpips_source}")
   print(f"\n{'what':<12} {'batch':>5} {'ms':>9} {'best ms':>9} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} "
-        f"{'%peak':>6} {'best %':>6}")
+        f"{'%peak':>6} {'best %':>6} {'MFU %':>6}")
   summary = {}
   for name, (samples, flops, batch, devices) in results.items():
     seconds, best = statistics.median(samples), min(samples)
     achieved = flops / seconds / 1e9
     summary[name] = dict(images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
                          peak_fraction=achieved / (matmul * devices),
-                         peak_fraction_best=flops / best / 1e9 / (matmul_best * devices), ms=seconds * 1e3)
+                         peak_fraction_best=flops / best / 1e9 / (matmul_best * devices), ms=seconds * 1e3,
+                         mfu=achieved * 1e9 / (bf16_peak * devices) if bf16_peak else None)
     print(f"{name:<12} {batch:>5} {seconds * 1e3:9.1f} {best * 1e3:9.1f} {batch / seconds:8.2f} "
           f"{flops / batch / 1e9:10.2f} {achieved:8.0f} {100 * summary[name]['peak_fraction']:6.1f} "
-          f"{100 * summary[name]['peak_fraction_best']:6.1f}")
+          f"{100 * summary[name]['peak_fraction_best']:6.1f} "
+          f"{100 * summary[name]['mfu'] if bf16_peak else float('nan'):6.1f}")
 
   if _PARTS.value:
     print("\nParts of the step (one call each, batch as above; f+b = forward and all gradients):", flush=True)
@@ -340,8 +367,9 @@ def main(argv):
   lpips = {key: None for key in step}  # the LPIPS keys stay in the JSON, as null, under --nolpips
   lpips_overhead = None
   if "step+lpips" in summary:
-    digits = dict(images_per_s=3, gflops_per_image=3, peak_fraction=4, peak_fraction_best=4, ms=1)  # the step's keys' digits
-    lpips = {key: round(value, digits[key]) for key, value in summary["step+lpips"].items()}
+    digits = dict(images_per_s=3, gflops_per_image=3, peak_fraction=4, peak_fraction_best=4, ms=1, mfu=4)  # the step's
+    lpips = {key: None if value is None else round(value, digits[key])
+             for key, value in summary["step+lpips"].items()}
     # Median over the alternating pairs of steps of (with LPIPS / without) - 1.
     lpips_overhead = round(statistics.median(
         b / a for a, b in zip(results["step"][0], results["step+lpips"][0])) - 1.0, 4)
@@ -357,6 +385,8 @@ def main(argv):
       peak_fraction_best=round(step["peak_fraction_best"], 4),
       peak_fraction_lpips_best=lpips["peak_fraction_best"],
       encode_peak_fraction_best=round(encode["peak_fraction_best"], 4),
+      mfu=step["mfu"] and round(step["mfu"], 4), mfu_lpips=lpips["mfu"],
+      encode_mfu=encode["mfu"] and round(encode["mfu"], 4),
       lpips_overhead=lpips_overhead, step_ms=round(step["ms"], 1),
       step_lpips_ms=lpips["ms"], encode_ms=round(encode["ms"], 1), batch_size=batch_size,
       encode_batch_size=_ENCODE_BATCH_SIZE.value, steps=_STEPS.value, backend=device.platform, cpu=cpu,

@@ -50,3 +50,32 @@ def test_paper_table1_small_refuses_unequal_tokens_and_a_missing_data_dir(tmp_pa
   out = run_script(f"--data_dir={tmp_path}", f"--workdir={tmp_path}", check=False)
   assert out.returncode != 0 and "cifar10-jpeg-train.tar" in out.stderr
   assert not (tmp_path / "gaussiantoken").exists()  # nothing was trained
+
+
+def test_train_step_bench_counts_flops_on_one_cpu_as_on_the_mesh():
+  """benchmarks/train_step_bench.py counts FLOPs on programs lowered for one CPU device (off the CPU XLA's own
+  counts are 0 or a fraction): a matmul's are 2 m k n, and the `:runlocal` train step's equal those of the same
+  step lowered for the 8-device mesh it trains on. A subprocess, as above (the script defines absl flags)."""
+  code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+sys.path.insert(0, {str(REPO / "tests")!r})
+import jax, jax.numpy as jnp
+import train_step_bench as bench
+from runs import load_demo_config
+from gaussiantoken_jax import losses
+from gaussiantoken_jax.train import sharding, step as step_lib
+print(bench.flops_on_cpu(jnp.matmul, jnp.ones((8, 16)), jnp.ones((16, 4))))
+config = load_demo_config("runlocal")
+dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
+lpips = jax.eval_shape(lambda: losses.LPIPS().init(jax.random.key(0), dummy, dummy)["params"])
+steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices("cpu")))
+on_mesh = bench.flops_of(steps.train_step.trace(steps.abstract_state, steps.abstract_batch(8), lpips).lower())
+print(on_mesh, bench.step_flops_on_cpu(config, 8, lpips))
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  matmul, (on_mesh, on_one_cpu) = out.stdout.split("\n")[0], out.stdout.split("\n")[1].split()
+  assert float(matmul) == 2 * 8 * 16 * 4
+  assert float(on_mesh) > 1e8 and math.isclose(float(on_one_cpu), float(on_mesh), rel_tol=1e-6)
