@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU check of issue 9 in one run, most wanted first: versions and kernel-vs-XLA correctness, the benchmark
 # table, the kernel variants, the test file's compiled-kernel classes, then Nsight Compute's view of the
-# default kernel and its defer_sums variant (where ncu is installed). Run from the repository root on a GPU
+# default kernel's forward and backward (where ncu is installed). Run from the repository root on a GPU
 # machine:
 #   PYTHONUNBUFFERED=1 bash benchmarks/splat_gpu_check.sh 2>&1 | tee LOG
 set -u
@@ -15,8 +15,8 @@ $PY benchmarks/splat_gpu_check.py sweep; sweep=$?
 # the CPU unless JAX_PLATFORMS says otherwise.
 JAX_PLATFORMS=cuda,cpu $PY -m pytest tests/test_pallas_splat.py -q -k "TestSplat and not Interpret" \
   -p no:cacheprovider; tests=$?
-if command -v ncu > /dev/null; then  # 4 kernels: forward and backward of each profiled variant
-  timeout 150 ncu --target-processes all --clock-control none -k regex:splat -c 4 --section SpeedOfLight \
+if command -v ncu > /dev/null; then
+  timeout 90 ncu --target-processes all --clock-control none -k regex:splat -c 2 --section SpeedOfLight \
     --section LaunchStats --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
     $PY benchmarks/splat_gpu_check.py profile
   echo "ncu: exit $?"

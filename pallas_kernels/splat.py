@@ -122,14 +122,13 @@ class BlockSizes:
   """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
 
   The other fields are the GPU kernels' alone (unused on TPU): num_warps per program, num_stages of Triton's
-  software pipelining; tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
-  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots; and
-  defer_sums, with which the backward adds each pixel block's six [block_k, block_p] geometry terms into six
-  running tiles and sums over pixels once at the end, instead of six cross-thread row sums per pixel block
-  (the same terms, summed in another order; more registers). Of the defaults, the tile and the 4 warps won the
-  H200 sweeps (docs/benchmarks.md); 2 stages, IEEE dots and per-block sums are the kernels' first choice, not
-  yet swept: benchmarks/splat_gpu_check.py's sweep tries the others. The interpreter computes every product
-  in float32 whatever tf32x3 says (XLA:CPU has no TF32).
+  software pipelining; and tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
+  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. The
+  defaults are the H200 sweeps' winners (docs/benchmarks.md): 64 Gaussians to a tile with TF32x3 products took
+  forward+backward, the op the train step runs, from 0.201 to 0.161-0.188 ms at the ImageNet shape, 0.076 to
+  0.051 at the CIFAR one and 4.03 to 2.49 at the large one, within 3.2e-7 of the XLA path. Summing the
+  backward's geometry terms once per program instead of once per pixel block, and 3 pipeline stages, were no
+  faster. The interpreter computes every product in float32 whatever tf32x3 says (XLA:CPU has no TF32).
 
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
@@ -140,18 +139,17 @@ class BlockSizes:
   block_c: int
   num_warps: int = 4
   num_stages: int = 2
-  tf32x3: bool = False
-  defer_sums: bool = False
+  tf32x3: bool = True
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
     if backend == "tpu":
       return cls(block_k=128, block_p=128 if num_pixels <= 128 else 256, block_c=8)
     channels_p2 = max(16, pl.next_power_of_2(channels))
-    # 32 Gaussians x 64 pixels keeps the backward's half-dozen [32, 64] float32 tiles in registers at
-    # 4 warps; small maps take a smaller pixel tile so that a batch still fills the GPU.
-    return cls(block_k=32 if num_gaussians > 16 else 16, block_p=64 if num_pixels > 256 else 32,
-               block_c=channels_p2)
+    # Few Gaussians take a smaller tile so that padding does not dominate; small maps a smaller pixel tile so
+    # that a batch still fills the GPU.
+    block_k = 64 if num_gaussians > 32 else (32 if num_gaussians > 16 else 16)
+    return cls(block_k=block_k, block_p=64 if num_pixels > 256 else 32, block_c=channels_p2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +220,7 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
   dcx = a_ S(a u) - d S(a v), dcy = b S(a u) + c S(a v), da_ = -S(a u dx), db = -S(a u dy),
   dc = -S(a v dy), dd = S(a v dx), with S the sum over pixels.
   """
-  bk, bp, defer = layout.blocks.block_k, layout.blocks.block_p, layout.blocks.defer_sums
+  bk, bp = layout.blocks.block_k, layout.blocks.block_p
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
   precision = _dot_precision(layout)
@@ -239,15 +237,11 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
     a = w * dw
     au, av = a * u, a * v
     new = (au, av, au * dx, au * dy, av * dy, av * dx)
-    if not defer:
-      new = tuple(jnp.sum(t, axis=1) for t in new)
-    return dfeats, tuple(s + t for s, t in zip(sums, new))
+    return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
 
   zeros = jnp.zeros((bk,), jnp.float32)
-  dfeats, sums = jax.lax.fori_loop(
-      0, layout.padded_p // bp, body,
-      (jnp.zeros((bk, layout.padded_c), jnp.float32), (jnp.zeros((bk, bp) if defer else (bk,), jnp.float32),) * 6))
-  s_au, s_av, s_audx, s_audy, s_avdy, s_avdx = (jnp.sum(s, axis=1) for s in sums) if defer else sums
+  dfeats, (s_au, s_av, s_audx, s_audy, s_avdy, s_avdx) = jax.lax.fori_loop(
+      0, layout.padded_p // bp, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
   _, _, a_, b, c, d = (r[:, 0] for r in rows)
   grads = (a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx, zeros, zeros)
   for r, g in enumerate(grads):
