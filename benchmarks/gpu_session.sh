@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks of this project, in parts sized for a session's 15 minutes of device time (start-up included):
-#   splat     the Pallas splat kernel against the XLA path, its benchmark, 11 kernel variants and an Nsight
+#   splat     the Pallas splat kernel against the XLA path, its benchmark, 16 kernel variants and an Nsight
 #             Compute profile (splat_gpu_check.sh); on an H200, 136 s with 9 variants and no profile, and more
 #             than 330 s with 12 and a profile of 4 kernels (its timeout cut that profile)
 #   cifar     the CIFAR train step and encode throughput in bfloat16 against a bfloat16 matmul

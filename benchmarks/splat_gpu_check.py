@@ -8,9 +8,9 @@ check prints the JAX version and device, then for each shape the relative error 
 norm of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
 1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
 pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset).
-sweep times the XLA path and kernel variants (tiles, warps, dot algorithms: `SWEEP`) at the ImageNet, CIFAR and
-large shapes, each variant with its error against the XLA path. profile runs the default kernel's forward and
-backward once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
+sweep times the XLA path and kernel variants (tiles, warps, dot algorithms, scalar loops: `SWEEP`) at the ImageNet,
+CIFAR and large shapes, each variant with its error against the XLA path. profile runs the default kernel's forward
+and backward once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
 benchmarks/splat_gpu_check.sh; a dry run off GPU: `python benchmarks/splat_gpu_check.py check pallas_interpret 3`.
 """
 import dataclasses
@@ -49,8 +49,12 @@ def relative_error(got, want):
 
 SWEEP = {  # shape -> BlockSizes fields that differ from the default tile's; {} is the default
     (64, 256, 32, 32, 8): [{}, dict(block_k=32, tf32x3=False), dict(num_warps=8), dict(block_p=32),
-                           dict(block_k=128)],
-    (256, 64, 16, 16, 3): [{}, dict(block_k=32, tf32x3=False), dict(block_p=64)],
+                           dict(block_k=128), dict(scalar_loops=True, block_k=128, block_p=128, block_c=8),
+                           dict(scalar_loops=True, block_k=128, block_p=64, block_c=8),
+                           dict(scalar_loops=True, block_k=64, block_p=128, block_c=8, num_warps=2)],
+    (256, 64, 16, 16, 3): [{}, dict(block_k=32, tf32x3=False), dict(block_p=64),
+                           dict(scalar_loops=True, block_k=64, block_p=64, block_c=4, num_warps=2),
+                           dict(scalar_loops=True, block_k=64, block_p=128, block_c=4, num_warps=2)],
     (32, 1024, 64, 64, 64): [{}, dict(block_k=32, tf32x3=False), dict(num_warps=8)],
 }
 PROFILE_SHAPE = (64, 256, 32, 32, 8)

@@ -20,10 +20,11 @@ Kernels: the GPU kernels here (Pallas Triton lowering; Ampere and Hopper) and th
 Why Triton: on the JAX 0.10 line it is the Pallas GPU lowering that runs on both Ampere and Hopper, and the
 0.11 line still ships it (deprecated, with a DeprecationWarning at lowering that this module filters). When a
 JAX release removes it (`jax.experimental.pallas.triton` fails to import, or `pallas_call` rejects
-`pltriton.CompilerParams`): port `_forward_kernel` and `_backward_kernel` to Mosaic GPU (`plgpu.kernel`,
-same tiles: the weight tile in registers, the [pixels, K] x [K, C] product with an fp32 accumulator), or move
-them to the official Triton bindings through jax_triton. Until then `gaussiantoken_jax.splat(impl="auto")`
-takes the XLA path on GPU when `pltriton` is None (`gpu_kernels_available()`).
+`pltriton.CompilerParams`): port `_forward_kernel` and `_backward_kernel` (and their loop forms) to Mosaic GPU
+(`plgpu.kernel`, same tiles: the weight tile in registers, the [pixels, K] x [K, C] product with an fp32
+accumulator), or move them to the official Triton bindings through jax_triton. Until then
+`gaussiantoken_jax.splat(impl="auto")` takes the XLA path on GPU when `pltriton` is None
+(`gpu_kernels_available()`).
 """
 from __future__ import annotations
 
@@ -122,13 +123,17 @@ class BlockSizes:
   """Tile sizes: Gaussians (block_k) and pixels (block_p) per tile; channels are padded to block_c.
 
   The other fields are the GPU kernels' alone (unused on TPU): num_warps per program, num_stages of Triton's
-  software pipelining; and tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
-  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots. The
-  defaults are the H200 sweeps' winners (docs/benchmarks.md): 64 Gaussians to a tile with TF32x3 products took
-  forward+backward, the op the train step runs, from 0.201 to 0.161-0.188 ms at the ImageNet shape, 0.076 to
-  0.051 at the CIFAR one and 4.03 to 2.49 at the large one, within 3.2e-7 of the XLA path. Summing the
-  backward's geometry terms once per program instead of once per pixel block, and 3 pipeline stages, were no
-  faster. The interpreter computes every product in float32 whatever tf32x3 says (XLA:CPU has no TF32).
+  software pipelining; tf32x3, which runs the kernels' products on the tensor cores as three TF32 products
+  (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, near float32 accuracy) instead of IEEE float32 FMA dots; and
+  scalar_loops, which swaps the tiles for loops (`_forward_loop_kernel`, `_backward_loop_kernel`): a thread per
+  pixel (forward) or per Gaussian (backward) looping over the other axis with scalar loads, so that nothing goes
+  through shared memory, where the H200 profile of the tiles found their time (docs/benchmarks.md); meant for few
+  channels (the loops run over the real C; block_c need only be a power of 2 >= C) and not yet timed on a GPU. The
+  defaults are the H200 sweeps' winners: 64 Gaussians to a tile with TF32x3 products took forward+backward, the op
+  the train step runs, from 0.201 to 0.161-0.188 ms at the ImageNet shape, 0.076 to 0.051 at the CIFAR one and 4.03
+  to 2.49 at the large one, within 3.2e-7 of the XLA path. Summing the backward's geometry terms once per program
+  instead of once per pixel block, and 3 pipeline stages, were no faster. The interpreter computes every product in
+  float32 whatever tf32x3 says (XLA:CPU has no TF32).
 
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
@@ -140,6 +145,7 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   tf32x3: bool = True
+  scalar_loops: bool = False
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
@@ -157,6 +163,7 @@ class _Layout:
   """Static description of one call: map size, cutoff, padded sizes, kernel choice."""
   height: int
   width: int
+  channels: int
   cutoff: float
   padded_k: int
   padded_c: int
@@ -212,14 +219,28 @@ def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
                                    jnp.zeros((bp, layout.padded_c), jnp.float32))
 
 
-def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, layout: _Layout):
-  """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics).
+def _geometry_terms(w, u, v, dx, dy, dw):
+  """The six per-pair terms whose sums over pixels give the geometry gradients (`_geometry_grads`)."""
+  a = w * dw
+  au, av = a * u, a * v
+  return au, av, au * dx, au * dy, av * dy, av * dx
+
+
+def _geometry_grads(rows, sums):
+  """Gradients of the six `geometry` numbers from their rows and the pixel sums of `_geometry_terms`.
 
   With a = w * dL/dw (w after the cutoff, whose mask passes through), dL/du = -a u and dL/dv = -a v, and
   u = a_ dx + b dy, v = c dy - d dx, dx = px - cx, dy = py - cy give
   dcx = a_ S(a u) - d S(a v), dcy = b S(a u) + c S(a v), da_ = -S(a u dx), db = -S(a u dy),
   dc = -S(a v dy), dd = S(a v dx), with S the sum over pixels.
   """
+  _, _, a_, b, c, d = rows
+  s_au, s_av, s_audx, s_audy, s_avdy, s_avdx = sums
+  return a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx
+
+
+def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, layout: _Layout):
+  """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics)."""
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
@@ -234,19 +255,58 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
     cot = cot_ref[pl.ds(p0, bp), :]  # [P, C]
     dw = jax.lax.dot_general(feats, cot, (((1,), (1,)), ((), ())), precision=precision)  # [Kb, P]
     dfeats = dfeats + jnp.dot(w, cot, precision=precision)
-    a = w * dw
-    au, av = a * u, a * v
-    new = (au, av, au * dx, au * dy, av * dy, av * dx)
+    new = _geometry_terms(w, u, v, dx, dy, dw)
     return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
 
   zeros = jnp.zeros((bk,), jnp.float32)
-  dfeats, (s_au, s_av, s_audx, s_audy, s_avdy, s_avdx) = jax.lax.fori_loop(
+  dfeats, sums = jax.lax.fori_loop(
       0, layout.padded_p // bp, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
-  _, _, a_, b, c, d = (r[:, 0] for r in rows)
-  grads = (a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx, zeros, zeros)
-  for r, g in enumerate(grads):
+  for r, g in enumerate(_geometry_grads([r[:, 0] for r in rows], sums) + (zeros, zeros)):
     dgeom_ref[r, :] = g
   dfeats_ref[...] = dfeats
+
+
+def _forward_loop_kernel(geom_ref, feats_ref, out_t_ref, *, layout: _Layout):
+  """One image, one block of pixels, a pixel per thread: out^T[c, P] summed over the Gaussians one at a time,
+  each Gaussian's six numbers and C features scalar loads, so there is no dot and no cross-thread sum."""
+  bp = layout.blocks.block_p
+  px, py = _pixel_block(pl.program_id(1) * bp, (bp,), 0, layout.width)
+
+  def body(k, acc):
+    w = gaussian_tile([geom_ref[r, k] for r in range(6)], px, py, layout.cutoff)[0]  # [P]
+    return tuple(a + w * feats_ref[k, c] for c, a in enumerate(acc))
+
+  acc = jax.lax.fori_loop(0, layout.padded_k, body, (jnp.zeros((bp,), jnp.float32),) * layout.channels)
+  for c in range(layout.padded_c):
+    out_t_ref[c, :] = acc[c] if c < layout.channels else jnp.zeros((bp,), jnp.float32)
+
+
+def _backward_loop_kernel(geom_ref, feats_t_ref, cot_ref, sums_ref, dfeats_t_ref, *, layout: _Layout):
+  """One image, one block of Gaussians (a Gaussian per thread), one block of pixels, looped over one pixel at a
+  time with the pixel's C cotangents as scalar loads: this block's sums over its pixels of the six geometry terms
+  (rows 0-5 of sums_ref) and of the feature gradient (dfeats_t_ref, [C, Kb]), kept per thread, so there is no
+  dot and no cross-thread sum. The caller adds the pixel blocks' partial sums (a second, deterministic stage)."""
+  bk, bp = layout.blocks.block_k, layout.blocks.block_p
+  rows = [geom_ref[r, :] for r in range(6)]  # [Kb]
+  feats = [feats_t_ref[c, :] for c in range(layout.channels)]  # [Kb]
+  p0 = pl.program_id(2) * bp
+
+  def body(j, carry):
+    dfeats, sums = carry
+    p = p0 + j
+    px, py = (p % layout.width).astype(jnp.float32) + 0.5, (p // layout.width).astype(jnp.float32) + 0.5
+    w, u, v, dx, dy = gaussian_tile(rows, px, py, layout.cutoff)  # [Kb]
+    cot = [cot_ref[j, c] for c in range(layout.channels)]  # the padded pixels' are 0: they add nothing
+    dw = sum(f * g for f, g in zip(feats, cot))
+    new = _geometry_terms(w, u, v, dx, dy, dw)
+    return tuple(d + w * g for d, g in zip(dfeats, cot)), tuple(s + t for s, t in zip(sums, new))
+
+  zeros = jnp.zeros((bk,), jnp.float32)
+  dfeats, sums = jax.lax.fori_loop(0, bp, body, ((zeros,) * layout.channels, (zeros,) * 6))
+  for r, t in enumerate(sums + (zeros, zeros)):
+    sums_ref[r, :] = t
+  for c in range(layout.padded_c):
+    dfeats_t_ref[c, :] = dfeats[c] if c < layout.channels else zeros
 
 
 def _gpu_params(layout: _Layout):
@@ -259,6 +319,17 @@ def _gpu_params(layout: _Layout):
 def _gpu_forward(geom, feats, layout: _Layout):
   b = geom.shape[0]
   kp, cp, bp = layout.padded_k, layout.padded_c, layout.blocks.block_p
+  if layout.blocks.scalar_loops:
+    out_t = pl.pallas_call(
+        functools.partial(_forward_loop_kernel, layout=layout),
+        grid=(b, layout.padded_p // bp),
+        in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, kp), lambda i, j: (i, 0, 0)),
+                  pl.BlockSpec((None, kp, cp), lambda i, j: (i, 0, 0))],
+        out_specs=pl.BlockSpec((None, cp, bp), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((b, cp, layout.padded_p), jnp.float32),
+        compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_forward_loops",
+    )(geom, feats)
+    return out_t.transpose(0, 2, 1)
   return pl.pallas_call(
       functools.partial(_forward_kernel, layout=layout),
       grid=(b, layout.padded_p // bp),
@@ -273,6 +344,25 @@ def _gpu_forward(geom, feats, layout: _Layout):
 def _gpu_backward(geom, feats, cotangent, layout: _Layout):
   b = geom.shape[0]
   kp, cp, pp, bk = layout.padded_k, layout.padded_c, layout.padded_p, layout.blocks.block_k
+  if layout.blocks.scalar_loops:
+    bp = layout.blocks.block_p
+    num_p = pp // bp
+    sums, dfeats_t = pl.pallas_call(
+        functools.partial(_backward_loop_kernel, layout=layout),
+        grid=(b, kp // bk, num_p),
+        in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j, l: (i, 0, j)),
+                  pl.BlockSpec((None, cp, bk), lambda i, j, l: (i, 0, j)),
+                  pl.BlockSpec((None, bp, cp), lambda i, j, l: (i, l, 0))],
+        out_specs=[pl.BlockSpec((None, None, NUM_GEOMETRY_ROWS, bk), lambda i, j, l: (i, l, 0, j)),
+                   pl.BlockSpec((None, None, cp, bk), lambda i, j, l: (i, l, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((b, num_p, NUM_GEOMETRY_ROWS, kp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, num_p, cp, kp), jnp.float32)],
+        compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_backward_loops",
+    )(geom, feats.transpose(0, 2, 1), cotangent)
+    sums = jnp.sum(sums, axis=1)  # [B, 8, Kp]: the pixel blocks' partial sums, in a fixed order
+    grads = _geometry_grads([geom[:, r] for r in range(6)], [sums[:, r] for r in range(6)])
+    dgeom = jnp.pad(jnp.stack(grads, axis=1), ((0, 0), (0, NUM_GEOMETRY_ROWS - 6), (0, 0)))
+    return dgeom, jnp.sum(dfeats_t, axis=1).transpose(0, 2, 1)
   return pl.pallas_call(
       functools.partial(_backward_kernel, layout=layout),
       grid=(b, kp // bk),
@@ -344,7 +434,8 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
                                         for a in (means, rotations, scales, features))
   b, k, c = features.shape
   blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
-  layout = _Layout(height=height, width=width, cutoff=float(cutoff), padded_k=_round_up(k, blocks.block_k),
+  layout = _Layout(height=height, width=width, channels=c, cutoff=float(cutoff),
+                   padded_k=_round_up(k, blocks.block_k),
                    padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,
                    interpret=interpret, backward_pass_impl=backward_pass_impl)
   geom = jnp.stack(geometry(means, rotations, scales, height=height, width=width), axis=1)  # [B, 6, K]

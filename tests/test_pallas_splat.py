@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,9 +82,16 @@ class TestSplatGpu:
     (_, out), grads = value_and_grads(h, w, c, self.BACKEND, interpret=self.INTERPRET, **kwargs)(*args)
     return args, out, grads
 
+  @pytest.mark.parametrize("scalar_loops", [False, True])
   @pytest.mark.parametrize("shape", SHAPES)
-  def test_forward_and_gradients_match_xla_path(self, shape):
-    args, out, grads = self.run(shape)
+  def test_forward_and_gradients_match_xla_path(self, shape, scalar_loops):
+    if scalar_loops:  # a thread per pixel or Gaussian instead of tiles; blocks of 32 (off the shapes' multiples)
+      if self.BACKEND != "gpu":
+        pytest.skip("scalar_loops is a GPU kernel option; the TPU kernel ignores it")
+      blocks = pallas_splat.BlockSizes(32, 32, pl.next_power_of_2(shape[-1]), scalar_loops=True)
+      args, out, grads = self.run(shape, block_sizes=blocks)
+    else:
+      args, out, grads = self.run(shape)
     b, _, h, w, c = shape
     (_, want_out), want_grads = value_and_grads(h, w, c, "xla")(*args)
     assert out.shape == (b, h, w, c) and out.dtype == jnp.float32
@@ -150,6 +158,7 @@ def test_the_interpreter_needs_no_triton(monkeypatch):
 @pytest.mark.parametrize("backend, platform, target, blocks", [
     ("gpu", "cuda", "xla.gpu.triton", None),
     ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 64, 16, num_stages=3, tf32x3=False)),  # IEEE dots
+    ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(128, 128, 8, scalar_loops=True)),
     ("tpu", "tpu", "tpu_custom_call", None)])
 def test_forward_and_backward_lower_without_hardware(backend, platform, target, blocks):
   b, k, h, w, c = 3, 70, 9, 13, 5
