@@ -2,15 +2,15 @@
 
     python benchmarks/splat_gpu_check.py check     # versions, correctness, the deprecation warning
     python benchmarks/splat_gpu_check.py sweep     # the XLA path and kernel variants at three shapes
-    python benchmarks/splat_gpu_check.py profile   # one fwd+bwd of the default kernel, to run under ncu
+    python benchmarks/splat_gpu_check.py profile   # one fwd+bwd of two variants, to run under ncu
 
 check prints the JAX version and device, then for each shape the relative error (norm of the difference over
 norm of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
 1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
 pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset).
 sweep times the XLA path and kernel variants (tiles, warps, dot algorithms, scalar loops: `SWEEP`) at the ImageNet,
-CIFAR and large shapes, each variant with its error against the XLA path. profile runs the default kernel's forward
-and backward once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
+CIFAR and large shapes, each variant with its error against the XLA path. profile runs the forward and backward of
+the default tile and of the scalar loops once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
 benchmarks/splat_gpu_check.sh; a dry run off GPU: `python benchmarks/splat_gpu_check.py check pallas_interpret 3`.
 """
 import dataclasses
@@ -57,7 +57,9 @@ SWEEP = {  # shape -> BlockSizes fields that differ from the default tile's; {} 
                            dict(scalar_loops=True, block_k=64, block_p=128, block_c=4, num_warps=2)],
     (32, 1024, 64, 64, 64): [{}, dict(block_k=32, tf32x3=False), dict(num_warps=8)],
 }
+# The default tile and the scalar loops at the ImageNet shape.
 PROFILE_SHAPE = (64, 256, 32, 32, 8)
+PROFILE_VARIANTS = [{}, dict(scalar_loops=True, block_k=128, block_p=128, block_c=8)]
 
 
 def fwd_bwd_of(f):
@@ -97,10 +99,13 @@ def block_sweep(shape, variants):
 
 
 def profile():
-  """One fwd+bwd of the default kernel at PROFILE_SHAPE after a compile that runs nothing: ncu sees 2 kernels."""
+  """One fwd+bwd of each PROFILE_VARIANTS kernel after a compile that runs nothing: ncu sees 2 kernels each."""
   args = make_inputs(PROFILE_SHAPE)
-  compiled = jax.jit(fwd_bwd_of(kernel_of(PROFILE_SHAPE, {})[1])).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
+  for changes in PROFILE_VARIANTS:
+    blocks, f = kernel_of(PROFILE_SHAPE, changes)
+    compiled = jax.jit(fwd_bwd_of(f)).lower(*args).compile()
+    print(f"profiling {blocks}", flush=True)
+    jax.block_until_ready(compiled(*args))
   return 0
 
 
