@@ -82,16 +82,8 @@ class TestSplatGpu:
     (_, out), grads = value_and_grads(h, w, c, self.BACKEND, interpret=self.INTERPRET, **kwargs)(*args)
     return args, out, grads
 
-  @pytest.mark.parametrize("scalar_loops", [False, True])
-  @pytest.mark.parametrize("shape", SHAPES)
-  def test_forward_and_gradients_match_xla_path(self, shape, scalar_loops):
-    if scalar_loops:  # a thread per pixel or Gaussian instead of tiles; blocks of 32 (off the shapes' multiples)
-      if self.BACKEND != "gpu":
-        pytest.skip("scalar_loops is a GPU kernel option; the TPU kernel ignores it")
-      blocks = pallas_splat.BlockSizes(32, 32, pl.next_power_of_2(shape[-1]), scalar_loops=True)
-      args, out, grads = self.run(shape, block_sizes=blocks)
-    else:
-      args, out, grads = self.run(shape)
+  def check_against_xla(self, shape, **kwargs):
+    args, out, grads = self.run(shape, **kwargs)
     b, _, h, w, c = shape
     (_, want_out), want_grads = value_and_grads(h, w, c, "xla")(*args)
     assert out.shape == (b, h, w, c) and out.dtype == jnp.float32
@@ -102,6 +94,16 @@ class TestSplatGpu:
     # Gaussians far outside the map cover no pixel: they neither add to the map nor receive gradient.
     for g in grads:
       np.testing.assert_array_equal(np.asarray(g)[:, 3::7], 0.0)
+
+  @pytest.mark.parametrize("shape", SHAPES)
+  def test_forward_and_gradients_match_xla_path(self, shape):
+    self.check_against_xla(shape)
+
+  @pytest.mark.parametrize("shape", SHAPES)
+  def test_scalar_loops_match_xla_path(self, shape):
+    """A thread per pixel or Gaussian instead of tiles (GPU only); blocks of 32, off the shapes' multiples."""
+    self.check_against_xla(shape, block_sizes=pallas_splat.BlockSizes(
+        32, 32, pl.next_power_of_2(shape[-1]), scalar_loops=True))
 
   def test_xla_backward_pass_equals_kernel_backward(self):
     _, _, grads = self.run(SHAPES[0], seed=1)
@@ -116,6 +118,7 @@ class TestSplatGpuInterpret(TestSplatGpu):
 
 class TestSplatTpu(TestSplatGpu):
   BACKEND = "tpu"
+  test_scalar_loops_match_xla_path = None  # a GPU kernel option, which the TPU kernel ignores
 
 
 class TestSplatTpuInterpret(TestSplatTpu):
