@@ -15,9 +15,11 @@
 #   bash benchmarks/gpu_wheels.sh              # on the CPU machine, once: the missing packages, into .whl/
 #   run(command="bash benchmarks/gpu_session.sh splat", carry=[".whl"], timeout_s=500)   # the device tool
 #
-# The log goes to $OUT/gpu_session_PART.log (it comes back) and to the terminal. Without .whl/ the install is
-# skipped (a machine that has the packages). The LPIPS weights cannot be fetched there (no network), so the
-# benchmark times LPIPS with random VGG16 weights of the same shapes and says so.
+# The log goes to $OUT/gpu_session_PART.log (it comes back) and to the terminal. The train-step parts also trace
+# two steps and print where their device time went (trace_summary.py); the trace comes back as
+# $OUT/PART_trace.json.gz. Without .whl/ the install is skipped (a machine that has the packages). The LPIPS
+# weights cannot be fetched there (no network), so the benchmark times LPIPS with random VGG16 weights of the
+# same shapes and says so.
 set -u
 PART=${1:-}
 case $PART in
@@ -26,6 +28,7 @@ case $PART in
 esac
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/gpu_session_$PART.log
+TRACE=/tmp/gpu_session_trace_$PART
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --upgrade --target .gpu_site .whl/*.whl
@@ -35,12 +38,17 @@ fi
   if [ "$PART" = splat ]; then timeout 460 bash benchmarks/splat_gpu_check.sh; echo "splat check: exit $?"; fi
   if [ "$PART" = cifar ]; then
     timeout 300 $PY benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=64 \
-      --config.model.conv_dtype=bfloat16 --noparts --steps=6 --rounds=3; echo "CIFAR bench: exit $?"
+      --config.model.conv_dtype=bfloat16 --noparts --steps=6 --rounds=3 --trace_dir="$TRACE"
+    echo "CIFAR bench: exit $?"
   fi
   if [ "$PART" = imagenet ]; then
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 500 $PY benchmarks/train_step_bench.py \
       --config=configs/imagenet.py --batch_size=16 --encode_batch_size=16 --config.model.conv_dtype=bfloat16 \
-      --noparts --nolpips --steps=4 --rounds=3
+      --noparts --nolpips --steps=4 --rounds=3 --trace_dir="$TRACE"
     echo "ImageNet bench: exit $?"
+  fi
+  if [ "$PART" != splat ] && [ -d "$TRACE" ]; then  # where the traced steps' device time went
+    $PY benchmarks/trace_summary.py "$TRACE" --top=40
+    find "$TRACE" -name "*.trace.json.gz" -exec cp {} "${OUT:-/tmp}/${PART}_trace.json.gz" \;
   fi
 } 2>&1 | grep --line-buffered -v -E "^(I|W)[0-9]{4} .*(weights.py:[0-9]+\] pip:|cuda_timer.cc)" | tee "$LOG"

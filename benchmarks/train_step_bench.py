@@ -47,7 +47,8 @@ gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops
 peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
 mfu, mfu_lpips and encode_mfu (null off the GPUs in `BF16_PEAK`), lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
 minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of one machine class).
-With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null.
+With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null. --trace_dir writes a
+profiler trace of two more steps (`benchmarks/trace_summary.py DIR` says where their device time went).
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls per encode, matmul and 
 _PARTS = flags.DEFINE_bool("parts", True, "Also time each part of the step (forward and forward+backward).")
 _LPIPS = flags.DEFINE_bool("lpips", True, "Also time the step with LPIPS in the loss; --nolpips compiles one step "
                            "program instead of two (the ImageNet step takes minutes to compile on a GPU).")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "If set, a JAX profiler trace of 2 steps without LPIPS is written "
+                                  "there after the timing; benchmarks/trace_summary.py tabulates it.")
 flags.mark_flags_as_required(["config"])
 
 _WARMUP_STEPS = 2
@@ -323,6 +326,11 @@ def main(argv):
       if i >= _WARMUP_STEPS:
         probe.sample()
       runner.step(timed=i >= _WARMUP_STEPS)
+  if _TRACE_DIR.value:  # after the timed steps, so that the trace costs them nothing
+    with jax.profiler.trace(_TRACE_DIR.value):
+      for _ in range(2):
+        runners["step"].step(timed=False)
+    print(f"  traced 2 steps into {_TRACE_DIR.value}", flush=True)
   # (seconds, FLOPs, batch, devices the program runs on): the steps on the mesh, encode on one device.
   results = {name: (runner.seconds, runner.flops, batch_size, mesh.devices.size) for name, runner in runners.items()}
   last = list(runners)[-1]  # the step with LPIPS when it ran; its state has trained like the other's

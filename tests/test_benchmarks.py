@@ -4,6 +4,7 @@ Subprocesses: the script defines absl flags (`config`, `data_dir`, `seed`, ...) 
 package define too, so it is never imported into the test process. The JAX compilation cache of the other
 training tests (`runs.subprocess_env`) keeps the second and later runs short.
 """
+import gzip
 import json
 import math
 import subprocess
@@ -79,3 +80,29 @@ print(on_mesh, bench.step_flops_on_cpu(config, 8, lpips))
   matmul, (on_mesh, on_one_cpu) = out.stdout.split("\n")[0], out.stdout.split("\n")[1].split()
   assert float(matmul) == 2 * 8 * 16 * 4
   assert float(on_mesh) > 1e8 and math.isclose(float(on_one_cpu), float(on_mesh), rel_tol=1e-6)
+
+
+def test_trace_summary_sums_the_device_events_by_name_and_kind(tmp_path):
+  """benchmarks/trace_summary.py on a trace written here: the device's events only, summed by name and by kind."""
+  def meta(pid, name):
+    return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+
+  def event(pid, name, dur):
+    return {"ph": "X", "pid": pid, "tid": 1, "name": name, "ts": 0, "dur": dur}
+
+  trace = {"traceEvents": [meta(1, "/device:GPU:0"), meta(2, "/host:CPU"), event(1, "cudnn_conv_fprop", 30),
+                           event(1, "loop_add_fusion", 60), event(1, "cudnn_conv_fprop", 10),
+                           event(1, "splat_backward", 5), event(2, "python", 1000)]}
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "vm.trace.json.gz", "wt") as f:
+    json.dump(trace, f)
+  out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_summary.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert "4 events of /device:GPU:0, 0.1 ms in all" in lines[0]  # the host's 1000 us left out
+  assert [(line[:20].strip(), line.split()[-1]) for line in lines[3:6]] == [
+      ("other fusion", "57.1%"), ("convolution", "38.1%"), ("splat (Pallas)", "4.8%")]
+  names = [line.split() for line in lines[-3:]]
+  assert [(n[0], n[1]) for n in names] == [("loop_add_fusion", "1"), ("cudnn_conv_fprop", "2"), ("splat_backward", "1")]

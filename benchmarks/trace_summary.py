@@ -1,0 +1,92 @@
+r"""Where a program's time went, from a JAX profiler trace: the events of each device (or of the host, off
+accelerators), summed by name and by kind, largest first.
+
+    python benchmarks/trace_summary.py TRACE [--top=25]
+
+TRACE is a `*.trace.json.gz` that `jax.profiler.trace` wrote, or a folder holding one (the newest is read), e.g.
+what `benchmarks/train_step_bench.py --trace_dir=DIR` traced. On a GPU the events of the "/device:GPU:N"
+processes are kernels and copies, timed by CUPTI; elsewhere the host's events, which nest (a thunk inside its
+executor's wait), so their shares are of the sum of every event's time, not of wall time.
+
+Kinds, from the kernel name, in this order (the first match wins; kernel names are the library's and XLA's, so
+the patterns are heuristics and "other" is what none matched):
+  splat (Pallas)      names holding "splat"
+  convolution         "conv", "xmma", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop"
+  matmul              "gemm", "cublas", "nvjet", "cutlass", "dot", "triton_gemm"
+  copy / memset       "memcpy", "memset", "copy"
+  reduction fusion    "reduce", "input_" (XLA's reduction emitters)
+  other fusion        "fusion", "loop_"
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+
+KINDS = (("splat (Pallas)", ("splat",)),
+         ("convolution", ("conv", "xmma", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop")),
+         ("matmul", ("gemm", "cublas", "nvjet", "cutlass", "dot", "triton_gemm")),
+         ("copy / memset", ("memcpy", "memset", "copy")),
+         ("reduction fusion", ("reduce", "input_")),
+         ("other fusion", ("fusion", "loop_")))
+
+
+def find_trace(path: pathlib.Path) -> pathlib.Path:
+  if path.is_file():
+    return path
+  traces = sorted(path.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  if not traces:
+    raise FileNotFoundError(f"No *.trace.json.gz under {path}; expected a `jax.profiler.trace` folder or file.")
+  return traces[-1]
+
+
+def kind_of(name: str) -> str:
+  lower = name.lower()
+  return next((kind for kind, patterns in KINDS if any(p in lower for p in patterns)), "other")
+
+
+def device_events(trace: dict) -> tuple[list[dict], str]:
+  """(the complete events of the device processes, or of every process when there are none; which it was)."""
+  names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  devices = {pid for pid, name in names.items() if name.startswith("/device:")}
+  complete = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+  if devices:
+    return [e for e in complete if e["pid"] in devices], ", ".join(sorted(names[p] for p in devices))
+  return complete, "host (no device processes in the trace)"
+
+
+def summarise(events: list[dict]) -> tuple[list[tuple[str, int, float]], dict[str, float]]:
+  """([(name, calls, total us)] largest first, {kind: total us})."""
+  calls, totals, kinds = collections.Counter(), collections.Counter(), collections.Counter()
+  for e in events:
+    calls[e["name"]] += 1
+    totals[e["name"]] += e["dur"]
+    kinds[kind_of(e["name"])] += e["dur"]
+  rows = sorted(((name, calls[name], total) for name, total in totals.items()), key=lambda r: -r[2])
+  return rows, dict(kinds.most_common())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("trace", type=pathlib.Path)
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+  path = find_trace(args.trace)
+  with gzip.open(path) as f:
+    events, source = device_events(json.load(f))
+  rows, kinds = summarise(events)
+  total = sum(t for _, _, t in rows)
+  print(f"{path}: {len(events)} events of {source}, {total / 1e3:.1f} ms in all")
+  print(f"\n{'kind':<20} {'ms':>10} {'share':>7}")
+  for kind, t in kinds.items():
+    print(f"{kind:<20} {t / 1e3:10.2f} {100 * t / total:6.1f}%")
+  print(f"\n{'name':<70} {'calls':>6} {'ms':>9} {'share':>7} {'mean us':>9}")
+  for name, n, t in rows[:args.top]:
+    print(f"{name[:70]:<70} {n:>6} {t / 1e3:9.2f} {100 * t / total:6.1f}% {t / n:9.1f}")
+
+
+if __name__ == "__main__":
+  main()
