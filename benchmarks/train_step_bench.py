@@ -42,13 +42,14 @@ ever slows both down).
 LPIPS weights: the official ones when `losses.load_lpips_params` can load them (pip fetch, cached);
 otherwise randomly initialised VGG16 weights of the same shapes, which time the same, and the output says so.
 
-The last line printed is one JSON object: images_per_s, images_per_s_lpips, encode_images_per_s,
-gflops_per_image (the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops,
-peak_fraction (the step without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions,
-mfu, mfu_lpips and encode_mfu (null off the GPUs in `BF16_PEAK`), lpips_overhead (the median over the alternating pairs of steps of the time with LPIPS over the time without,
-minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of one machine class).
-With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null. --trace_dir writes a
-profiler trace of two more steps (`benchmarks/trace_summary.py DIR` says where their device time went).
+The last line printed is one JSON object: images_per_s, images_per_s_lpips, encode_images_per_s, gflops_per_image
+(the step without LPIPS), gflops_per_image_lpips, encode_gflops_per_image, matmul_gflops, peak_fraction (the step
+without LPIPS), peak_fraction_lpips, encode_peak_fraction, their `*_best` versions, mfu, mfu_lpips and encode_mfu
+(null off the GPUs in `BF16_PEAK`), lpips_overhead (the median over the alternating pairs of steps of the time with
+LPIPS over the time without, minus 1), and the settings and the host CPU (`cpu`: the ratios differ between CPUs of
+one machine class). With --nolpips only the step without LPIPS is compiled and timed, and the LPIPS keys are null.
+--trace_dir writes a profiler trace of two more steps (`benchmarks/trace_summary.py DIR` says where their device
+time went).
 """
 from __future__ import annotations
 
