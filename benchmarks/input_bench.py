@@ -56,7 +56,7 @@ def main(argv):
               ("256 px, random-resized-crop + flip", _IMAGENET.value, 256, "random_resized_crop", 64)]
   print(f"{os.cpu_count()} CPU cores; one process; {_SECONDS.value:.0f} s a row after "
         f"{_WARMUP_BATCHES.value} warm-up batches")
-  print(f"| setting | data | batch | workers | images/s |\n|---|---|---|---|---|")
+  print("| setting | data | batch | workers | images/s |\n|---|---|---|---|---|")
   for name, path, size, augment, batch_size in settings:
     for workers in map(int, _WORKERS.value):
       config = _config(path, size, augment, batch_size, workers)

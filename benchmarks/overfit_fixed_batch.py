@@ -85,7 +85,6 @@ def fwd(m, x, train, quant):
     return out.reconstruction, out.commitment_loss, out
   feats = m.encoder(x)
   if a.mode in ("grid", "gridpos"):
-    from gaussiantoken_jax.models.gaussian_embedder import Gaussians
     B, h, w, _ = feats.shape
     pooled = feats.reshape(B, h // 2, 2, w // 2, 2, -1).mean((2, 4)).reshape(B, (h // 2) * (w // 2), -1)
     g = m.embedder(feats, train=train)
