@@ -1,12 +1,14 @@
 r"""Where a program's time went, from a JAX profiler trace: the events of each device (or of the host, off
-accelerators), summed by name and by kind, largest first.
+accelerators), summed by name and by kind, largest first. Names are taken without a trailing ".N" (XLA numbers the
+instances of an op, "while.2058"), so that the instances of one op add up.
 
     python benchmarks/trace_summary.py TRACE [--top=25]
 
 TRACE is a `*.trace.json.gz` that `jax.profiler.trace` wrote, or a folder holding one (the newest is read), e.g.
 what `benchmarks/train_step_bench.py --trace_dir=DIR` traced. On a GPU the events of the "/device:GPU:N"
-processes are kernels and copies, timed by CUPTI; elsewhere the host's events, which nest (a thunk inside its
-executor's wait), so their shares are of the sum of every event's time, not of wall time.
+processes are kernels and copies, timed by CUPTI. On the CPU they are the ops (thunks) that XLA's worker threads
+ran (threads named "tf_XLA..."), without the executor and thread-pool events that wrap them; two threads run ops
+at once, so the total is CPU time, more than wall time.
 
 Kinds, from the kernel name, in this order (the first match wins; kernel names are the library's and XLA's, so
 the patterns are heuristics and "other" is what none matched):
@@ -24,6 +26,7 @@ import collections
 import gzip
 import json
 import pathlib
+import re
 
 KINDS = (("splat (Pallas)", ("splat",)),
          ("convolution", ("conv", "xmma", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop")),
@@ -47,24 +50,32 @@ def kind_of(name: str) -> str:
   return next((kind for kind, patterns in KINDS if any(p in lower for p in patterns)), "other")
 
 
+# The XLA:CPU events that wrap the ops (an executor's run, a pool's wait) rather than being ops.
+_HOST_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool")
+
+
 def device_events(trace: dict) -> tuple[list[dict], str]:
-  """(the complete events of the device processes, or of every process when there are none; which it was)."""
-  names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  devices = {pid for pid, name in names.items() if name.startswith("/device:")}
+  """(the complete events of the device processes, else of XLA's host worker threads; which they were)."""
+  meta = [e for e in trace["traceEvents"] if e.get("ph") == "M"]
+  processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
   complete = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
   if devices:
-    return [e for e in complete if e["pid"] in devices], ", ".join(sorted(names[p] for p in devices))
-  return complete, "host (no device processes in the trace)"
+    return [e for e in complete if e["pid"] in devices], ", ".join(sorted(processes[p] for p in devices))
+  ops = [e for e in complete if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
+         and not e["name"].startswith(_HOST_WRAPPERS)]
+  return ops, "XLA's host worker threads (no device processes in the trace)"
 
 
 def summarise(events: list[dict]) -> tuple[list[tuple[str, int, float]], dict[str, float]]:
-  """([(name, calls, total us)] largest first, {kind: total us})."""
+  """([(name without its ".N", calls, total us)] largest first, {kind: total us})."""
   calls, totals, kinds = collections.Counter(), collections.Counter(), collections.Counter()
   for e in events:
-    calls[e["name"]] += 1
-    totals[e["name"]] += e["dur"]
-    kinds[kind_of(e["name"])] += e["dur"]
+    name = re.sub(r"\.\d+$", "", e["name"])
+    calls[name] += 1
+    totals[name] += e["dur"]
+    kinds[kind_of(name)] += e["dur"]
   rows = sorted(((name, calls[name], total) for name, total in totals.items()), key=lambda r: -r[2])
   return rows, dict(kinds.most_common())
 

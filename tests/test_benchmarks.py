@@ -82,27 +82,43 @@ print(on_mesh, bench.step_flops_on_cpu(config, 8, lpips))
   assert float(on_mesh) > 1e8 and math.isclose(float(on_one_cpu), float(on_mesh), rel_tol=1e-6)
 
 
-def test_trace_summary_sums_the_device_events_by_name_and_kind(tmp_path):
-  """benchmarks/trace_summary.py on a trace written here: the device's events only, summed by name and by kind."""
-  def meta(pid, name):
-    return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
-
-  def event(pid, name, dur):
-    return {"ph": "X", "pid": pid, "tid": 1, "name": name, "ts": 0, "dur": dur}
-
-  trace = {"traceEvents": [meta(1, "/device:GPU:0"), meta(2, "/host:CPU"), event(1, "cudnn_conv_fprop", 30),
-                           event(1, "loop_add_fusion", 60), event(1, "cudnn_conv_fprop", 10),
-                           event(1, "splat_backward", 5), event(2, "python", 1000)]}
-  folder = tmp_path / "plugins" / "profile" / "run"
+def _write_trace(folder, events, processes, threads=()):
+  meta = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}} for pid, name in processes]
+  meta += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
+           for pid, tid, name in threads]
+  complete = [{"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur} for pid, tid, name, dur in events]
   folder.mkdir(parents=True)
   with gzip.open(folder / "vm.trace.json.gz", "wt") as f:
-    json.dump(trace, f)
-  out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_summary.py"), str(tmp_path)],
+    json.dump({"traceEvents": meta + complete}, f)
+
+
+def _trace_summary(path):
+  out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_summary.py"), str(path)],
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
-  lines = out.stdout.splitlines()
+  return out.stdout.splitlines()
+
+
+def test_trace_summary_sums_the_device_events_by_name_and_kind(tmp_path):
+  """benchmarks/trace_summary.py on a trace written here: the device's events only, summed by name and by kind."""
+  _write_trace(tmp_path / "plugins" / "profile" / "run",
+               [(1, 1, "cudnn_conv_fprop", 30), (1, 1, "loop_add_fusion", 60), (1, 2, "cudnn_conv_fprop", 10),
+                (1, 1, "splat_backward", 5), (2, 1, "python", 1000)], [(1, "/device:GPU:0"), (2, "/host:CPU")])
+  lines = _trace_summary(tmp_path)
   assert "4 events of /device:GPU:0, 0.1 ms in all" in lines[0]  # the host's 1000 us left out
   assert [(line[:20].strip(), line.split()[-1]) for line in lines[3:6]] == [
       ("other fusion", "57.1%"), ("convolution", "38.1%"), ("splat (Pallas)", "4.8%")]
   names = [line.split() for line in lines[-3:]]
   assert [(n[0], n[1]) for n in names] == [("loop_add_fusion", "1"), ("cudnn_conv_fprop", "2"), ("splat_backward", "1")]
+
+
+def test_trace_summary_of_a_cpu_trace_counts_the_ops_of_xla_threads(tmp_path):
+  """Without device processes: the ops on XLA's worker threads, their numbered instances added up, without the
+  executor events that wrap them or the Python thread's."""
+  events = [(7, 1, "while.12", 300), (7, 2, "while.40", 100), (7, 1, "dot.3", 200),
+            (7, 1, "ThunkExecutor::Execute", 5000), (7, 3, "$api.py:2479 block_until_ready", 9000)]
+  _write_trace(tmp_path / "run", events, [(7, "/host:CPU")],
+               [(7, 1, "tf_XLAEigen/1"), (7, 2, "tf_XLAEigen/2"), (7, 3, "python")])
+  lines = _trace_summary(tmp_path / "run" / "vm.trace.json.gz")
+  assert "3 events of XLA's host worker threads" in lines[0] and "0.6 ms in all" in lines[0]
+  assert [line.split()[:3] for line in lines[-2:]] == [["while", "2", "0.40"], ["dot", "1", "0.20"]]
