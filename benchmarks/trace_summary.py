@@ -85,7 +85,10 @@ def main():
   parser.add_argument("trace", type=pathlib.Path)
   parser.add_argument("--top", type=int, default=25)
   args = parser.parse_args()
-  path = find_trace(args.trace)
+  try:
+    path = find_trace(args.trace)
+  except FileNotFoundError as err:
+    parser.error(str(err))
   with gzip.open(path) as f:
     events, source = device_events(json.load(f))
   rows, kinds = summarise(events)

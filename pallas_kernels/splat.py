@@ -80,10 +80,14 @@ def gaussian_tile(rows, px, py, cutoff: float):
   return jnp.where(w >= cutoff, w, 0.0), u, v, dx, dy
 
 
+def _centre_of(p, width: int):
+  """(px, py): the centre of row-major pixel p (int32, any shape, a scalar too), float32."""
+  return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
+
+
 def pixel_centres(height: int, width: int):
   """(px, py), each [height * width] float32, pixels in row-major order."""
-  p = jnp.arange(height * width, dtype=jnp.int32)
-  return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
+  return _centre_of(jnp.arange(height * width, dtype=jnp.int32), width)
 
 
 def _image_weights(rows, *, height: int, width: int, cutoff: float):
@@ -194,8 +198,7 @@ def gpu_kernels_available() -> bool:
 
 def _pixel_block(p0, shape, axis, width: int):
   """Centres (px, py) of the pixels p0 + [0, block) laid along `axis` of `shape`."""
-  p = p0 + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-  return (p % width).astype(jnp.float32) + 0.5, (p // width).astype(jnp.float32) + 0.5
+  return _centre_of(p0 + jax.lax.broadcasted_iota(jnp.int32, shape, axis), width)
 
 
 def _dot_precision(layout: _Layout):
@@ -293,8 +296,7 @@ def _backward_loop_kernel(geom_ref, feats_t_ref, cot_ref, sums_ref, dfeats_t_ref
 
   def body(j, carry):
     dfeats, sums = carry
-    p = p0 + j
-    px, py = (p % layout.width).astype(jnp.float32) + 0.5, (p // layout.width).astype(jnp.float32) + 0.5
+    px, py = _centre_of(p0 + j, layout.width)
     w, u, v, dx, dy = gaussian_tile(rows, px, py, layout.cutoff)  # [Kb]
     cot = [cot_ref[j, c] for c in range(layout.channels)]  # the padded pixels' are 0: they add nothing
     dw = sum(f * g for f, g in zip(feats, cot))

@@ -92,11 +92,12 @@ def _write_trace(folder, events, processes, threads=()):
     json.dump({"traceEvents": meta + complete}, f)
 
 
-def _trace_summary(path):
+def _trace_summary(path, check=True):
   out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_summary.py"), str(path)],
                        capture_output=True, text=True, timeout=60)
-  assert out.returncode == 0, out.stderr
-  return out.stdout.splitlines()
+  if check:
+    assert out.returncode == 0, out.stderr
+  return out
 
 
 def test_trace_summary_sums_the_device_events_by_name_and_kind(tmp_path):
@@ -104,7 +105,7 @@ def test_trace_summary_sums_the_device_events_by_name_and_kind(tmp_path):
   _write_trace(tmp_path / "plugins" / "profile" / "run",
                [(1, 1, "cudnn_conv_fprop", 30), (1, 1, "loop_add_fusion", 60), (1, 2, "cudnn_conv_fprop", 10),
                 (1, 1, "splat_backward", 5), (2, 1, "python", 1000)], [(1, "/device:GPU:0"), (2, "/host:CPU")])
-  lines = _trace_summary(tmp_path)
+  lines = _trace_summary(tmp_path).stdout.splitlines()
   assert "4 events of /device:GPU:0, 0.1 ms in all" in lines[0]  # the host's 1000 us left out
   assert [(line[:20].strip(), line.split()[-1]) for line in lines[3:6]] == [
       ("other fusion", "57.1%"), ("convolution", "38.1%"), ("splat (Pallas)", "4.8%")]
@@ -119,6 +120,11 @@ def test_trace_summary_of_a_cpu_trace_counts_the_ops_of_xla_threads(tmp_path):
             (7, 1, "ThunkExecutor::Execute", 5000), (7, 3, "$api.py:2479 block_until_ready", 9000)]
   _write_trace(tmp_path / "run", events, [(7, "/host:CPU")],
                [(7, 1, "tf_XLAEigen/1"), (7, 2, "tf_XLAEigen/2"), (7, 3, "python")])
-  lines = _trace_summary(tmp_path / "run" / "vm.trace.json.gz")
+  lines = _trace_summary(tmp_path / "run" / "vm.trace.json.gz").stdout.splitlines()
   assert "3 events of XLA's host worker threads" in lines[0] and "0.6 ms in all" in lines[0]
   assert [line.split()[:3] for line in lines[-2:]] == [["while", "2", "0.40"], ["dot", "1", "0.20"]]
+
+
+def test_trace_summary_of_a_folder_without_a_trace_is_a_clear_error(tmp_path):
+  out = _trace_summary(tmp_path, check=False)
+  assert out.returncode == 2 and f"error: No *.trace.json.gz under {tmp_path}" in out.stderr
