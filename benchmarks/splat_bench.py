@@ -105,10 +105,11 @@ def floors(shape):
           "fwd+bwd": (3 * inputs + 2 * output, pairs * (41 + 6 * c))}
 
 
-def make_inputs(shape, seed=0):
+def make_inputs(shape, seed=0, scales=(0.5, 3.0)):
+  """Random Gaussians (centres on the map, scales uniform in `scales` pixels), features and a cotangent."""
   b, k, h, w, c = shape
   rng = np.random.default_rng(seed)
-  arrays = (rng.uniform(-1, 1, (b, k, 2)), rng.uniform(-3, 3, (b, k)), rng.uniform(0.5, 3.0, (b, k, 2)),
+  arrays = (rng.uniform(-1, 1, (b, k, 2)), rng.uniform(-3, 3, (b, k)), rng.uniform(*scales, (b, k, 2)),
             rng.normal(size=(b, k, c)), rng.normal(size=(b, h, w, c)))
   return [jnp.asarray(a, jnp.float32) for a in arrays]
 

@@ -1,16 +1,18 @@
-"""One-shot GPU check of the Pallas splat kernel, in three modes.
+"""One-shot GPU check of the Pallas splat kernel, in three modes, and a table that needs no GPU.
 
     python benchmarks/splat_gpu_check.py check     # versions, correctness, the deprecation warning
     python benchmarks/splat_gpu_check.py sweep     # the XLA path and kernel variants at three shapes
-    python benchmarks/splat_gpu_check.py profile   # one fwd+bwd of two variants, to run under ncu
+    python benchmarks/splat_gpu_check.py profile   # one fwd+bwd of three variants, to run under ncu
+    python benchmarks/splat_gpu_check.py tiles     # the fraction of tiles each sweep variant computes (any machine)
 
 check prints the JAX version and device, then for each shape the relative error (norm of the difference over
 norm of the XLA value) of the kernel's output and of the gradients of all four inputs, and fails (exit 1) above
 1e-5. Last, it checks that JAX 0.11's Triton deprecation warning stays out of the log while
 pallas_kernels.splat is imported, and that it is JAX's to emit (shown once the filters are reset).
-sweep times the XLA path and kernel variants (tiles, warps, dot algorithms, scalar loops: `SWEEP`) at the ImageNet,
-CIFAR and large shapes, each variant with its error against the XLA path. profile runs the forward and backward of
-the default tile and of the scalar loops once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
+sweep times the XLA path and kernel variants (tiles, scalar loops, culling: `SWEEP`) at the ImageNet, CIFAR and
+large shapes, each variant with its error against the XLA path and the fraction of tiles it computes; the ImageNet
+shape also with Gaussians as small as trained ones. profile runs the forward and backward of the default tile, the
+scalar loops and the culled tiles once at the ImageNet shape, for `ncu -k regex:splat`. All three are run by
 benchmarks/splat_gpu_check.sh; a dry run off GPU: `python benchmarks/splat_gpu_check.py check pallas_interpret 3`.
 """
 import dataclasses
@@ -47,19 +49,23 @@ def relative_error(got, want):
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-SWEEP = {  # shape -> BlockSizes fields that differ from the default tile's; {} is the default
-    (64, 256, 32, 32, 8): [{}, dict(block_k=32, tf32x3=False), dict(num_warps=8), dict(block_p=32),
-                           dict(block_k=128), dict(scalar_loops=True, block_k=128, block_p=128, block_c=8),
-                           dict(scalar_loops=True, block_k=128, block_p=64, block_c=8),
-                           dict(scalar_loops=True, block_k=64, block_p=128, block_c=8, num_warps=2)],
-    (256, 64, 16, 16, 3): [{}, dict(block_k=32, tf32x3=False), dict(block_p=64),
-                           dict(scalar_loops=True, block_k=64, block_p=64, block_c=4, num_warps=2),
-                           dict(scalar_loops=True, block_k=64, block_p=128, block_c=4, num_warps=2)],
-    (32, 1024, 64, 64, 64): [{}, dict(block_k=32, tf32x3=False), dict(num_warps=8)],
+# The demo checkpoint's trained Gaussians have scales of 0.88-0.96 pixels (docs/benchmarks.md); the benchmark's
+# random ones 0.5-3.0, whose wider bands leave culling less to skip.
+BENCH_SCALES, TRAINED_SCALES = (0.5, 3.0), (0.85, 0.95)
+SWEEP = {  # (shape, scale range) -> BlockSizes fields that differ from the default tile's; {} is the default
+    ((64, 256, 32, 32, 8), BENCH_SCALES): [
+        {}, dict(cull_rows=True), dict(cull_rows=True, block_k=32), dict(cull_rows=True, block_p=32),
+        dict(scalar_loops=True, block_k=128, block_p=128, block_c=8),
+        dict(scalar_loops=True, block_k=64, block_p=128, block_c=8, num_warps=2)],
+    ((64, 256, 32, 32, 8), TRAINED_SCALES): [{}, dict(cull_rows=True), dict(cull_rows=True, block_k=32)],
+    ((256, 64, 16, 16, 3), BENCH_SCALES): [
+        {}, dict(cull_rows=True, block_k=32), dict(cull_rows=True, block_k=16),
+        dict(scalar_loops=True, block_k=64, block_p=64, block_c=4, num_warps=2)],
+    ((32, 1024, 64, 64, 64), BENCH_SCALES): [{}, dict(cull_rows=True)],
 }
-# The default tile and the scalar loops at the ImageNet shape.
+# The default tile, the scalar loops and the culled tiles at the ImageNet shape.
 PROFILE_SHAPE = (64, 256, 32, 32, 8)
-PROFILE_VARIANTS = [{}, dict(scalar_loops=True, block_k=128, block_p=128, block_c=8)]
+PROFILE_VARIANTS = [{}, dict(scalar_loops=True, block_k=128, block_p=128, block_c=8), dict(cull_rows=True)]
 
 
 def fwd_bwd_of(f):
@@ -75,14 +81,14 @@ def kernel_of(shape, changes):
   return blocks, functools.partial(pallas_splat.splat, height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
 
 
-def block_sweep(shape, variants):
+def block_sweep(shape, scales, variants):
   """fwd and fwd+bwd ms of the kernel variants (the default marked *), each with its worst relative error
-  against the XLA path over the output and the gradients."""
-  *args, cotangent = make_inputs(shape)
+  against the XLA path over the output and the gradients, and the fraction of tiles it computes."""
+  *args, cotangent = make_inputs(shape, scales=scales)
   _, _, h, w, _ = shape
   xla = functools.partial(splat, height=h, width=w, impl="xla")
   want = jax.jit(fwd_bwd_of(xla))(*args, cotangent)
-  print(f"kernel variants at {shape}; the XLA path: fwd {time_call(chained(xla), *args, rounds=3) * 1e3:.4f} ms, "
+  print(f"kernel variants at {shape}, scales {scales}; the XLA path: fwd {time_call(chained(xla), *args, rounds=3) * 1e3:.4f} ms, "
         f"fwd+bwd {time_call(chained(fwd_bwd_of(xla)), *args, cotangent, rounds=3) * 1e3:.4f} ms", flush=True)
   for changes in variants:
     blocks, f = kernel_of(shape, changes)
@@ -94,8 +100,9 @@ def block_sweep(shape, variants):
     except Exception as e:  # pylint: disable=broad-except  # a variant that fails to compile is a result too
       print(f" {blocks}: failed, {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue
+    tiles = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
     print(f"{'*' if not changes else ' '}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms, "
-          f"worst rel. error {error:.1e}", flush=True)
+          f"worst rel. error {error:.1e}, tiles computed {tiles[0]:.2f}", flush=True)
 
 
 def profile():
@@ -140,9 +147,22 @@ def check(impl="pallas", num_shapes=len(SHAPES)):
   return 0 if worst < 1e-5 and hidden == 0 else 1
 
 
+def tiles():
+  """The fraction of tiles each SWEEP variant computes on the sweep's inputs: no timing, any machine."""
+  for (shape, scales), variants in SWEEP.items():
+    *args, _ = make_inputs(shape, scales=scales)
+    _, _, h, w, _ = shape
+    for changes in variants:
+      blocks, _ = kernel_of(shape, changes)
+      fraction = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=1 / 255,
+                                                     block_sizes=blocks)[0]
+      print(f"{str(shape):<22} scales {str(scales):<12} {str(changes):<70} tiles computed {fraction:.2f}")
+  return 0
+
+
 def sweep():
-  for shape, variants in SWEEP.items():
-    block_sweep(shape, variants)
+  for (shape, scales), variants in SWEEP.items():
+    block_sweep(shape, scales, variants)
   return 0
 
 
@@ -150,4 +170,4 @@ if __name__ == "__main__":
   mode, *rest = sys.argv[1:] or ["check"]
   if mode == "check":
     sys.exit(check(rest[0], int(rest[1])) if rest else check())
-  sys.exit({"sweep": sweep, "profile": profile}[mode]())
+  sys.exit({"sweep": sweep, "profile": profile, "tiles": tiles}[mode]())

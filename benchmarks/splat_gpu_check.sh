@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU check of issue 9 in one run, most wanted first: versions and kernel-vs-XLA correctness, the kernel
 # variants beside the XLA path, the benchmark table, the test file's compiled-kernel classes, then Nsight
-# Compute's view of the default tile and the scalar loops (where ncu is installed). Run from the repository root
+# Compute's view of the default tile, the scalar loops and the culled tiles (where ncu is installed). Run from the repository root
 # on a GPU machine:
 #   PYTHONUNBUFFERED=1 bash benchmarks/splat_gpu_check.sh 2>&1 | tee LOG
 set -u
@@ -15,8 +15,8 @@ $PY benchmarks/splat_bench.py; bench=$?
 # the CPU unless JAX_PLATFORMS says otherwise.
 JAX_PLATFORMS=cuda,cpu $PY -m pytest tests/test_pallas_splat.py -q -k "TestSplat and not Interpret" \
   -p no:cacheprovider; tests=$?
-if command -v ncu > /dev/null; then  # 4 kernels: the forward and backward of both variants
-  timeout 120 ncu --target-processes all --clock-control none -k regex:splat -c 4 --section SpeedOfLight \
+if command -v ncu > /dev/null; then  # 6 kernels: the forward and backward of three variants
+  timeout 150 ncu --target-processes all --clock-control none -k regex:splat -c 6 --section SpeedOfLight \
     --section LaunchStats --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
     $PY benchmarks/splat_gpu_check.py profile
   echo "ncu: exit $?"

@@ -132,7 +132,12 @@ class BlockSizes:
   scalar_loops, which swaps the tiles for loops (`_forward_loop_kernel`, `_backward_loop_kernel`): a thread per
   pixel (forward) or per Gaussian (backward) looping over the other axis with scalar loads, so that nothing goes
   through shared memory, where the H200 profile of the tiles found their time (docs/benchmarks.md); meant for few
-  channels (the loops run over the real C; block_c need only be a power of 2 >= C) and not yet timed on a GPU. The
+  channels (the loops run over the real C; block_c need only be a power of 2 >= C) and not yet timed on a GPU.
+  cull_rows skips the tiles that no Gaussian reaches. Each Gaussian's weight is below the cutoff outside a band of
+  pixel rows (`_row_spans`), so the forward loops only over the Gaussian blocks that reach its pixel block and the
+  backward only over the pixel blocks that its Gaussian block reaches (`_block_ranges`), the Gaussians sorted by
+  centre row first so that those ranges are short. Trained Gaussians are small (the demo checkpoint's bands are
+  about 6 rows; docs/benchmarks.md), so most tiles of a large map are empty; not yet timed on a GPU either. The
   defaults are the H200 sweeps' winners: 64 Gaussians to a tile with TF32x3 products took forward+backward, the op
   the train step runs, from 0.201 to 0.161-0.188 ms at the ImageNet shape, 0.076 to 0.051 at the CIFAR one and 4.03
   to 2.49 at the large one, within 3.2e-7 of the XLA path. Summing the backward's geometry terms once per program
@@ -150,6 +155,12 @@ class BlockSizes:
   num_stages: int = 2
   tf32x3: bool = True
   scalar_loops: bool = False
+  cull_rows: bool = False
+
+  def __post_init__(self):
+    if self.scalar_loops and self.cull_rows:
+      raise ValueError("BlockSizes: cull_rows applies to the tile kernels only; the scalar loops do not cull "
+                       "(got scalar_loops=True and cull_rows=True).")
 
   @classmethod
   def for_shape(cls, num_gaussians: int, num_pixels: int, channels: int, backend: str) -> BlockSizes:
@@ -167,6 +178,7 @@ class _Layout:
   """Static description of one call: map size, cutoff, padded sizes, kernel choice."""
   height: int
   width: int
+  num_gaussians: int
   channels: int
   cutoff: float
   padded_k: int
@@ -192,6 +204,63 @@ def _core_xla(layout: _Layout, geom, feats):
   return jnp.pad(out, ((0, 0), (0, layout.padded_p - layout.num_pixels), (0, 0)))
 
 
+# The row bands of `_row_spans` are widened by this fraction plus this many pixels, far more than the float32
+# rounding of the kernels' u^2 + v^2 and exp can move a weight across the cutoff (a few 1e-7 relative).
+_SPAN_SLACK = 1e-3
+
+
+def _row_spans(geom, layout: _Layout):
+  """First and last pixel row where each Gaussian's weight can reach the cutoff: int32 [B, Kp] each.
+
+  w >= cutoff means u^2 + v^2 <= rho^2 with rho^2 = -2 ln(cutoff), an ellipse in (dx, dy). (u, v) = M (dx, dy)
+  with M = [[a, b], [-d, c]], so over the ellipse |dy| <= rho sqrt((M^-1 M^-T)_yy) = rho sqrt(a^2 + d^2) / |ac + bd|.
+  Row i (centre i + 0.5) can then carry weight only if |i + 0.5 - cy| is within that half-height. Empty bands
+  (lo > hi): padded Gaussians and those wholly above or below the map; a non-finite band (NaN geometry, a zero
+  cutoff) spans every row, as the dense kernel would compute them.
+  """
+  cy, a, b, c, d = (geom[:, r] for r in range(1, 6))
+  rho = jnp.sqrt(-2.0 * jnp.log(jnp.float32(layout.cutoff)))
+  half = rho * jnp.sqrt(a * a + d * d) / jnp.abs(a * c + b * d)
+  half = half * (1.0 + _SPAN_SLACK) + _SPAN_SLACK
+  last_row = layout.height - 1
+  lo = jnp.nan_to_num(jnp.clip(jnp.ceil(cy - half - 0.5), 0, layout.height), nan=0.0)
+  hi = jnp.nan_to_num(jnp.clip(jnp.floor(cy + half - 0.5), -1, last_row), nan=last_row)
+  real = jnp.arange(geom.shape[-1]) < layout.num_gaussians
+  return jnp.where(real, lo, layout.height).astype(jnp.int32), jnp.where(real, hi, -1).astype(jnp.int32)
+
+
+def _block_ranges(geom, layout: _Layout):
+  """The tiles `cull_rows` computes, as loop bounds [start, stop) per program (int32, ..., 2):
+
+  forward  [B, Pp/bp, 2]: the Gaussian blocks from the first to the last Gaussian whose band meets the pixel
+           block's rows (any order of the Gaussians is correct; sorted by centre row the range is short);
+  backward [B, Kp/bk, 2]: the pixel blocks that hold the rows of the Gaussian block's bands.
+  Empty ranges are [0, 0): the program then writes zeros, which is what its Gaussians or pixels get.
+  """
+  lo, hi = _row_spans(geom, layout)
+  b, kp = lo.shape
+  bk, bp, width = layout.blocks.block_k, layout.blocks.block_p, layout.width
+  first_pixel = jnp.arange(layout.padded_p // bp) * bp
+  top, bottom = first_pixel // width, jnp.minimum((first_pixel + bp - 1) // width, layout.height - 1)
+  meets = (lo[:, None, :] <= bottom[None, :, None]) & (hi[:, None, :] >= top[None, :, None])  # [B, nP, Kp]
+  first_k = jnp.argmax(meets, axis=-1)
+  stop_k = kp - jnp.argmax(meets[..., ::-1], axis=-1)
+  any_k = jnp.any(meets, axis=-1)
+  forward = jnp.stack([jnp.where(any_k, first_k // bk, 0), jnp.where(any_k, pl.cdiv(stop_k, bk), 0)], axis=-1)
+  block_lo, block_hi = lo.reshape(b, kp // bk, bk).min(-1), hi.reshape(b, kp // bk, bk).max(-1)
+  any_p = block_lo <= block_hi
+  backward = jnp.stack([jnp.where(any_p, block_lo * width // bp, 0),
+                        jnp.where(any_p, pl.cdiv((block_hi + 1) * width, bp), 0)], axis=-1)
+  return forward.astype(jnp.int32), backward.astype(jnp.int32)
+
+
+def _loop_bounds(ranges_ref, num_blocks: int):
+  """(start, stop) of a kernel's block loop: the program's range under cull_rows (`_block_ranges`), else all."""
+  if not ranges_ref:
+    return 0, num_blocks
+  return ranges_ref[0][0], ranges_ref[0][1]
+
+
 def gpu_kernels_available() -> bool:
   return pltriton is not None
 
@@ -207,8 +276,12 @@ def _dot_precision(layout: _Layout):
   return jax.lax.Precision.HIGHEST
 
 
-def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
-  """One image, one block of pixels: out[P, C] = sum over K blocks of w[P, Kb] @ feats[Kb, C]."""
+def _forward_kernel(geom_ref, feats_ref, *refs, layout: _Layout):
+  """One image, one block of pixels: out[P, C] = sum over K blocks of w[P, Kb] @ feats[Kb, C].
+
+  refs: (out_ref,), or (ranges_ref, out_ref) under cull_rows, which limits the loop to the blocks that reach.
+  """
+  *ranges_ref, out_ref = refs
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   px, py = _pixel_block(pl.program_id(1) * bp, (bp, 1), 0, layout.width)
 
@@ -218,8 +291,8 @@ def _forward_kernel(geom_ref, feats_ref, out_ref, *, layout: _Layout):
     w = gaussian_tile(rows, px, py, layout.cutoff)[0]  # [P, Kb]
     return acc + jnp.dot(w, feats_ref[ks, :], precision=_dot_precision(layout))
 
-  out_ref[...] = jax.lax.fori_loop(0, layout.padded_k // bk, body,
-                                   jnp.zeros((bp, layout.padded_c), jnp.float32))
+  start, stop = _loop_bounds(ranges_ref, layout.padded_k // bk)
+  out_ref[...] = jax.lax.fori_loop(start, stop, body, jnp.zeros((bp, layout.padded_c), jnp.float32))
 
 
 def _geometry_terms(w, u, v, dx, dy, dw):
@@ -242,8 +315,12 @@ def _geometry_grads(rows, sums):
   return a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx
 
 
-def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, layout: _Layout):
-  """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics)."""
+def _backward_kernel(geom_ref, feats_ref, cot_ref, *refs, layout: _Layout):
+  """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics).
+
+  refs: (dgeom_ref, dfeats_ref), after a ranges_ref under cull_rows (the pixel blocks the Gaussians reach).
+  """
+  *ranges_ref, dgeom_ref, dfeats_ref = refs
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
@@ -262,8 +339,9 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, dgeom_ref, dfeats_ref, *, lay
     return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
 
   zeros = jnp.zeros((bk,), jnp.float32)
+  start, stop = _loop_bounds(ranges_ref, layout.padded_p // bp)
   dfeats, sums = jax.lax.fori_loop(
-      0, layout.padded_p // bp, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
+      start, stop, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
   for r, g in enumerate(_geometry_grads([r[:, 0] for r in rows], sums) + (zeros, zeros)):
     dgeom_ref[r, :] = g
   dfeats_ref[...] = dfeats
@@ -332,15 +410,20 @@ def _gpu_forward(geom, feats, layout: _Layout):
         compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_forward_loops",
     )(geom, feats)
     return out_t.transpose(0, 2, 1)
+  in_specs = [pl.BlockSpec((None, NUM_GEOMETRY_ROWS, kp), lambda i, j: (i, 0, 0)),
+              pl.BlockSpec((None, kp, cp), lambda i, j: (i, 0, 0))]
+  ranges = []
+  if layout.blocks.cull_rows:
+    ranges = [_block_ranges(geom, layout)[0]]
+    in_specs.append(pl.BlockSpec((None, None, 2), lambda i, j: (i, j, 0)))
   return pl.pallas_call(
       functools.partial(_forward_kernel, layout=layout),
       grid=(b, layout.padded_p // bp),
-      in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, kp), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((None, kp, cp), lambda i, j: (i, 0, 0))],
+      in_specs=in_specs,
       out_specs=pl.BlockSpec((None, bp, cp), lambda i, j: (i, j, 0)),
       out_shape=jax.ShapeDtypeStruct((b, layout.padded_p, cp), jnp.float32),
       compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_forward",
-  )(geom, feats)
+  )(geom, feats, *ranges)
 
 
 def _gpu_backward(geom, feats, cotangent, layout: _Layout):
@@ -365,17 +448,22 @@ def _gpu_backward(geom, feats, cotangent, layout: _Layout):
     grads = _geometry_grads([geom[:, r] for r in range(6)], [sums[:, r] for r in range(6)])
     dgeom = jnp.pad(jnp.stack(grads, axis=1), ((0, 0), (0, NUM_GEOMETRY_ROWS - 6), (0, 0)))
     return dgeom, jnp.sum(dfeats_t, axis=1).transpose(0, 2, 1)
+  in_specs = [pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
+              pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0)),
+              pl.BlockSpec((None, pp, cp), lambda i, j: (i, 0, 0))]
+  ranges = []
+  if layout.blocks.cull_rows:
+    ranges = [_block_ranges(geom, layout)[1]]
+    in_specs.append(pl.BlockSpec((None, None, 2), lambda i, j: (i, j, 0)))
   return pl.pallas_call(
       functools.partial(_backward_kernel, layout=layout),
       grid=(b, kp // bk),
-      in_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
-                pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0)),
-                pl.BlockSpec((None, pp, cp), lambda i, j: (i, 0, 0))],
+      in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, NUM_GEOMETRY_ROWS, bk), lambda i, j: (i, 0, j)),
                  pl.BlockSpec((None, bk, cp), lambda i, j: (i, j, 0))],
       out_shape=[jax.ShapeDtypeStruct(geom.shape, jnp.float32), jax.ShapeDtypeStruct(feats.shape, jnp.float32)],
       compiler_params=_gpu_params(layout), interpret=layout.interpret, name="splat_backward",
-  )(geom, feats, cotangent)
+  )(geom, feats, cotangent, *ranges)
 
 
 def _forward(geom, feats, layout: _Layout):
@@ -411,6 +499,37 @@ def _core_bwd(layout, residuals, cotangent):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def _operands(means, rotations, scales, features, *, height, width, cutoff, backend, interpret,
+              backward_pass_impl, block_sizes):
+  """(layout, geom [B, 8, Kp], feats [B, Kp, Cp]): the options checked, the kernels' padded layout."""
+  if backend not in BACKENDS:
+    raise ValueError(f"splat: `backend` must be one of {BACKENDS}, got {backend!r}.")
+  if backward_pass_impl not in BACKWARD_PASS_IMPLS:
+    raise ValueError(f"splat: `backward_pass_impl` must be one of {BACKWARD_PASS_IMPLS}, "
+                     f"got {backward_pass_impl!r}.")
+  means, rotations, scales, features = (jnp.asarray(a, jnp.float32)
+                                        for a in (means, rotations, scales, features))
+  b, k, c = features.shape
+  blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
+  if backend == "tpu" and blocks.cull_rows:
+    raise ValueError("splat: cull_rows is a GPU kernel option; the TPU kernel computes every tile.")
+  layout = _Layout(height=height, width=width, num_gaussians=k, channels=c, cutoff=float(cutoff),
+                   padded_k=_round_up(k, blocks.block_k),
+                   padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,
+                   interpret=interpret, backward_pass_impl=backward_pass_impl)
+  geom = jnp.stack(geometry(means, rotations, scales, height=height, width=width), axis=1)  # [B, 6, K]
+  if blocks.cull_rows:
+    # The Gaussians in order of centre row, so that those reaching a pixel block are close together (the
+    # output is a sum over them; autodiff of the gather puts the gradients back in the caller's order).
+    order = jnp.argsort(geom[:, 1], axis=-1)
+    geom = jnp.take_along_axis(geom, order[:, None, :], axis=2)
+    features = jnp.take_along_axis(features, order[:, :, None], axis=1)
+  # Padded Gaussians carry zero features, so they add nothing; their gradients are sliced away.
+  geom = jnp.pad(geom, ((0, 0), (0, NUM_GEOMETRY_ROWS - 6), (0, layout.padded_k - k)))
+  feats = jnp.pad(features, ((0, 0), (0, layout.padded_k - k), (0, layout.padded_c - c)))
+  return layout, geom, feats
+
+
 def splat(means, rotations, scales, features, *, height: int, width: int, cutoff: float, backend: str = "gpu",
           interpret: bool = False, backward_pass_impl: str = "pallas", block_sizes: BlockSizes | None = None):
   """Pallas splat: [B, K, 2], [B, K], [B, K, 2], [B, K, C] -> float32 [B, height, width, C].
@@ -427,22 +546,25 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
     backward_pass_impl: "pallas" (kernel) or "xla" (autodiff of the jnp definition on the same layout).
     block_sizes: tile sizes; default `BlockSizes.for_shape`.
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"splat: `backend` must be one of {BACKENDS}, got {backend!r}.")
-  if backward_pass_impl not in BACKWARD_PASS_IMPLS:
-    raise ValueError(f"splat: `backward_pass_impl` must be one of {BACKWARD_PASS_IMPLS}, "
-                     f"got {backward_pass_impl!r}.")
-  means, rotations, scales, features = (jnp.asarray(a, jnp.float32)
-                                        for a in (means, rotations, scales, features))
-  b, k, c = features.shape
-  blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
-  layout = _Layout(height=height, width=width, channels=c, cutoff=float(cutoff),
-                   padded_k=_round_up(k, blocks.block_k),
-                   padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,
-                   interpret=interpret, backward_pass_impl=backward_pass_impl)
-  geom = jnp.stack(geometry(means, rotations, scales, height=height, width=width), axis=1)  # [B, 6, K]
-  # Padded Gaussians carry zero features, so they add nothing; their gradients are sliced away.
-  geom = jnp.pad(geom, ((0, 0), (0, NUM_GEOMETRY_ROWS - 6), (0, layout.padded_k - k)))
-  feats = jnp.pad(features, ((0, 0), (0, layout.padded_k - k), (0, layout.padded_c - c)))
+  layout, geom, feats = _operands(means, rotations, scales, features, height=height, width=width, cutoff=cutoff,
+                                  backend=backend, interpret=interpret, backward_pass_impl=backward_pass_impl,
+                                  block_sizes=block_sizes)
   out = _core(layout, geom, feats)
-  return out[:, :height * width, :c].reshape(b, height, width, c)
+  return out[:, :height * width, :layout.channels].reshape(-1, height, width, layout.channels)
+
+
+def computed_tile_fraction(means, rotations, scales, *, height: int, width: int, cutoff: float,
+                           block_sizes: BlockSizes):
+  """(forward, backward): the fraction of the [Gaussian block x pixel block] tiles each GPU kernel computes.
+
+  1.0 for each without `block_sizes.cull_rows`; under it, what the row bands of these Gaussians leave
+  (`_block_ranges`). For benchmarks and tests: how much work culling saves on given geometry.
+  """
+  features = jnp.zeros(means.shape[:-1] + (1,), jnp.float32)
+  layout, geom, _ = _operands(means, rotations, scales, features, height=height, width=width, cutoff=cutoff,
+                              backend="gpu", interpret=True, backward_pass_impl="pallas", block_sizes=block_sizes)
+  if not block_sizes.cull_rows:
+    return 1.0, 1.0
+  num_k, num_p = layout.padded_k // block_sizes.block_k, layout.padded_p // block_sizes.block_p
+  forward, backward = (r[..., 1] - r[..., 0] for r in _block_ranges(geom, layout))
+  return float(jnp.mean(forward) / num_k), float(jnp.mean(backward) / num_p)

@@ -9,6 +9,7 @@ Tolerance: both sides compute in float32; each output or gradient element is a s
 products, so the difference is a few float32 roundings (6e-8) times the sum's length in the worst case and
 its square root typically; 1e-5 of the norm covers these shapes (K <= 130, H * W <= 272) with margin.
 """
+import dataclasses
 import functools
 import re
 import subprocess
@@ -105,6 +106,30 @@ class TestSplatGpu:
     self.check_against_xla(shape, block_sizes=pallas_splat.BlockSizes(
         32, 32, pl.next_power_of_2(shape[-1]), scalar_loops=True))
 
+  @pytest.mark.parametrize("shape", SHAPES)
+  def test_culled_tiles_match_xla_path(self, shape):
+    """cull_rows (GPU only) with the default tile: the sorted Gaussians' gradients back in the caller's order."""
+    _, k, h, w, c = shape
+    blocks = dataclasses.replace(pallas_splat.BlockSizes.for_shape(k, h * w, c, "gpu"), cull_rows=True)
+    self.check_against_xla(shape, block_sizes=blocks)
+
+  def test_culling_skips_tiles_and_matches_xla_path(self):
+    """Small Gaussians on a tall map in small tiles, where most tiles are skipped (the fraction is checked, so that
+    the test exercises the skipping); the centres reach 5% past the map's edges."""
+    b, k, h, w, c = 2, 70, 48, 8, 3
+    rng = np.random.default_rng(3)
+    args = tuple(a.astype(np.float32) for a in (
+        rng.uniform(-1.05, 1.05, (b, k, 2)), rng.uniform(-4.0, 4.0, (b, k)), rng.uniform(0.3, 1.2, (b, k, 2)),
+        rng.normal(size=(b, k, c))))
+    blocks = pallas_splat.BlockSizes(16, 32, 16, cull_rows=True)
+    fractions = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=CUTOFF, block_sizes=blocks)
+    assert max(fractions) < 0.5, fractions
+    (_, out), grads = value_and_grads(h, w, c, self.BACKEND, interpret=self.INTERPRET, block_sizes=blocks)(*args)
+    (_, want_out), want_grads = value_and_grads(h, w, c, "xla")(*args)
+    assert relative_error(out, want_out) < 1e-5
+    for name, g, want in zip(NAMES, grads, want_grads):
+      assert relative_error(g, want) < 1e-5, f"{name}: relative error {relative_error(g, want):.2e}"
+
   def test_xla_backward_pass_equals_kernel_backward(self):
     _, _, grads = self.run(SHAPES[0], seed=1)
     _, _, want = self.run(SHAPES[0], seed=1, backward_pass_impl="xla")
@@ -118,7 +143,9 @@ class TestSplatGpuInterpret(TestSplatGpu):
 
 class TestSplatTpu(TestSplatGpu):
   BACKEND = "tpu"
-  test_scalar_loops_match_xla_path = None  # a GPU kernel option, which the TPU kernel ignores
+  # GPU kernel options, which the TPU kernel does not have.
+  test_scalar_loops_match_xla_path = test_culled_tiles_match_xla_path = None
+  test_culling_skips_tiles_and_matches_xla_path = None
 
 
 class TestSplatTpuInterpret(TestSplatTpu):
@@ -162,6 +189,7 @@ def test_the_interpreter_needs_no_triton(monkeypatch):
     ("gpu", "cuda", "xla.gpu.triton", None),
     ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 64, 16, num_stages=3, tf32x3=False)),  # IEEE dots
     ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(128, 128, 8, scalar_loops=True)),
+    ("gpu", "cuda", "xla.gpu.triton", pallas_splat.BlockSizes(32, 32, 16, cull_rows=True)),
     ("tpu", "tpu", "tpu_custom_call", None)])
 def test_forward_and_backward_lower_without_hardware(backend, platform, target, blocks):
   b, k, h, w, c = 3, 70, 9, 13, 5
@@ -225,11 +253,57 @@ def test_pallas_on_cpu_is_a_clear_error():
     splatting._resolve("pallas", "cpu")  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("bad, match", [(dict(backend="cuda"), r"`backend` must be one of \('gpu', 'tpu'\)"),
-                                        (dict(backward_pass_impl="jax"), r"`backward_pass_impl` must be one of")])
+@pytest.mark.parametrize("bad, match", [
+    (dict(backend="cuda"), r"`backend` must be one of \('gpu', 'tpu'\)"),
+    (dict(backward_pass_impl="jax"), r"`backward_pass_impl` must be one of"),
+    (dict(backend="tpu", block_sizes=pallas_splat.BlockSizes(128, 128, 8, cull_rows=True)),
+     r"cull_rows is a GPU kernel option")])
 def test_bad_options_raise(bad, match):
   with pytest.raises(ValueError, match=match):
     pallas_splat.splat(*random_gaussians(0, 1, 2, 1), height=4, width=4, cutoff=CUTOFF, **bad)
+
+
+def test_culling_and_scalar_loops_together_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"cull_rows applies to the tile kernels only.*scalar_loops=True"):
+    pallas_splat.BlockSizes(32, 32, 16, scalar_loops=True, cull_rows=True)
+
+
+@pytest.mark.parametrize("cutoff", [CUTOFF, 0.3, 0.0])
+def test_row_spans_hold_every_row_a_gaussian_reaches(cutoff):
+  """`_row_spans` against float64 NumPy from (means, rotations, scales), not from the kernels' geometry rows.
+
+  Sound: every pixel row where a Gaussian's weight at some pixel centre reaches the cutoff lies in its band.
+  Tight: the band is the rows whose centre is within rho sqrt(Sigma_yy) of the Gaussian's centre (the line
+  y = row centre meets the ellipse w >= cutoff), Sigma = R diag(s)^2 R^T, with at most the slack's rounding.
+  """
+  b, k, h, w = 3, 50, 23, 11
+  means, rotations, scales, _ = (np.asarray(a, np.float64) for a in random_gaussians(2, b, k, 1))
+  scales = scales / 2  # bands shorter than the map, so that both ends are checked
+  blocks = pallas_splat.BlockSizes(16, 32, 16, cull_rows=True)
+  layout, geom, _ = pallas_splat._operands(  # pylint: disable=protected-access
+      means, rotations, scales, np.zeros((b, k, 1)), height=h, width=w, cutoff=cutoff, backend="gpu",
+      interpret=True, backward_pass_impl="pallas", block_sizes=dataclasses.replace(blocks, cull_rows=False))
+  lo, hi = (np.asarray(a)[:, :k] for a in pallas_splat._row_spans(geom, layout))  # pylint: disable=protected-access
+
+  cx, cy = (means[..., 0] + 1) * w / 2, (means[..., 1] + 1) * h / 2
+  px, py = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)  # [H, W]
+  cos, sin = np.cos(rotations), np.sin(rotations)
+  rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # R, [B, K, 2, 2]
+  sigma = rot @ (scales[..., :, None] ** 2 * np.swapaxes(rot, -1, -2))
+  d = np.stack([px[None, None] - cx[..., None, None], py[None, None] - cy[..., None, None]], -1)  # [B, K, H, W, 2]
+  quad = np.einsum("bkhwi,bkij,bkhwj->bkhw", d, np.linalg.inv(sigma), d)
+  reached = np.exp(-0.5 * quad).max(axis=-1) >= cutoff  # [B, K, H]
+  rows = np.arange(h)
+  inside = (rows >= lo[..., None]) & (rows <= hi[..., None])
+  assert not np.any(reached & ~inside), "a row with weight at the cutoff is outside its band"
+  if cutoff == 0.0:  # every weight counts: no culling
+    assert inside.all()
+    return
+  assert reached.any() and (~inside).any()  # both sides of the check are exercised
+  offset = np.abs(rows + 0.5 - cy[..., None])
+  half = np.sqrt(-2 * np.log(cutoff) * sigma[..., 1, 1])[..., None]
+  clear = np.abs(offset - half) > 0.01  # rows not within the slack of the band's edge
+  np.testing.assert_array_equal(inside[clear], (offset <= half)[clear])
 
 
 def test_pallas_kernels_is_a_leaf_package():
