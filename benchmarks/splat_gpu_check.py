@@ -102,7 +102,7 @@ def block_sweep(shape, scales, variants):
       continue
     tiles = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=1 / 255, block_sizes=blocks)
     print(f"{'*' if not changes else ' '}{blocks}: fwd {fwd * 1e3:.4f} ms, fwd+bwd {both * 1e3:.4f} ms, "
-          f"worst rel. error {error:.1e}, tiles computed {tiles[0]:.2f}", flush=True)
+          f"worst rel. error {error:.1e}, tiles computed: fwd {tiles[0]:.2f}, bwd {tiles[1]:.2f}", flush=True)
 
 
 def profile():
@@ -154,9 +154,10 @@ def tiles():
     _, _, h, w, _ = shape
     for changes in variants:
       blocks, _ = kernel_of(shape, changes)
-      fraction = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=1 / 255,
-                                                     block_sizes=blocks)[0]
-      print(f"{str(shape):<22} scales {str(scales):<12} {str(changes):<70} tiles computed {fraction:.2f}")
+      fwd, bwd = pallas_splat.computed_tile_fraction(*args[:3], height=h, width=w, cutoff=1 / 255,
+                                                     block_sizes=blocks)
+      print(f"{str(shape):<22} scales {str(scales):<12} {str(changes):<70} tiles computed: fwd {fwd:.2f}, "
+            f"bwd {bwd:.2f}")
   return 0
 
 

@@ -194,7 +194,8 @@ class _Layout:
 
   @property
   def padded_p(self) -> int:
-    return _round_up(self.num_pixels, self.blocks.block_p)
+    # cull_rows: one more block, which a loop starting at any row can read into (`_block_ranges`).
+    return _round_up(self.num_pixels, self.blocks.block_p) + (self.blocks.block_p if self.blocks.cull_rows else 0)
 
 
 def _core_xla(layout: _Layout, geom, feats):
@@ -230,12 +231,16 @@ def _row_spans(geom, layout: _Layout):
 
 
 def _block_ranges(geom, layout: _Layout):
-  """The tiles `cull_rows` computes, as loop bounds [start, stop) per program (int32, ..., 2):
+  """The tiles `cull_rows` computes: per program, where its loop starts and how many blocks it runs (int32, ..., 2).
 
-  forward  [B, Pp/bp, 2]: the Gaussian blocks from the first to the last Gaussian whose band meets the pixel
-           block's rows (any order of the Gaussians is correct; sorted by centre row the range is short);
-  backward [B, Kp/bk, 2]: the pixel blocks that hold the rows of the Gaussian block's bands.
-  Empty ranges are [0, 0): the program then writes zeros, which is what its Gaussians or pixels get.
+  forward  [B, Pp/bp, 2]: from the first Gaussian whose band meets the pixel block's rows, enough blocks of
+           Gaussians to pass the last one (any order of the Gaussians is correct; sorted by centre row the range
+           is short);
+  backward [B, Kp/bk, 2]: from the first pixel of the first row under the Gaussian block's bands, enough blocks
+           of pixels to pass the last such row.
+  The loops start on any Gaussian or pixel, not on a block boundary, which on trained-size Gaussians saves a third
+  of the forward's tiles (docs/benchmarks.md); the extra block of `padded_k` and `padded_p` keeps their last
+  reads in bounds. An empty range is (0, 0): the program writes zeros, what its Gaussians or pixels get.
   """
   lo, hi = _row_spans(geom, layout)
   b, kp = lo.shape
@@ -246,19 +251,24 @@ def _block_ranges(geom, layout: _Layout):
   first_k = jnp.argmax(meets, axis=-1)
   stop_k = kp - jnp.argmax(meets[..., ::-1], axis=-1)
   any_k = jnp.any(meets, axis=-1)
-  forward = jnp.stack([jnp.where(any_k, first_k // bk, 0), jnp.where(any_k, pl.cdiv(stop_k, bk), 0)], axis=-1)
+  forward = jnp.stack([jnp.where(any_k, first_k, 0), jnp.where(any_k, pl.cdiv(stop_k - first_k, bk), 0)], axis=-1)
   block_lo, block_hi = lo.reshape(b, kp // bk, bk).min(-1), hi.reshape(b, kp // bk, bk).max(-1)
   any_p = block_lo <= block_hi
-  backward = jnp.stack([jnp.where(any_p, block_lo * width // bp, 0),
-                        jnp.where(any_p, pl.cdiv((block_hi + 1) * width, bp), 0)], axis=-1)
+  first_p = block_lo * width
+  backward = jnp.stack([jnp.where(any_p, first_p, 0),
+                        jnp.where(any_p, pl.cdiv((block_hi + 1) * width - first_p, bp), 0)], axis=-1)
   return forward.astype(jnp.int32), backward.astype(jnp.int32)
 
 
-def _loop_bounds(ranges_ref, num_blocks: int):
-  """(start, stop) of a kernel's block loop: the program's range under cull_rows (`_block_ranges`), else all."""
+def _block_loop(ranges_ref, num_blocks: int, block: int):
+  """(offset, count): a kernel's loop runs `count` blocks, block i starting at element offset(i).
+
+  Under cull_rows the program's range (`_block_ranges`): any start; else every block, at aligned starts.
+  """
   if not ranges_ref:
-    return 0, num_blocks
-  return ranges_ref[0][0], ranges_ref[0][1]
+    return lambda i: pl.multiple_of(i * block, block), num_blocks
+  first = ranges_ref[0][0]
+  return lambda i: first + i * block, ranges_ref[0][1]
 
 
 def gpu_kernels_available() -> bool:
@@ -279,20 +289,21 @@ def _dot_precision(layout: _Layout):
 def _forward_kernel(geom_ref, feats_ref, *refs, layout: _Layout):
   """One image, one block of pixels: out[P, C] = sum over K blocks of w[P, Kb] @ feats[Kb, C].
 
-  refs: (out_ref,), or (ranges_ref, out_ref) under cull_rows, which limits the loop to the blocks that reach.
+  refs: (out_ref,), or (ranges_ref, out_ref) under cull_rows, which limits the loop to the Gaussians that reach.
   """
   *ranges_ref, out_ref = refs
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   px, py = _pixel_block(pl.program_id(1) * bp, (bp, 1), 0, layout.width)
 
+  offset, count = _block_loop(ranges_ref, layout.padded_k // bk, bk)
+
   def body(i, acc):
-    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+    ks = pl.ds(offset(i), bk)
     rows = [geom_ref[r, ks][None, :] for r in range(6)]
     w = gaussian_tile(rows, px, py, layout.cutoff)[0]  # [P, Kb]
     return acc + jnp.dot(w, feats_ref[ks, :], precision=_dot_precision(layout))
 
-  start, stop = _loop_bounds(ranges_ref, layout.padded_k // bk)
-  out_ref[...] = jax.lax.fori_loop(start, stop, body, jnp.zeros((bp, layout.padded_c), jnp.float32))
+  out_ref[...] = jax.lax.fori_loop(0, count, body, jnp.zeros((bp, layout.padded_c), jnp.float32))
 
 
 def _geometry_terms(w, u, v, dx, dy, dw):
@@ -318,17 +329,18 @@ def _geometry_grads(rows, sums):
 def _backward_kernel(geom_ref, feats_ref, cot_ref, *refs, layout: _Layout):
   """One image, one block of Gaussians: loops over pixel blocks, so each program owns its sums (no atomics).
 
-  refs: (dgeom_ref, dfeats_ref), after a ranges_ref under cull_rows (the pixel blocks the Gaussians reach).
+  refs: (dgeom_ref, dfeats_ref), after a ranges_ref under cull_rows (the pixels the Gaussians reach).
   """
   *ranges_ref, dgeom_ref, dfeats_ref = refs
   bk, bp = layout.blocks.block_k, layout.blocks.block_p
   rows = [geom_ref[r, :][:, None] for r in range(6)]  # [Kb, 1]
   feats = feats_ref[...]
   precision = _dot_precision(layout)
+  offset, count = _block_loop(ranges_ref, layout.padded_p // bp, bp)
 
   def body(j, carry):
     dfeats, sums = carry
-    p0 = pl.multiple_of(j * bp, bp)
+    p0 = offset(j)
     px, py = _pixel_block(p0, (1, bp), 1, layout.width)
     # Padded pixels get weights too, but their cotangent is 0 (the transpose of the output slice).
     w, u, v, dx, dy = gaussian_tile(rows, px, py, layout.cutoff)  # [Kb, P]
@@ -339,9 +351,8 @@ def _backward_kernel(geom_ref, feats_ref, cot_ref, *refs, layout: _Layout):
     return dfeats, tuple(s + jnp.sum(t, axis=1) for s, t in zip(sums, new))
 
   zeros = jnp.zeros((bk,), jnp.float32)
-  start, stop = _loop_bounds(ranges_ref, layout.padded_p // bp)
   dfeats, sums = jax.lax.fori_loop(
-      start, stop, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
+      0, count, body, (jnp.zeros((bk, layout.padded_c), jnp.float32), (zeros,) * 6))
   for r, g in enumerate(_geometry_grads([r[:, 0] for r in rows], sums) + (zeros, zeros)):
     dgeom_ref[r, :] = g
   dfeats_ref[...] = dfeats
@@ -514,7 +525,7 @@ def _operands(means, rotations, scales, features, *, height, width, cutoff, back
   if backend == "tpu" and blocks.cull_rows:
     raise ValueError("splat: cull_rows is a GPU kernel option; the TPU kernel computes every tile.")
   layout = _Layout(height=height, width=width, num_gaussians=k, channels=c, cutoff=float(cutoff),
-                   padded_k=_round_up(k, blocks.block_k),
+                   padded_k=_round_up(k, blocks.block_k) + (blocks.block_k if blocks.cull_rows else 0),
                    padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,
                    interpret=interpret, backward_pass_impl=backward_pass_impl)
   geom = jnp.stack(geometry(means, rotations, scales, height=height, width=width), axis=1)  # [B, 6, K]
@@ -565,6 +576,6 @@ def computed_tile_fraction(means, rotations, scales, *, height: int, width: int,
                               backend="gpu", interpret=True, backward_pass_impl="pallas", block_sizes=block_sizes)
   if not block_sizes.cull_rows:
     return 1.0, 1.0
-  num_k, num_p = layout.padded_k // block_sizes.block_k, layout.padded_p // block_sizes.block_p
-  forward, backward = (r[..., 1] - r[..., 0] for r in _block_ranges(geom, layout))
-  return float(jnp.mean(forward) / num_k), float(jnp.mean(backward) / num_p)
+  num_k, num_p = pl.cdiv(means.shape[1], block_sizes.block_k), pl.cdiv(height * width, block_sizes.block_p)
+  forward, backward = (jnp.sum(r[..., 1]) for r in _block_ranges(geom, layout))  # the dense kernels': num_k * num_p
+  return float(forward / (means.shape[0] * num_k * num_p)), float(backward / (means.shape[0] * num_k * num_p))
