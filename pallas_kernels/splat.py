@@ -520,7 +520,7 @@ def _operands(means, rotations, scales, features, *, height, width, cutoff, back
                      f"got {backward_pass_impl!r}.")
   means, rotations, scales, features = (jnp.asarray(a, jnp.float32)
                                         for a in (means, rotations, scales, features))
-  b, k, c = features.shape
+  _, k, c = features.shape
   blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
   if backend == "tpu" and blocks.cull_rows:
     raise ValueError("splat: cull_rows is a GPU kernel option; the TPU kernel computes every tile.")
