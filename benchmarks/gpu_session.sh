@@ -1,15 +1,16 @@
 #!/bin/bash
 # The GPU checks of this project, in parts, each one device-tool call (a session has 15 minutes of device time,
 # start-up included, and a call at most 10; a machine starts in about 30 s):
-#   splat     the Pallas splat kernel against the XLA path, 16 kernel variants, the benchmark table, the
-#             compiled-kernel tests and an Nsight Compute profile of 4 kernels (splat_gpu_check.sh); on an H200,
-#             136 s with 9 variants and no profile, and more than 330 s with 12 variants and a profile (its
-#             timeout then cut the profile); give the call timeout_s=500
+#   splat     the Pallas splat kernel against the XLA path, 15 kernel variants, the benchmark table, the
+#             compiled-kernel tests and an Nsight Compute profile of 6 kernels (splat_gpu_check.sh); on an H200,
+#             136 s with 9 variants and no profile, and more than 330 s with 12 variants and a profile of 4
+#             kernels (its timeout then cut the profile); give the call timeout_s=500
 #   cifar     the CIFAR train step and encode throughput in bfloat16 against a bfloat16 matmul
 #             (train_step_bench.py); 262 s there, 131 s of it compiling the step with and without LPIPS
-#   imagenet  the same for the ImageNet config at batch 16, without the LPIPS variant (--nolpips: one step
-#             program to compile, not two) and without XLA's Triton GEMM fusions, whose autotuning lengthens
-#             GPU compiles (the dots go to cuBLAS); 256 s there (2026-12-04), 127 s of it compiling the step
+#   imagenet  the same for the ImageNet config at batch $BATCH (default 16), without the LPIPS variant
+#             (--nolpips: one step program to compile, not two) and without XLA's Triton GEMM fusions, whose
+#             autotuning lengthens GPU compiles (the dots go to cuBLAS); 256 s there at batch 16 (2026-12-04),
+#             127 s of it compiling the step
 # Each part runs under its own timeout, so that what it printed comes back.
 #
 #   bash benchmarks/gpu_wheels.sh              # on the CPU machine, once: the missing packages, into .whl/
@@ -43,7 +44,8 @@ fi
   fi
   if [ "$PART" = imagenet ]; then
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 500 $PY benchmarks/train_step_bench.py \
-      --config=configs/imagenet.py --batch_size=16 --encode_batch_size=16 --config.model.conv_dtype=bfloat16 \
+      --config=configs/imagenet.py --batch_size="${BATCH:-16}" --encode_batch_size=16 \
+      --config.model.conv_dtype=bfloat16 \
       --noparts --nolpips --steps=4 --rounds=3 --trace_dir="$TRACE"
     echo "ImageNet bench: exit $?"
   fi
