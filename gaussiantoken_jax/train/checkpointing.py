@@ -174,7 +174,10 @@ class Checkpointer:
     if not read_only:
       self._set_aside_incomplete_steps()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        # Read-only managers keep everything and save nothing; saying so spares the user Orbax's two warnings
+        # that it changed these options itself.
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save,
         # Temporary directories of saves that were cut short are garbage: let Orbax delete them.
         cleanup_tmp_directories=not read_only,
