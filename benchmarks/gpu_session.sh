@@ -14,6 +14,8 @@
 # Each part runs under its own timeout, so that what it printed comes back.
 #
 #   bash benchmarks/gpu_wheels.sh              # on the CPU machine, once: the missing packages, into .whl/
+#   BATCH=32 bash benchmarks/gpu_session.sh imagenet --config.model.remat_norms=false   # flags after the part
+#                                              # go to the train-step parts' train_step_bench.py
 #   run(command="bash benchmarks/gpu_session.sh splat", carry=[".whl"], timeout_s=500)   # the device tool
 #
 # The log goes to $OUT/gpu_session_PART.log (it comes back) and to the terminal. The train-step parts also trace
@@ -23,9 +25,10 @@
 # same shapes and says so.
 set -u
 PART=${1:-}
+shift  # the rest goes to the train-step parts' train_step_bench.py, e.g. --config.model.remat_norms=false
 case $PART in
   splat|cifar|imagenet) ;;
-  *) echo "usage: $0 splat|cifar|imagenet, got '$PART'" >&2; exit 2;;
+  *) echo "usage: $0 splat|cifar|imagenet [train_step_bench.py flags], got '$PART'" >&2; exit 2;;
 esac
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/gpu_session_$PART.log
@@ -39,14 +42,14 @@ fi
   if [ "$PART" = splat ]; then timeout 460 bash benchmarks/splat_gpu_check.sh; echo "splat check: exit $?"; fi
   if [ "$PART" = cifar ]; then
     timeout 300 $PY benchmarks/train_step_bench.py --config=configs/cifar10.py --batch_size=64 \
-      --config.model.conv_dtype=bfloat16 --noparts --steps=6 --rounds=3 --trace_dir="$TRACE"
+      --config.model.conv_dtype=bfloat16 --noparts --steps=6 --rounds=3 --trace_dir="$TRACE" "$@"
     echo "CIFAR bench: exit $?"
   fi
   if [ "$PART" = imagenet ]; then
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 500 $PY benchmarks/train_step_bench.py \
       --config=configs/imagenet.py --batch_size="${BATCH:-16}" --encode_batch_size=16 \
       --config.model.conv_dtype=bfloat16 \
-      --noparts --nolpips --steps=4 --rounds=3 --trace_dir="$TRACE"
+      --noparts --nolpips --steps=4 --rounds=3 --trace_dir="$TRACE" "$@"
     echo "ImageNet bench: exit $?"
   fi
   if [ "$PART" != splat ] && [ -d "$TRACE" ]; then  # where the traced steps' device time went

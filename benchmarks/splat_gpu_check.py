@@ -88,7 +88,8 @@ def block_sweep(shape, scales, variants):
   _, _, h, w, _ = shape
   xla = functools.partial(splat, height=h, width=w, impl="xla")
   want = jax.jit(fwd_bwd_of(xla))(*args, cotangent)
-  print(f"kernel variants at {shape}, scales {scales}; the XLA path: fwd {time_call(chained(xla), *args, rounds=3) * 1e3:.4f} ms, "
+  print(f"kernel variants at {shape}, scales {scales}; the XLA path: "
+        f"fwd {time_call(chained(xla), *args, rounds=3) * 1e3:.4f} ms, "
         f"fwd+bwd {time_call(chained(fwd_bwd_of(xla)), *args, cotangent, rounds=3) * 1e3:.4f} ms", flush=True)
   for changes in variants:
     blocks, f = kernel_of(shape, changes)

@@ -82,6 +82,37 @@ print(on_mesh, bench.step_flops_on_cpu(config, 8, lpips))
   assert float(on_mesh) > 1e8 and math.isclose(float(on_one_cpu), float(on_mesh), rel_tol=1e-6)
 
 
+def test_step_memory_reports_the_state_and_batch_as_arguments():
+  """benchmarks/step_memory.py: XLA's argument bytes are the train state's and the batch's, and its output bytes
+  the step's outputs' (the new state and the metrics) plus the output tuple's table of 8-byte pointers, all summed
+  here from their shapes (the demo trains without LPIPS, so jit drops its unused weights)."""
+  code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+sys.path.insert(0, {str(REPO / "tests")!r})
+import jax, jax.numpy as jnp
+import step_memory
+from runs import load_demo_config
+from gaussiantoken_jax import losses
+from gaussiantoken_jax.train import sharding, step as step_lib
+config = load_demo_config("runlocal")
+config.batch_size = 2
+steps = step_lib.make_steps(config, sharding.make_mesh(dict(data=1, fsdp=1), jax.devices()[:1]))
+assert config.loss.lpips_weight == 0
+dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
+lpips = jax.eval_shape(lambda: losses.LPIPS().init(jax.random.key(0), dummy, dummy)["params"])
+nbytes = lambda tree: sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+outputs = jax.eval_shape(steps.train_step, steps.abstract_state, steps.abstract_batch(2), lpips)
+print(*step_memory.step_memory(config, 2), nbytes(steps.abstract_state) + nbytes(steps.abstract_batch(2)),
+      nbytes(outputs) + 8 * len(jax.tree.leaves(outputs)))
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  arguments, temporaries, outputs, want_arguments, want_outputs = map(int, out.stdout.split())
+  assert (arguments, outputs) == (want_arguments, want_outputs) and temporaries > 0
+
+
 def _write_trace(folder, events, processes, threads=()):
   meta = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}} for pid, name in processes]
   meta += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}

@@ -29,11 +29,13 @@ def build_model(config: ml_collections.ConfigDict):
   if m.type not in MODEL_TYPES:
     raise ValueError(f"config.model.type must be one of {MODEL_TYPES}, got {m.type!r}.")
   dtype = jnp.dtype(m.conv_dtype)
+  remat_norms = m.get("remat_norms", False)  # absent from the configs saved with older checkpoints
   is_vq = m.type == "vq"
   encoder = Encoder(ch=m.ch, ch_mult=tuple(m.encoder_ch_mult), num_res_blocks=m.num_res_blocks,
-                    out_channels=m.feature_dim if is_vq else m.embed_dim, num_groups=m.num_groups, dtype=dtype)
+                    out_channels=m.feature_dim if is_vq else m.embed_dim, num_groups=m.num_groups, dtype=dtype,
+                    remat_norms=remat_norms)
   decoder = Decoder(ch=m.ch, ch_mult=tuple(m.decoder_ch_mult), num_res_blocks=m.num_res_blocks, out_channels=3,
-                    z_channels=m.feature_dim, num_groups=m.num_groups, dtype=dtype)
+                    z_channels=m.feature_dim, num_groups=m.num_groups, dtype=dtype, remat_norms=remat_norms)
   quantizer = VectorQuantizer(codebook_size=m.codebook_size, dim=m.feature_dim, **m.quantizer.to_dict())
   common = dict(image_size=config.data.image_size, feature_shape=feature_shape(config))
   if is_vq:
