@@ -545,8 +545,8 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
           interpret: bool = False, backward_pass_impl: str = "pallas", block_sizes: BlockSizes | None = None):
   """Pallas splat: [B, K, 2], [B, K], [B, K, 2], [B, K, C] -> float32 [B, height, width, C].
 
-  Differentiable in all four arrays in reverse mode (a `custom_vjp`: no jvp). No argument checks beyond the options (gaussiantoken_jax.splat checks
-  shapes and dtypes); inputs are cast to float32.
+  Differentiable in all four arrays in reverse mode (a `custom_vjp`: no jvp). No argument checks beyond the options
+  (gaussiantoken_jax.splat checks shapes and dtypes); inputs are cast to float32.
 
   Args:
     means, rotations, scales, features: as in gaussiantoken_jax.splat.
