@@ -49,9 +49,7 @@ def step_memory(config, batch_size: int):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  if hasattr(config_lib, "resolve_steps"):
-    config = config_lib.resolve_steps(config, _NOMINAL_TRAIN_SIZE)
+  config = config_lib.resolve_steps(_CONFIG.value, _NOMINAL_TRAIN_SIZE)
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}; conv_dtype {config.model.conv_dtype}, "
         f"LPIPS weight {config.loss.lpips_weight}")
@@ -59,10 +57,9 @@ def main(argv):
         f"{'total GiB':>10} {'compile s':>10}")
   for batch_size in map(int, _BATCH_SIZES.value):
     for remat in (False, True):
-      variant = config.copy_and_resolve_references()
-      variant.model.remat_norms = remat
+      config.model.remat_norms = remat
       start = time.perf_counter()
-      arguments, temporaries, outputs = step_memory(variant, batch_size)
+      arguments, temporaries, outputs = step_memory(config, batch_size)  # compiles a copy
       print(f"{batch_size:>5} {str(remat):>11} {arguments / _GIB:>14.3f} {temporaries / _GIB:>16.3f} "
             f"{outputs / _GIB:>12.3f} {(arguments + temporaries) / _GIB:>10.3f} "
             f"{time.perf_counter() - start:>10.0f}", flush=True)

@@ -565,17 +565,19 @@ def splat(means, rotations, scales, features, *, height: int, width: int, cutoff
 
 
 def computed_tile_fraction(means, rotations, scales, *, height: int, width: int, cutoff: float,
-                           block_sizes: BlockSizes):
+                           block_sizes: BlockSizes | None = None):
   """(forward, backward): the fraction of the [Gaussian block x pixel block] tiles each GPU kernel computes.
 
-  1.0 for each without `block_sizes.cull_rows`; under it, what the row bands of these Gaussians leave
-  (`_block_ranges`). For benchmarks and tests: how much work culling saves on given geometry.
+  1.0 for each without `cull_rows` (the default tile has none); under it, what the row bands of these Gaussians
+  leave (`_block_ranges`). For benchmarks and tests: how much work culling saves on given geometry.
   """
-  features = jnp.zeros(means.shape[:-1] + (1,), jnp.float32)
+  features = jnp.zeros(jnp.shape(means)[:-1] + (1,), jnp.float32)
   layout, geom, _ = _operands(means, rotations, scales, features, height=height, width=width, cutoff=cutoff,
                               backend="gpu", interpret=True, backward_pass_impl="pallas", block_sizes=block_sizes)
-  if not block_sizes.cull_rows:
+  blocks = layout.blocks
+  if not blocks.cull_rows:
     return 1.0, 1.0
-  num_k, num_p = pl.cdiv(means.shape[1], block_sizes.block_k), pl.cdiv(height * width, block_sizes.block_p)
+  num_k, num_p = pl.cdiv(layout.num_gaussians, blocks.block_k), pl.cdiv(layout.num_pixels, blocks.block_p)
   forward, backward = (jnp.sum(r[..., 1]) for r in _block_ranges(geom, layout))  # the dense kernels': num_k * num_p
-  return float(forward / (means.shape[0] * num_k * num_p)), float(backward / (means.shape[0] * num_k * num_p))
+  dense = geom.shape[0] * num_k * num_p
+  return float(forward / dense), float(backward / dense)
