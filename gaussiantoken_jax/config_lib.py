@@ -3,8 +3,8 @@
 The defaults are the public PyTorch code's CIFAR setting (where this project departs from that code:
 docs/differences.md); each config file overrides what differs and names the paper's value where paper and code
 disagree, and shows what its variants (`:runlocal`, `:baseline=vq`, `:paper`) change at its end, big_vision style.
-This module keeps the ~60 shared fields and the helpers that are the same in every file, so the four settings
-cannot drift apart.
+This module keeps the shared fields and the helpers that are the same in every file, so the config files cannot
+drift apart.
 
 Durations are stated in epochs of the training split (`total_epochs`, `optimizer.warmup_epochs`,
 `disc_optimizer.warmup_epochs`, `loss.gan_start_epochs`) and turned into steps once, at start-up, from the
@@ -18,6 +18,8 @@ import math
 import ml_collections
 from absl import logging
 from ml_collections.config_dict import placeholder
+
+from gaussiantoken_jax.checks import check_positive_int
 
 # Values of the string variants; anything else is an error rather than a silent no-op.
 BASELINES = ("", "vq")
@@ -202,9 +204,8 @@ def resolve_steps(config: ml_collections.ConfigDict, train_size: int) -> ml_coll
   training split of 50,000 images; warm-up 1 epoch = 782 steps; GAN from epoch 5 = step 3,907."
   Raises ValueError when a duration has neither field set.
   """
-  for name, value in (("train_size", train_size), ("config.batch_size", config.batch_size)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  check_positive_int("resolve_steps", "train_size", train_size)
+  check_positive_int("resolve_steps", "config.batch_size", config.batch_size)
   c = config.copy_and_resolve_references()
   said = {}  # name -> (epochs or None, steps)
   with c.unlocked():

@@ -105,8 +105,6 @@ def main(argv):
     raise app.UsageError(f"--num_images must be a positive int, got {FLAGS.num_images}.")
   if FLAGS.fit_geometry_steps < 0:
     raise app.UsageError(f"--fit_geometry_steps must be a non-negative int, got {FLAGS.fit_geometry_steps}.")
-  if cli_flags.BATCH_SIZE.value is not None and cli_flags.BATCH_SIZE.value < 1:
-    raise app.UsageError(f"--batch_size must be a positive int, got {cli_flags.BATCH_SIZE.value}.")
   distributed.initialize_from_env()
   record = run(FLAGS.workdir, FLAGS.output, step=FLAGS.step, split=FLAGS.split, num_images=FLAGS.num_images,
                inception_weights=cli_flags.INCEPTION_WEIGHTS.value, fit_geometry_steps=FLAGS.fit_geometry_steps,

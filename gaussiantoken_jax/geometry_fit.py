@@ -50,8 +50,8 @@ def fit_geometry(decode: Callable, means, rotations, scales, target, *, steps: i
   image's fit does not depend on the batch it is encoded with.
   """
   check_non_negative_int("fit_geometry", "steps", steps)
-  if not learning_rate > 0:
-    raise ValueError(f"fit_geometry: `learning_rate` must be positive, got {learning_rate!r}.")
+  if not 0 < learning_rate < float("inf"):  # NaN fails too
+    raise ValueError(f"fit_geometry: `learning_rate` must be positive and finite, got {learning_rate!r}.")
   if steps == 0:
     return means, rotations, scales
   low, high = scale_bounds

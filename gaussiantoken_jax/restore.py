@@ -94,6 +94,7 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: 
   differs from the config's model (names the differing parameters).
   """
   workdir, step = locate_checkpoint(workdir, step)
+  checkpointing.silence_orbax_info_logs()
   with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
     # One step for the config and the weights, even if a running training saves a newer one meanwhile, and on
     # every process the step process 0 found: each restores its own shards, which must come from one checkpoint.

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 from gaussiantoken_jax import xla_options
 from gaussiantoken_jax.checks import check_float_array
 from pallas_kernels import splat as pallas_splat
-from pallas_kernels.splat import gaussian_weights, splat_xla  # pylint: disable=unused-import  # re-exported
+from pallas_kernels.splat import splat_xla
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 

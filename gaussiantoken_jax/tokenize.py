@@ -53,9 +53,10 @@ import numpy as np
 from etils import epath
 from flax import serialization
 
-from gaussiantoken_jax import cli_flags, command_line
+from gaussiantoken_jax import cli_flags, command_line, restore
+from gaussiantoken_jax.checks import check_positive_int
 from gaussiantoken_jax.data import pipeline, sources
-from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
+from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens, read_npz
 from gaussiantoken_jax.train import distributed, sharding
 
 FLAGS = flags.FLAGS
@@ -119,9 +120,10 @@ def _write_array_record(path: epath.Path, arrays: dict[str, np.ndarray]) -> None
   temporary.replace(path)
 
 
-def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
-  with path.open("rb") as f, np.load(f) as npz:
-    return {name: npz[name] for name in npz.files}
+def _canonical(path: epath.PathLike) -> str:
+  """A local path made absolute, with links resolved; a URL (gs://...) as given."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.realpath(path)
 
 
 def _check_manifest(parts: epath.Path, manifest: dict[str, Any]) -> None:
@@ -170,7 +172,7 @@ def _encode_batch(tokenizer: GaussianTokenizer, source, first: int, last: int, b
   ids, images, skipped = [], [], []
   for index in range(first, last):
     record = source[index]
-    image = pipeline._load_record_image(record)  # None (logged and counted) if it does not decode
+    image = pipeline.load_record_image(record)  # None (logged and counted) if it does not decode
     if image is None:
       skipped.append(record["key"])
     else:
@@ -213,9 +215,11 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   are this process's; the image counts are None when the export is not complete and in processes other
   than 0 (process 0 assembles the output).
   """
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+  check_positive_int("export", "batch_size", batch_size)
   output = epath.Path(output)
+  if output.is_dir():
+    raise ValueError(f"export: `output` {output} is a directory; expected the path of a .npz or "
+                     f"{ARRAY_RECORD_SUFFIX} file to write.")
   source = make_source(data, split=split, tfds_data_dir=tfds_data_dir)  # before the restore: its errors are quick
   process, num_processes = jax.process_index(), jax.process_count()
   # Several processes: each encodes its own batches with the whole model on its local devices (no collective).
@@ -223,14 +227,17 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema, mesh=mesh)
   tokenizer.check_fit(fit_geometry_steps)  # before the manifest: a bad value must not be recorded as the export's
   config = tokenizer.config
-  crop = pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
+  crop = pipeline.EvalCrop(config.data.image_size, config.data.eval_crop)
   num_batches = -(-len(source) // batch_size)
   parts = parts_dir(output)
   parts.mkdir(parents=True, exist_ok=True)
-  manifest = {"checkpoint": os.fspath(workdir), "step": tokenizer.step, "use_ema": use_ema,
-              "data": os.fspath(data), "num_files": len(source), "batch_size": batch_size,
-              "fit_geometry_steps": fit_geometry_steps}
-  if os.fspath(data).startswith(TFDS_PREFIX):
+  is_tfds = os.fspath(data).startswith(TFDS_PREFIX)
+  # Paths as absolute and without links, and the checkpoint as its workdir and step: the same export named
+  # another way (a trailing slash, the step directory) resumes.
+  manifest = {"checkpoint": _canonical(restore.locate_checkpoint(workdir, step)[0]), "step": tokenizer.step,
+              "use_ema": use_ema, "data": os.fspath(data) if is_tfds else _canonical(data),
+              "num_files": len(source), "batch_size": batch_size, "fit_geometry_steps": fit_geometry_steps}
+  if is_tfds:
     manifest.update(split=split or DEFAULT_TFDS_SPLIT, tfds_data_dir=tfds_data_dir)
   _check_manifest(parts, manifest)
   mine = range(process, num_batches, num_processes)
@@ -238,7 +245,7 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
                num_batches, batch_size, tokenizer.step, workdir,
                f"; process {process} of {num_processes} encodes {len(mine)} of them" if num_processes > 1 else "")
 
-  encoded = reused = 0
+  encoded = reused = files_read = 0
   start = time.monotonic()
   for batch in mine:
     path = _part_path(parts, batch)
@@ -249,14 +256,14 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
       logging.info("Stopping after %d new batches; %d of this process's %d done.", encoded, encoded + reused,
                    len(mine))
       break
-    first = batch * batch_size
-    _write_npz(path, _encode_batch(tokenizer, source, first, min(first + batch_size, len(source)), batch_size,
-                                   crop, fit_geometry_steps))
+    first, last = batch * batch_size, min((batch + 1) * batch_size, len(source))
+    _write_npz(path, _encode_batch(tokenizer, source, first, last, batch_size, crop, fit_geometry_steps))
     encoded += 1
+    files_read += last - first  # not the padding of a short last batch
     elapsed = time.monotonic() - start
     remaining = len(mine) - reused - encoded
-    logging.info("Batch %d/%d done (%.1f images/s; about %.0f s left).", batch + 1, num_batches,
-                 encoded * batch_size / elapsed, remaining * elapsed / encoded)
+    logging.info("Batch %d/%d done (%.1f files/s; about %.0f s left).", batch + 1, num_batches,
+                 files_read / elapsed, remaining * elapsed / encoded)
 
   # Every process decides from the same files whether the export is complete, before process 0 assembles it
   # and removes the parts; the last barrier keeps the others until the output is there.
@@ -270,7 +277,7 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
     logging.info("Export to %s not complete: %s.", output, summary)
     return summary
   if process == 0:
-    assembled = [_read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
+    assembled = [read_npz(_part_path(parts, batch)) for batch in range(num_batches)]
     arrays = {name: np.concatenate([part[name] for part in assembled]) for name in assembled[0]}
     output.parent.mkdir(parents=True, exist_ok=True)
     if _is_array_record(output):
@@ -293,9 +300,12 @@ def load_export(path: epath.PathLike) -> tuple[np.ndarray, Tokens]:
     rows = _ArrayRecordRows(path)
     records = [rows[i] for i in range(len(rows))]
     arrays = {"ids": np.asarray([r["id"] for r in records], dtype=str)}
-    arrays.update({name: np.stack([r[name] for r in records]) for name in _TOKEN_FIELDS if records and name in records[0]})
+    if records:
+      arrays.update({name: np.stack([r[name] for r in records]) for name in _TOKEN_FIELDS if name in records[0]})
+    else:  # no image decoded: records carry the token shapes, so there are none to give
+      arrays["indices"] = np.zeros((0, 0), np.int32)
   else:
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
   if "ids" not in arrays or "indices" not in arrays:
     raise ValueError(f"{path} is not a token export: expected arrays 'ids' and 'indices', got {sorted(arrays)}.")
   return arrays["ids"], Tokens(**{name: arrays[name] for name in _TOKEN_FIELDS if name in arrays})
@@ -340,8 +350,7 @@ def token_dataset(path: epath.PathLike, batch_size: int, *, shuffle_seed: int | 
   In the export's order, or shuffled (per epoch of `grain`'s own) with `shuffle_seed`; the last batch is
   shorter unless `drop_remainder`. `.to_iter_dataset()` gives grain's prefetching iterator.
   """
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+  check_positive_int("token_dataset", "batch_size", batch_size)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"No token export {path}.")
   dataset = grain.MapDataset.source(_ArrayRecordRows(path) if _is_array_record(path) else _ExportRows(path))

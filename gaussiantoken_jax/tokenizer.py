@@ -7,8 +7,8 @@
     images_hat = tokenizer.decode(tokens)    # float32 [B,H,W,3] in [-1, 1]
 
 The config comes from the checkpoint; only the generator's (EMA) parameters and model state are read
-(`restore.restore_model`). `encode` / `decode` / `reconstruct` check their arguments on the host (shapes,
-dtypes, and, for concrete arrays, values) and run one jitted function each; host arrays whose batch is a
+(`restore.restore_model`). `encode` and `decode` check their arguments on the host (shapes, dtypes, and,
+for concrete arrays, values) and run one jitted function each (`reconstruct` is the two in turn); host arrays whose batch is a
 multiple of the mesh's device count are split over the mesh's devices. Inside a jitted function of one's own,
 either call the methods (the parameters become constants of that function) or the pure forms with the
 parameters as an argument:
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import zipfile
 from typing import Any
 
 import flax
@@ -53,6 +54,23 @@ from gaussiantoken_jax.train import sharding
 _GEOMETRY = ("means", "rotations", "scales")
 # The geometry fields' shapes after [B, K].
 _GEOMETRY_TAIL = {"means": (2,), "rotations": (), "scales": (2,)}
+
+
+def read_npz(path: epath.PathLike) -> dict[str, np.ndarray]:
+  """The arrays of an .npz file; ValueError, naming the path, for anything else (truncated, .npy, text ...)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"No such file {path}.")
+  with path.open("rb") as f:
+    # np.load would read anything else as an .npy array or a pickle, and its errors would say so.
+    if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip file's first entry, or an empty zip
+      raise ValueError(f"{path} is not an .npz archive: it does not start as a zip file does.")
+    f.seek(0)
+    try:
+      with np.load(f) as npz:
+        return {name: npz[name] for name in npz.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+      raise ValueError(f"{path} is not a readable .npz archive ({type(error).__name__}: {error}).") from None
 
 
 @flax.struct.dataclass
@@ -83,11 +101,7 @@ class Tokens:
   @classmethod
   def load(cls, path: epath.PathLike) -> Tokens:
     """Reads what `save` wrote, as host numpy arrays."""
-    path = epath.Path(path)
-    if not path.exists():
-      raise FileNotFoundError(f"No tokens file {path}.")
-    with path.open("rb") as f, np.load(f) as npz:
-      arrays = {name: npz[name] for name in npz.files}
+    arrays = read_npz(path)
     unknown = sorted(set(arrays) - {"indices", *_GEOMETRY})
     if "indices" not in arrays or unknown:
       raise ValueError(f"{path} is not a tokens file: expected arrays 'indices' and optionally {list(_GEOMETRY)}, "
@@ -131,8 +145,8 @@ class GaussianTokenizer:
       path: where the checkpoint is.
       step: the checkpoint step; None for the newest complete one (or the step of a step directory).
       use_ema: the EMA parameters (what evaluation uses) or, if False, the raw trained ones.
-      mesh: the device mesh to put the parameters on and split batches over; default the run's mesh
-        section on all devices.
+      mesh: the device mesh to put the parameters on and split batches over, with axes ("data", "fsdp") of
+        type Auto (`train.sharding.make_mesh`); default the run's mesh section on all devices.
 
     Raises FileNotFoundError (naming the path and, for a missing step, the available ones) when there is no
     checkpoint; ValueError when the checkpoint's parameters do not fit its config's model.
@@ -141,6 +155,8 @@ class GaussianTokenizer:
       raise ValueError(f"`path` must be a path (str or os.PathLike), got {type(path).__name__}.")
     if mesh is not None and not isinstance(mesh, Mesh):
       raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
+    if step is not None:
+      check_non_negative_int("from_checkpoint", "step", step)
     return cls(restore.restore_model(path, step, use_ema=use_ema, mesh=mesh))
 
   # --- What the tokens look like.
@@ -253,8 +269,9 @@ class GaussianTokenizer:
     if steps and not self.has_geometry:
       raise ValueError(f"{where}: `fit_geometry_steps`={steps}, but this plain-VQ baseline's tokens have no geometry "
                        "to fit.")
-    if not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool) or not learning_rate > 0:
-      raise ValueError(f"{where}: `fit_learning_rate` must be a positive float, got {learning_rate!r}.")
+    if (not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool)
+        or not 0 < learning_rate < float("inf")):  # NaN fails too
+      raise ValueError(f"{where}: `fit_learning_rate` must be a positive finite float, got {learning_rate!r}.")
 
   def _check_tokens(self, tokens, *, check_values: bool) -> None:
     where, k = "GaussianTokenizer.decode", self.num_tokens

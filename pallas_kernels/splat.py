@@ -90,22 +90,11 @@ def pixel_centres(height: int, width: int):
   return _centre_of(jnp.arange(height * width, dtype=jnp.int32), width)
 
 
-def _image_weights(rows, *, height: int, width: int, cutoff: float):
-  """[K, H*W] weights of one image's Gaussians from their `geometry` rows (each [K])."""
-  px, py = pixel_centres(height, width)
-  return gaussian_tile([r[:, None] for r in rows], px[None, :], py[None, :], cutoff)[0]
-
-
 def _image_splat(rows, features, *, height: int, width: int, cutoff: float):
   """[H*W, C] splat of one image: its Gaussians' `geometry` rows (each [K]) and features [K, C]."""
-  w = _image_weights(rows, height=height, width=width, cutoff=cutoff)
+  px, py = pixel_centres(height, width)
+  w = gaussian_tile([r[:, None] for r in rows], px[None, :], py[None, :], cutoff)[0]  # [K, H*W]
   return jnp.einsum("kp,kc->pc", w, features, precision=jax.lax.Precision.HIGHEST)
-
-
-def gaussian_weights(means, rotations, scales, *, height: int, width: int, cutoff: float):
-  """Per-Gaussian weights for ONE image: means [K, 2], rotations [K], scales [K, 2] -> [K, H, W] float32."""
-  rows = geometry(means, rotations, scales, height=height, width=width)
-  return _image_weights(rows, height=height, width=width, cutoff=cutoff).reshape(-1, height, width)
 
 
 def splat_xla(means, rotations, scales, features, *, height: int, width: int, cutoff: float):
@@ -523,7 +512,7 @@ def _operands(means, rotations, scales, features, *, height, width, cutoff, back
   _, k, c = features.shape
   blocks = block_sizes or BlockSizes.for_shape(k, height * width, c, backend)
   if backend == "tpu" and blocks.cull_rows:
-    raise ValueError("splat: cull_rows is a GPU kernel option; the TPU kernel computes every tile.")
+    raise ValueError(f"splat: cull_rows is a GPU kernel option; the TPU kernel computes every tile, got {blocks}.")
   layout = _Layout(height=height, width=width, num_gaussians=k, channels=c, cutoff=float(cutoff),
                    padded_k=_round_up(k, blocks.block_k) + (blocks.block_k if blocks.cull_rows else 0),
                    padded_c=_round_up(c, blocks.block_c), blocks=blocks, backend=backend,

@@ -58,5 +58,6 @@ def test_bad_steps_or_learning_rate_are_refused():
   for steps in (-1, 2.5, True):
     with pytest.raises(ValueError, match=rf"fit_geometry: `steps` must be a non-negative int, got {steps!r}"):
       geometry_fit.fit_geometry(*args, steps=steps, learning_rate=0.05, scale_bounds=(0.1, 3.0))
-  with pytest.raises(ValueError, match=r"fit_geometry: `learning_rate` must be positive, got 0.0"):
-    geometry_fit.fit_geometry(*args, steps=3, learning_rate=0.0, scale_bounds=(0.1, 3.0))
+  for rate in (0.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match=rf"fit_geometry: `learning_rate` must be positive and finite, got {rate!r}"):
+      geometry_fit.fit_geometry(*args, steps=3, learning_rate=rate, scale_bounds=(0.1, 3.0))

@@ -6,6 +6,8 @@ The training run is the session's shared one (tests/runs.py), which tests/test_t
 """
 import io
 import json
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -141,7 +143,7 @@ def test_fitting_the_geometry_lowers_every_images_error_and_is_what_evaluation_m
   assert np.abs(reconstruction - np.asarray(tokenizer.decode(plain))).max() > 0.05
   with pytest.raises(ValueError, match=r"encode: `fit_geometry_steps` must be a non-negative int, got -1"):
     tokenizer.encode(images, fit_geometry_steps=-1)
-  with pytest.raises(ValueError, match=r"encode: `fit_learning_rate` must be a positive float, got 0"):
+  with pytest.raises(ValueError, match=r"encode: `fit_learning_rate` must be a positive finite float, got 0"):
     tokenizer.encode(images, fit_geometry_steps=steps, fit_learning_rate=0)
 
 
@@ -196,6 +198,15 @@ def test_tokens_save_and_load_bit_exactly(tokenizer, images, tmp_path):
     Tokens.load(tmp_path / "other.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     Tokens.load(tmp_path / "missing.npz")
+  # Files that are not .npz archives: a ValueError naming the file, whatever numpy makes of them.
+  (tmp_path / "text.npz").write_bytes(b"not an archive")
+  (tmp_path / "truncated.npz").write_bytes(path.read_bytes()[:200])
+  np.save(tmp_path / "array.npy", np.zeros(3))
+  for name, error in (("text.npz", "is not an .npz archive: it does not start as a zip file does"),
+                      ("array.npy", "is not an .npz archive: it does not start as a zip file does"),
+                      ("truncated.npz", r"is not a readable .npz archive \(BadZipFile")):
+    with pytest.raises(ValueError, match=f"{tmp_path / name} {error}"):
+      Tokens.load(tmp_path / name)
 
 
 def test_the_vq_baseline_restores_through_the_same_class(vq_workdir, images, tmp_path):
@@ -287,6 +298,8 @@ def test_missing_or_foreign_checkpoints_raise_clear_errors(tmp_path, workdir, vq
     GaussianTokenizer.from_checkpoint(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match=r"No complete checkpoint for step 5 .*there are \[4, 6, 8\]"):
     GaussianTokenizer.from_checkpoint(workdir, step=5)
+  with pytest.raises(ValueError, match=r"from_checkpoint: `step` must be a non-negative int, got '6'"):
+    GaussianTokenizer.from_checkpoint(workdir, step="6")
   # The VQ baseline's parameters saved under the GaussianToken config: named, not an Orbax traceback.
   _, _, vq_state = vq_workdir
   with checkpointing.Checkpointer(tmp_path / "foreign") as ckpt:
@@ -304,6 +317,10 @@ def test_a_mesh_of_the_callers_choice(workdir, tokenizer, images):
   np.testing.assert_array_equal(np.asarray(tokens.indices), np.asarray(tokenizer.encode(images).indices))
   with pytest.raises(ValueError, match="`mesh` must be a jax.sharding.Mesh or None, got list"):
     GaussianTokenizer.from_checkpoint(workdir, mesh=devices)
+  explicit = jax.make_mesh((2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+                           devices=devices)  # JAX 0.10's default axis type
+  with pytest.raises(ValueError, match="`mesh` must have Auto axes"):
+    GaussianTokenizer.from_checkpoint(workdir, mesh=explicit)
 
 
 def write_image_folder(folder, images):
@@ -324,8 +341,9 @@ def test_fitting_arguments_are_checked_before_an_export_writes_anything(workdir,
   for steps in (True, -1, 2.0):
     with pytest.raises(ValueError, match=rf"`fit_geometry_steps` must be a non-negative int, got {steps!r}"):
       tokenizer.check_fit(steps)
-  with pytest.raises(ValueError, match=r"`fit_learning_rate` must be a positive float, got np.float32\(0.0\)"):
-    tokenizer.check_fit(1, np.float32(0.0))
+  for rate in (np.float32(0.0), float("inf"), float("nan")):
+    with pytest.raises(ValueError, match=rf"`fit_learning_rate` must be a positive finite float, got {re.escape(repr(rate))}"):
+      tokenizer.check_fit(1, rate)
   # Refused before the export's manifest is written, so that a corrected rerun is not held to the bad value.
   folder = write_image_folder(tmp_path / "images", images)
   for run, steps, message in ((vq_workdir[0], 5, "plain-VQ baseline's tokens have no geometry"),
@@ -334,6 +352,9 @@ def test_fitting_arguments_are_checked_before_an_export_writes_anything(workdir,
     with pytest.raises(ValueError, match=message):
       tokenize.export(run, str(folder), output, fit_geometry_steps=steps)
     assert not tokenize.parts_dir(output).exists()
+  with pytest.raises(ValueError, match=rf"`output` {tmp_path / 'images'} is a directory"):
+    tokenize.export(workdir, str(folder), tmp_path / "images")
+  assert not tokenize.parts_dir(tmp_path / "images").exists()
   with pytest.raises(FileNotFoundError, match=r"a prepared TFDS dataset is written 'tfds:NAME', e.g. 'tfds:cifar10'"):
     tokenize.make_source("cifar10")
 
@@ -362,7 +383,9 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(batch_size: before 8, "
                      r"now 4\)"):
     tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=4)
-  resumed = tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=8)
+  # The same checkpoint and folder named another way: its step directory, a trailing slash.
+  step_dir = pathlib.Path(workdir) / "checkpoints" / str(tokenizer.step)
+  resumed = tokenize.export(step_dir, f"{folder}/", tmp_path / "resumed.npz", batch_size=8)
   assert resumed["batches_encoded"] == 1 and resumed["batches_reused"] == 1 and resumed["num_images"] == 11
   a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
   assert sorted(a.files) == sorted(b.files) == ["ids", "indices", "means", "rotations", "scales", "skipped"]
@@ -427,7 +450,7 @@ def test_tokenize_a_prepared_tfds_split(workdir, tokenizer, tfds_dir, tmp_path):
   assert list(ids) == list(readable)  # the pipeline's keys, name/split[index], in the records' order
   assert list(np.load(tmp_path / "tfds.npz")["skipped"]) == broken
   config = tokenizer.config
-  crop = data.pipeline._EvalCrop(config.data.image_size, config.data.eval_crop)
+  crop = data.pipeline.EvalCrop(config.data.image_size, config.data.eval_crop)
   direct = tokenizer.encode(np.stack([crop(image) for image in readable.values()]))
   np.testing.assert_array_equal(tokens.indices, np.asarray(direct.indices))
   for name in ("means", "rotations", "scales"):

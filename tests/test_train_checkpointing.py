@@ -214,8 +214,15 @@ def test_read_only_and_bad_arguments(tmp_path, mesh):
       ckpt.restore_config()
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     assert ckpt.latest_step() == 1
-  with pytest.raises(ValueError, match="max_to_keep"):
-    checkpointing.Checkpointer(tmp_path, max_to_keep=0)
+    assert set(ckpt.saved_state_metadata()) == {"params", "step"}
+  # A damaged copy (its state's tree metadata gone): named, where Orbax returns None.
+  (tmp_path / checkpointing.CHECKPOINT_SUBDIR / "1" / checkpointing.STATE / "_METADATA").unlink()
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
+    with pytest.raises(ValueError, match=r"Checkpoint step 1 in .* has no readable state metadata"):
+      ckpt.saved_state_metadata()
+  for bad in (0, True, 2.0):  # a bool is not a count
+    with pytest.raises(ValueError, match=rf"Checkpointer: `max_to_keep` must be a positive int, got {bad!r}"):
+      checkpointing.Checkpointer(tmp_path, max_to_keep=bad)
 
 
 def test_preemption_guard_sets_a_flag_on_sigterm():
@@ -228,5 +235,6 @@ def test_preemption_guard_sets_a_flag_on_sigterm():
     assert guard.should_stop(1)
     assert guard.should_stop(2)  # It stays stopped.
   assert signal.getsignal(signal.SIGTERM) is previous
-  with pytest.raises(ValueError, match="sync_every_steps"):
-    checkpointing.PreemptionGuard(sync_every_steps=0)
+  for bad in (0, True):
+    with pytest.raises(ValueError, match=rf"`sync_every_steps` must be a positive int, got {bad!r}"):
+      checkpointing.PreemptionGuard(sync_every_steps=bad)

@@ -59,6 +59,9 @@ def test_batch_sharding_splits_the_batch_over_all_devices(mesh_4x2):
   assert {shard.data.shape for shard in sharded_images.addressable_shards} == {(2, 2, 3)}
   with pytest.raises(ValueError, match="mesh"):
     sharding.batch_sharding("not a mesh")
+  explicit = jax.make_mesh((4, 2), sharding.MESH_AXES, axis_types=(AxisType.Explicit,) * 2)
+  with pytest.raises(ValueError, match=r"`mesh` must have Auto axes, got \('Explicit', 'Explicit'\)"):
+    sharding.batch_sharding(explicit)
 
 
 def test_param_shardings_rule(mesh_4x2):

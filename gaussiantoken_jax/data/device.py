@@ -14,8 +14,8 @@ def to_global_array(batch: dict, sharding: jax.sharding.Sharding) -> dict:
 
   Args:
     batch: a dict of NumPy arrays sharing the leading (local batch) dimension, e.g. {"image", "mask"}.
-    sharding: how to lay out each global array, typically `NamedSharding(mesh, P("data"))`; its spec applies
-      to the leading axes, the rest are replicated.
+    sharding: how to lay out each global array, typically `train.sharding.batch_sharding(mesh)` (the batch
+      over both mesh axes); its spec applies to the leading axes, the rest are replicated.
   """
   if not isinstance(sharding, jax.sharding.Sharding):
     raise ValueError(f"`sharding` must be a jax.sharding.Sharding, got {type(sharding).__name__}.")

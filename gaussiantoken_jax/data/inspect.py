@@ -12,7 +12,7 @@ Examples:
     python -m gaussiantoken_jax.data.inspect --data=demo --image_size=64 --output=/tmp/demo.png
     python -m gaussiantoken_jax.data.inspect --data=demo --split=train --augment --output=/tmp/demo_train.png
     python -m gaussiantoken_jax.data.inspect --data=cifar10 --split=test --image_size=32
-    python -m gaussiantoken_jax.data.inspect --data=../shared/data/imagenet-sample-800.tar --image_size=256
+    python -m gaussiantoken_jax.data.inspect --data=/path/to/images.tar --image_size=256
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from gaussiantoken_jax import cli_flags, command_line
 from gaussiantoken_jax.data import pipeline
+from gaussiantoken_jax.train import writers
 
 _DATA = flags.DEFINE_string("data", None, "'demo', an image folder / .tar archive, or a TFDS dataset name.")
 _SPLIT = flags.DEFINE_string("split", None, "Split: demo 'train'/'test' (default 'test'); TFDS split (default "
@@ -64,16 +65,10 @@ def inspect_config(data: str, split: str | None, image_size: int, batch_size: in
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
-  """uint8 [N, S, S, 3] -> one uint8 picture, ceil(sqrt(N)) images a row, 2-pixel white gutters."""
-  count, size = images.shape[0], images.shape[1]
-  cols = math.ceil(math.sqrt(count))
-  rows = math.ceil(count / cols)
-  step = size + 2
-  grid = np.full((rows * step + 2, cols * step + 2, 3), 255, np.uint8)
-  for i, image in enumerate(images):
-    top, left = 2 + (i // cols) * step, 2 + (i % cols) * step
-    grid[top:top + size, left:left + size] = image
-  return grid
+  """uint8 [N, S, S, 3] -> one uint8 picture, ceil(sqrt(N)) images a row, 2-pixel white gutters and border."""
+  cols = math.ceil(math.sqrt(len(images)))
+  grid = writers.image_grid(images, rows=math.ceil(len(images) / cols), padding=2, pad_value=255)
+  return np.pad(grid, ((2, 2), (2, 2), (0, 0)), constant_values=255)
 
 
 def run(config: ml_collections.ConfigDict, *, augment: bool, output: str) -> dict:

@@ -49,7 +49,7 @@ def _count_skip(key: str, reason: str) -> None:
   _log.warning("Skipped unreadable image %r (%s); %d skipped so far in this process.", key, reason, count)
 
 
-def _load_record_image(record: dict) -> np.ndarray | None:
+def load_record_image(record: dict) -> np.ndarray | None:
   """The uint8 [H, W, 3] image of a source record, or None (logged and counted) if it does not decode."""
   data = record["data"]
   if isinstance(data, np.ndarray):
@@ -154,7 +154,9 @@ def train_split_size(config) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvalCrop:
+class EvalCrop:
+  """The evaluation crop of a uint8 [H, W, 3] image to [size, size, 3]: "center" crops the centre square at
+  full resolution; otherwise the short side is resized to `size` first. Also used by the tokenize command."""
   size: int
   eval_crop: str
 
@@ -171,10 +173,10 @@ class _TrainTransform:
   size: int
   demo: bool
   augment: str
-  eval_crop: _EvalCrop
+  eval_crop: EvalCrop
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
-    image = _load_record_image(record)
+    image = load_record_image(record)
     if image is None:
       return None
     if self.demo:
@@ -188,10 +190,10 @@ class _TrainTransform:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalTransform:
-  eval_crop: _EvalCrop
+  eval_crop: EvalCrop
 
   def __call__(self, record: dict) -> dict | None:
-    image = _load_record_image(record)
+    image = load_record_image(record)
     if image is None:
       return None
     return {"image": np.ascontiguousarray(self.eval_crop(image)), "mask": np.True_}
@@ -205,9 +207,9 @@ def _is_present(element) -> bool:
   return element is not None
 
 
-def _transforms_from_config(config) -> tuple[_TrainTransform, _EvalCrop]:
+def _transforms_from_config(config) -> tuple[_TrainTransform, EvalCrop]:
   data = config.data
-  eval_crop = _EvalCrop(data.image_size, data.eval_crop)
+  eval_crop = EvalCrop(data.image_size, data.eval_crop)
   return _TrainTransform(data.image_size, data.source == "demo", data.augment, eval_crop), eval_crop
 
 

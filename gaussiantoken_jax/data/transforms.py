@@ -15,6 +15,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
+from gaussiantoken_jax.checks import check_positive_int
+
 # torchvision's RandomResizedCrop defaults, which the reference's ImageNet and Mini-ImageNet configs use.
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -35,10 +37,6 @@ def check_image(image, name: str = "image") -> None:
   if image.dtype != np.uint8:
     raise ValueError(f"`{name}` must have dtype uint8, got {image.dtype}.")
 
-
-def _check_size(size) -> None:
-  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-    raise ValueError(f"`size` must be a positive int, got {size!r}.")
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -85,7 +83,7 @@ def resize_box(image: np.ndarray, box: tuple[float, float, float, float], size: 
   The box may have fractional coordinates; PIL resamples it directly without cropping first.
   """
   check_image(image)
-  _check_size(size)
+  check_positive_int("resize_box", "size", size)
   top, left, height, width = box
   if height <= 0 or width <= 0:
     raise ValueError(f"`box` must have positive height and width, got {box}.")
@@ -103,7 +101,7 @@ def resize_short_side_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   first and cropping after, with one interpolation instead of two.
   """
   check_image(image)
-  _check_size(size)
+  check_positive_int("resize_short_side_center_crop", "size", size)
   height, width = image.shape[:2]
   side = min(height, width)
   return resize_box(image, ((height - side) / 2.0, (width - side) / 2.0, side, side), size)
@@ -116,7 +114,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   then the crop starts at round((H - size) / 2).
   """
   check_image(image)
-  _check_size(size)
+  check_positive_int("center_crop", "size", size)
   height, width = image.shape[:2]
   pad_h, pad_w = max(size - height, 0), max(size - width, 0)
   if pad_h or pad_w:

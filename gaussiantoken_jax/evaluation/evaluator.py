@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gaussiantoken_jax import data, pixels, xla_options
-from gaussiantoken_jax.checks import check_non_negative_int
+from gaussiantoken_jax.checks import check_non_negative_int, check_positive_int
 from gaussiantoken_jax.evaluation import fid, image_metrics, inception, pictures
 from gaussiantoken_jax.train import sharding
 from gaussiantoken_jax.train import step as step_lib
@@ -67,8 +67,7 @@ class Evaluator:
 
   def __init__(self, steps: step_lib.Steps, lpips_params, inception_params=None, *,
                num_pictures: int = NUM_PICTURES, fit_geometry_steps: int = 0):
-    if not isinstance(num_pictures, int) or num_pictures < 1:
-      raise ValueError(f"Evaluator: `num_pictures` must be a positive int, got {num_pictures!r}.")
+    check_positive_int("Evaluator", "num_pictures", num_pictures)
     check_non_negative_int("Evaluator", "fit_geometry_steps", fit_geometry_steps)
     if fit_geometry_steps and steps.config.model.type != "gaussiantoken":
       raise ValueError(f"Evaluator: `fit_geometry_steps`={fit_geometry_steps} needs a GaussianToken model, got "
@@ -115,8 +114,8 @@ class Evaluator:
       "psnr_block_baseline", "psnr_uint8", "ssim", "lpips", "codebook_usage", "perplexity", "num_images"}; pictures
       {"reconstructions", "codebook_usage", and "gaussians" for GaussianToken}: uint8 [H, W, 3] arrays.
     """
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
-      raise ValueError(f"evaluate: `max_images` must be a positive int or None, got {max_images!r}.")
+    if max_images is not None:
+      check_positive_int("evaluate", "max_images", max_images)
     local_limit = None if max_images is None else _local_image_limit(max_images)
     local_batch_size = getattr(batches, "batch_size", None)  # an EvalLoader knows its size and length
     if num_batches is None and local_batch_size and hasattr(batches, "__len__"):

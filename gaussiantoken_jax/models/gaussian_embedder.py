@@ -1,4 +1,5 @@
-"""The Gaussian embedder: an encoder feature map -> K featured 2D Gaussians (reference section 2.5).
+"""The Gaussian embedder: an encoder feature map -> K featured 2D Gaussians (the reference code's
+`gstk/modules/gaussianembed/gaussian_embed.py`).
 
 Forward order (D' = `embed_dim`):
   1. feature-map lifter: 1x1 projection + GroupNorm -> image tokens [B, h*w, D'], and a DETR sine position
@@ -371,7 +372,7 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, carry, memory, anchor_encoder_params):
     instance, anchors = carry
-    # The AnchorEncoder is ONE module shared by all blocks, so it cannot live in this scanned (per-block
+    # The AnchorEncoder is ONE module shared by all blocks, so it cannot live in this stacked (per-block
     # parameters) module; its parameters come in as a broadcast argument instead.
     anchor_embed = AnchorEncoder(self.dim, parent=None).apply({"params": anchor_encoder_params}, anchors)
     reference_points = jax.nn.sigmoid(anchors[..., :2])

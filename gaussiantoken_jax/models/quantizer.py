@@ -1,8 +1,7 @@
 """EMA vector quantizer: k-means init, Laplace-smoothed EMA codebook, dead-code reset, rotation-trick gradient.
 
 This is the quantizer of the reference code (`vq_v2.VectorQuantize`, built on lucidrains'
-vector-quantize-pytorch; reference spec section 2.6): Euclidean distances, no projection, no
-l2-normalisation, a single head. The codebook is not a parameter: it lives in the non-trainable variable
+vector-quantize-pytorch): Euclidean distances, no projection, no l2-normalisation, a single head. The codebook is not a parameter: it lives in the non-trainable variable
 collection "codebook" and changes only through its EMA statistics.
 
 One training step (train=True and "codebook" mutable), in the reference's order:
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 
-from gaussiantoken_jax.checks import check_float_array
+from gaussiantoken_jax.checks import check_float_array, check_positive_int
 
 GRADIENTS = ("rotation", "straight_through")
 
@@ -199,9 +198,7 @@ class VectorQuantizer(nn.Module):
 
   def _check_fields(self) -> None:
     for name in ("dim", "codebook_size", "kmeans_iters"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"VectorQuantizer: `{name}` must be a positive int, got {value!r}.")
+      check_positive_int("VectorQuantizer", name, getattr(self, name))
     if not 0.0 <= self.decay < 1.0:
       raise ValueError(f"VectorQuantizer: `decay` must be in [0, 1), got {self.decay!r}.")
     if not self.eps > 0.0:

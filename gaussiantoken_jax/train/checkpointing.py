@@ -22,6 +22,7 @@ save with a smaller step number.
 from __future__ import annotations
 
 import itertools
+import logging as std_logging
 import json
 import signal
 import time
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from gaussiantoken_jax.checks import check_positive_int
 from gaussiantoken_jax.train import distributed
 from jax.experimental import multihost_utils
 
@@ -54,6 +56,18 @@ _COMMIT_FILE = "commit_success.txt"
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 # Every Checkpointer of a process makes one barrier, in the same order on every process: a unique name each.
 _BARRIER_COUNT = itertools.count()
+
+
+def _orbax_info_filter(record) -> bool:
+  return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def silence_orbax_info_logs() -> None:
+  """Drops Orbax's INFO lines (a dozen per save or restore, burying a run's own lines); its warnings and errors
+  still show."""
+  absl_logger = logging.get_absl_logger()
+  if _orbax_info_filter not in absl_logger.filters:
+    absl_logger.addFilter(_orbax_info_filter)
 
 
 def is_complete_step(step_dir: epath.PathLike) -> bool:
@@ -166,8 +180,8 @@ class Checkpointer:
 
   def __init__(self, workdir: epath.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
                read_only: bool = False):
-    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-      raise ValueError(f"`max_to_keep` must be a positive int or None (keep all), got {max_to_keep!r}.")
+    if max_to_keep is not None:  # None: keep all
+      check_positive_int("Checkpointer", "max_to_keep", max_to_keep)
     self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
     if read_only and not self.directory.exists():
       raise FileNotFoundError(f"No checkpoint directory {self.directory}.")
@@ -262,7 +276,11 @@ class Checkpointer:
     per leaf, top level keyed by the TrainState's field names); reads no arrays."""
     step = self._resolve_step(step)
     with ocp.PyTreeCheckpointer() as checkpointer:
-      return dict(checkpointer.metadata(self.directory / str(step) / STATE).item_metadata)
+      metadata = checkpointer.metadata(self.directory / str(step) / STATE).item_metadata
+    if metadata is None:  # Orbax's answer when the state's metadata file is missing or unreadable
+      raise ValueError(f"Checkpoint step {step} in {self.directory} has no readable state metadata: an incomplete "
+                       f"or damaged copy? Steps there: {self.all_steps()}.")
+    return dict(metadata)
 
   def restore_fields(self, abstract_fields: Mapping[str, Any], *, step: int | None = None) -> Restored:
     """Restores only some top-level fields of the saved state, e.g. {"step", "ema_params", "model_state"}.
@@ -338,8 +356,7 @@ class PreemptionGuard:
   """
 
   def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), *, sync_every_steps: int = 1):
-    if not isinstance(sync_every_steps, int) or sync_every_steps < 1:
-      raise ValueError(f"`sync_every_steps` must be a positive int, got {sync_every_steps!r}.")
+    check_positive_int("PreemptionGuard", "sync_every_steps", sync_every_steps)
     self._sync_every_steps = sync_every_steps
     self._signalled = False
     self._stopping = False

@@ -110,8 +110,8 @@ def ema_update(ema_params, params, decay):
   """One step of the weight EMA: ema <- decay * ema + (1 - decay) * params, leaf by leaf.
 
   Written as ema - (1 - decay) * (ema - params), the form LitEma uses, which loses less precision when decay
-  is close to 1. Each result keeps the dtype of its EMA leaf. `decay` may be a Python float or a traced
-  scalar (e.g. a warm-up of the decay computed inside the train step).
+  is close to 1. Each result keeps the dtype of its EMA leaf. `decay` may be a Python float (the train
+  step passes `config.ema_decay`) or a traced scalar.
   """
   ema_structure = jax.tree.structure(ema_params)
   params_structure = jax.tree.structure(params)

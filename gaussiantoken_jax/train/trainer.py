@@ -1,7 +1,7 @@
 """The training loop: `train_and_evaluate(config, workdir)`, for `main.py` and notebooks alike.
 
-One flat function in sections (big_vision's layout): distributed start-up, mesh and steps (`step.make_steps`), input,
-restore-or-init, then the loop. Per step: next local batch -> global array -> jitted train step. Around it:
+Start-up (`train_and_evaluate`), then one function in sections (`_train`, big_vision's layout): mesh and steps
+(`step.make_steps`), input, restore-or-init, then the loop. Per step: next local batch -> global array -> jitted train step. Around it:
 
 * Metrics: the step's dicts of scalars stay on the device until the log step, then are averaged on the host
   (`_interval_metrics`) and written with steps/s, images/s and ETA.
@@ -33,7 +33,6 @@ Only process 0 writes metrics and pictures (`writers.create_writer`); every proc
 """
 from __future__ import annotations
 
-import logging as std_logging
 import math
 import time
 
@@ -111,17 +110,6 @@ def evaluate(evaluator: evaluator_lib.Evaluator, state: step_lib.TrainState, eva
   return evaluator.evaluate(state.ema_params, state.model_state, eval_loader, max_images=max_images)
 
 
-def _orbax_info_filter(record) -> bool:
-  return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
-
-
-def _silence_orbax_info_logs() -> None:
-  """Orbax logs a dozen INFO lines per save, burying the progress lines; its warnings and errors still show."""
-  absl_logger = logging.get_absl_logger()
-  if _orbax_info_filter not in absl_logger.filters:
-    absl_logger.addFilter(_orbax_info_filter)
-
-
 def _log_summary(config: ml_collections.ConfigDict, workdir: epath.Path, passes: dict[str, dict[str, float]],
                  seconds: float, trained: bool) -> None:
   """The run's last lines: the final evaluation's figures beside the block-mean baseline, and where to look.
@@ -167,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   start_time = time.monotonic()
   config = config_lib.resolve_steps(config, data.train_split_size(config))
   _check_loop_config(config)
-  _silence_orbax_info_logs()
+  checkpointing.silence_orbax_info_logs()
   distributed.initialize_from_env()
   # SIGTERM asks the loop to save and stop from here on: jax.distributed installs a handler of its own that
   # would swallow the signal while the run restores and compiles (minutes), before the loop starts.

@@ -29,6 +29,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from gaussiantoken_jax.checks import check_positive_int
+
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
 
@@ -255,9 +257,8 @@ class ProgressReporter:
 
   def __init__(self, *, total_steps: int, batch_size: int, writer=None, first_step: int = 0,
                clock: Callable[[], float] = time.monotonic, unit: str = "step", units: str = "steps"):
-    for name, value in (("total_steps", total_steps), ("batch_size", batch_size)):
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    check_positive_int("ProgressReporter", "total_steps", total_steps)
+    check_positive_int("ProgressReporter", "batch_size", batch_size)
     if not isinstance(first_step, int) or not 0 <= first_step <= total_steps:
       raise ValueError(f"`first_step` must be an int in [0, total_steps={total_steps}], got {first_step!r}.")
     self._total_steps = total_steps
