@@ -8,9 +8,9 @@ from absl import logging
 
 from gaussiantoken_jax.weights import WeightsUnavailableError
 
-# What the library raises for a bad argument, path, file or config; the messages name what was expected and what
-# was received. Anything else is a bug and keeps its traceback.
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, WeightsUnavailableError)
+# What the library raises for a bad argument, path, file or config, and for a training run that diverged; the
+# messages name what was expected and what was received. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, WeightsUnavailableError, FloatingPointError)
 
 
 def run(main) -> None:
@@ -35,4 +35,10 @@ def _parse_flags(argv):
   except flags.Error as err:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else str(err)
-    sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as err:  # a --config.FIELD override naming no field: ml_collections' error
+    detail = err
+    while isinstance(detail, BaseException) and detail.args:  # its text is a KeyError's inside an AttributeError
+      detail = detail.args[0]
+    overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+    message = f"no such config field {' '.join(str(detail).split())} (overrides given: {', '.join(overrides)})"
+  sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")

@@ -117,4 +117,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
+  flags.adopt_module_key_flags(cli_flags)  # --batch_size and --inception_weights in --helpshort
   command_line.run(main)

@@ -17,6 +17,7 @@ import os
 import time
 
 from absl import app
+from absl import flags
 from absl import logging
 import numpy as np
 
@@ -71,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.adopt_module_key_flags(cli_flags)  # --batch_size and --inception_weights in --helpshort
   command_line.run(main)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -78,6 +79,17 @@ def locate_checkpoint(path: epath.PathLike, step: int | None = None) -> tuple[ep
   return path, step
 
 
+def _mesh_here(mesh_cfg) -> Mesh:
+  """The run's mesh on the devices at hand or, where it does not fit them (a run trained with fsdp=8 restored on
+  one GPU), the batch over all of them: the mesh decides where weights live, not what they compute."""
+  try:
+    return sharding.make_mesh(mesh_cfg)
+  except ValueError as error:
+    logging.info("The run's mesh does not fit the %d devices here (%s); restoring with the batch split over all "
+                 "of them and the weights replicated.", jax.device_count(), error)
+    return sharding.make_mesh(dict(data=-1, fsdp=1))
+
+
 def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: bool = True,
                   config: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None) -> RestoredModel:
   """The generator of checkpoint `step` (default: the newest complete one) of a training workdir.
@@ -88,7 +100,8 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: 
     use_ema: restore the EMA parameters (evaluation's and the tokenizer's choice); False for the raw ones.
     config: the config to build the model from; default the one saved with the checkpoint (pass one only to
       change what does not touch the parameters, e.g. the mesh or the data section).
-    mesh: the device mesh to restore onto; default `sharding.make_mesh(config.mesh)` on all devices.
+    mesh: the device mesh to restore onto; default `sharding.make_mesh(config.mesh)` on all devices, or the
+      batch over all devices where the run's mesh does not fit them.
 
   Raises FileNotFoundError for a path without checkpoints, ValueError for a checkpoint whose generator
   differs from the config's model (names the differing parameters).
@@ -105,7 +118,7 @@ def restore_model(workdir: epath.PathLike, step: int | None = None, *, use_ema: 
         step = None if step < 0 else step
     if config is None:
       config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh) if mesh is None else mesh)
+    steps = step_lib.make_steps(config, _mesh_here(config.mesh) if mesh is None else mesh)
     abstract = steps.abstract_state
     params_field = "ema_params" if use_ema else "params"
     restored = ckpt.restore_fields({"step": abstract.step, params_field: getattr(abstract, params_field),

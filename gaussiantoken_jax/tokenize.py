@@ -374,4 +374,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
+  flags.declare_key_flag("batch_size")  # in --helpshort
   command_line.run(main)

@@ -13,6 +13,9 @@ fi
 num_processes=$1 config=$2 workdir=$3
 shift 3
 [[ "${workdir}" == *://* ]] || workdir=$(realpath -m -- "${workdir}")  # relative to the caller, not the repository
+# A config file found from the caller's directory too (its own configs); else the repository's (configs/...).
+config_file=${config%%:*}
+[[ -f "${config_file}" ]] && config="$(realpath -- "${config_file}")${config:${#config_file}}"
 cd "$(dirname "$0")/.."
 mkdir -p "${workdir}"
 port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

@@ -11,5 +11,8 @@ fi
 config=$1 workdir=$2
 shift 2
 [[ "${workdir}" == *://* ]] || workdir=$(realpath -m -- "${workdir}")  # relative to the caller, not the repository
+# A config file found from the caller's directory too (its own configs); else the repository's (configs/...).
+config_file=${config%%:*}
+[[ -f "${config_file}" ]] && config="$(realpath -- "${config_file}")${config:${#config_file}}"
 cd "$(dirname "$0")/.."
 exec python -m gaussiantoken_jax.main --config="${config}" --workdir="${workdir}" "$@"

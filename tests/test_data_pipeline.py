@@ -445,6 +445,12 @@ def test_inspect_counts_delivered_and_skipped_and_writes_a_grid(bad_root, tmp_pa
   assert _identities(grid[2:18, 2:18][None]) == [1]
 
 
+def test_inspect_reads_a_missing_path_as_a_folder_and_a_versioned_name_as_tfds(tmp_path):
+  for flag, source in ((str(tmp_path / "missing"), "folder"), ("./missing.tar", "folder"), ("cifar10", "tfds"),
+                       ("cifar10/3.0.2", "tfds")):
+    assert data_inspect.inspect_config(flag, None, 16, 4).data.source == source, flag
+
+
 def test_inspect_command_line_prints_json_last(image_root):
   result = subprocess.run(
       [sys.executable, "-m", "gaussiantoken_jax.data.inspect", f"--data={image_root}", "--split=test",

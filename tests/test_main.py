@@ -18,13 +18,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ("main", ["--config=configs/no_such_config.py:runlocal", "--workdir=W"],
      "--config: no config file at 'configs/no_such_config.py'"),
     ("main", ["--config=configs/demo.py:bogus", "--workdir=W"], "Unknown config variant 'bogus'"),
+    ("main", ["--config=configs/demo.py:runlocal", "--workdir=W", "--config.model.codebok_size=1"],
+     "no such config field 'codebok_size' Did you mean \"codebook_size\""),
     ("main", ["--config=configs/demo.py:runlocal", "--workdir=W", "--config.batch_size=12"],
      "config.batch_size=12: the global batch must be a multiple of the 8 devices"),
     ("tokenize", ["--workdir=W", "--data=W/photos", "--output=W/t.npz"], "no such image folder or .tar"),
     ("tokenize", ["--workdir=W", "--data=W/photos", "--output=W/t.npz", "--batch_size=0"],
      "--batch_size=0: 0 is not a positive integer"),
     ("evaluate", ["--workdir=W", "--output=W/e.json"], "does not exist"),
-], ids=["no_workdir", "unknown_flag", "missing_config_file", "unknown_variant", "batch_not_split_evenly",
+], ids=["no_workdir", "unknown_flag", "missing_config_file", "unknown_variant", "misspelt_field", "batch_not_split_evenly",
         "tokenize_missing_data", "tokenize_zero_batch", "evaluate_missing_run"])
 def test_bad_command_lines_exit_nonzero_with_a_clear_message(command, args, message, tmp_path):
   args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]

@@ -13,13 +13,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
 import gaussiantoken_jax
-from gaussiantoken_jax import data, pixels, tokenize
+from gaussiantoken_jax import data, pixels, restore, tokenize
 from gaussiantoken_jax.tokenizer import GaussianTokenizer, Tokens
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
@@ -159,6 +160,18 @@ def test_ema_or_raw_parameters_and_every_form_of_the_path(workdir, tokenizer, sa
   assert older.step == TOTAL - EVERY
   assert GaussianTokenizer.from_checkpoint(workdir, step=TOTAL - EVERY).step == TOTAL - EVERY
   assert gaussiantoken_jax.GaussianTokenizer is GaussianTokenizer and gaussiantoken_jax.Tokens is Tokens
+
+
+def test_a_run_whose_mesh_does_not_fit_the_devices_here_restores_data_parallel(workdir, saved_state):
+  """A run trained with fsdp=3 (on 3, 6, ... devices) restored on these 8: the batch over all 8, the same weights."""
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    config = ml_collections.ConfigDict(ckpt.restore_config())
+  config.mesh.fsdp = 3
+  with pytest.raises(ValueError, match=r"8 devices are not divisible by the fixed axis size 3"):
+    sharding.make_mesh(config.mesh)
+  restored = restore.restore_model(workdir, config=config)
+  assert dict(restored.steps.mesh.shape) == {"data": 8, "fsdp": 1}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_state[1].ema_params)
 
 
 def test_uint8_and_the_equivalent_floats_give_the_same_tokens(tokenizer, images):

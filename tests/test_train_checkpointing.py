@@ -116,7 +116,9 @@ def test_restore_fields_reads_only_the_fields_asked_for(tmp_path, mesh):
 def _run_config(**changes):
   config = ml_collections.ConfigDict(dict(
       seed=0, batch_size=8, total_steps=20, model=dict(ch=16, ch_mult=(1, 2), splat_impl="auto", embedder=dict(
-          num_blocks=2)), discriminator=dict(ndf=8)))
+          num_blocks=2), conv_dtype="float32", remat_norms=False), discriminator=dict(ndf=8),
+      optimizer=dict(name="adamw", learning_rate=1e-4, weight_decay=0.05, grad_clip_norm=0.0),
+      disc_optimizer=dict(name="adam", learning_rate=1e-4, weight_decay=0.0, grad_clip_norm=0.0)))
   for path, value in changes.items():
     *parents, leaf = path.split("__")
     node = config
@@ -133,6 +135,9 @@ def _run_config(**changes):
     (dict(model__ch_mult=(1, 2, 2)), "model.ch_mult: saved [1, 2], requested [1, 2, 2]"),
     (dict(model__embedder__num_blocks=3), "model.embedder.num_blocks: saved 2, requested 3"),
     (dict(discriminator__ndf=16), "discriminator.ndf: saved 8, requested 16"),
+    (dict(optimizer__grad_clip_norm=1.0), "optimizer's state: saved adamw, requested global-norm clipping + adamw"),
+    (dict(optimizer__name="adam"), "optimizer's state: saved adamw, requested coupled L2 decay + adam"),
+    (dict(disc_optimizer__weight_decay=0.1), "disc_optimizer's state: saved adam, requested coupled L2 decay + adam"),
 ])
 def test_resuming_with_another_batch_seed_or_model_names_both_values(tmp_path, mesh, changes, named):
   with checkpointing.Checkpointer(tmp_path, async_save=False) as ckpt:
@@ -140,8 +145,15 @@ def test_resuming_with_another_batch_seed_or_model_names_both_values(tmp_path, m
     saved = ckpt.restore_config()
   with pytest.raises(ValueError, match="Cannot resume from run X: .*" + re.escape(named)):
     checkpointing.check_resumable(saved, _run_config(**changes), where="run X")
-  # What may change on resume: the length of the run, the splat kernel.
-  checkpointing.check_resumable(saved, _run_config(total_steps=40, model__splat_impl="jax"))
+  # What may change on resume: the length of the run, how the model computes, the optimizer's rates; the trainer
+  # logs each change.
+  allowed = _run_config(total_steps=40, model__splat_impl="xla", model__conv_dtype="bfloat16", model__remat_norms=True,
+                        optimizer__learning_rate=1e-5, optimizer__weight_decay=0.0)
+  checkpointing.check_resumable(saved, allowed)
+  assert checkpointing.changed_settings(saved, allowed) == [
+      "model.conv_dtype: saved 'float32', now 'bfloat16'", "model.remat_norms: saved False, now True",
+      "model.splat_impl: saved 'auto', now 'xla'", "optimizer.learning_rate: saved 0.0001, now 1e-05",
+      "optimizer.weight_decay: saved 0.05, now 0.0", "total_steps: saved 20, now 40"]
 
 
 def test_round_trip_of_a_sharded_train_state_with_optimizer_state(tmp_path, mesh):

@@ -102,6 +102,18 @@ def test_optimizer_steps_match_numpy(cfg):
   assert not np.allclose(np.asarray(jax.tree.leaves(current)[1]), np.asarray(leaves[1]), atol=1e-3)
 
 
+def test_state_layout_says_which_settings_share_the_optimizer_state_structure():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  cfgs = [_opt_cfg(), _opt_cfg(weight_decay=0.0, learning_rate=0.5), _opt_cfg(grad_clip_norm=1.0),
+          _opt_cfg(name="adam", weight_decay=0.0), _opt_cfg(name="adam", weight_decay=0.05, b1=0.5),
+          _opt_cfg(name="adam", weight_decay=0.05, grad_clip_norm=2.0)]
+  for a in cfgs:
+    for b in cfgs:
+      same_structure = (jax.tree.structure(optim.make_optimizer(a, 10).init(params))
+                        == jax.tree.structure(optim.make_optimizer(b, 10).init(params)))
+      assert (optim.state_layout(a) == optim.state_layout(b)) == same_structure, (a, b)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(name="sgd"), "opt_cfg.name"),
     (dict(b2=1.0), "opt_cfg.b2"),

@@ -37,7 +37,7 @@ def test_make_mesh_on_a_subset_of_devices():
     (dict(data=3, fsdp=1), "needs 3 devices"),
     (dict(data=-1, fsdp=3), "not divisible"),
     (dict(data=-1, fsdp=-1), "At most one"),
-    (dict(data=0, fsdp=1), "mesh_cfg.data"),
+    (dict(data=0, fsdp=1), r"config.mesh.data` must be a positive int or -1, got 0"),
     (dict(data=8), "lacks the field 'fsdp'"),
 ])
 def test_make_mesh_rejects_bad_config(cfg, message):

@@ -58,14 +58,17 @@ def test_check_finite_names_the_first_bad_step():
             "disc_grad_norm": np.float32(3)}
   per_step = [(5, finite), (6, {**finite, "disc_loss": np.float32(np.inf)}),
               (7, {name: np.float32(np.nan) for name in finite})]
-  trainer._check_finite(per_step[:1])
-  with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step 6: \{'disc_loss': inf\}"):
-    trainer._check_finite(per_step)
+  trainer._check_finite(per_step[:1], lambda: 4)
+  with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step 6: \{'disc_loss': inf\}. "
+                     r"Training stopped; the newest checkpoint, step 4, is the last good state"):
+    trainer._check_finite(per_step, lambda: 4)
+  with pytest.raises(FloatingPointError, match="no checkpoint was saved yet, so a rerun starts afresh"):
+    trainer._check_finite(per_step, lambda: None)
   # The losses are those of the parameters before a step: with a finite loss and a non-finite gradient that
   # step's update, and so the checkpoint saved after it, would be NaN.
   for name in ("grad_norm", "disc_grad_norm"):
     with pytest.raises(FloatingPointError, match=f"at step 6: {{'{name}': nan}}"):
-      trainer._check_finite([per_step[0], (6, {**finite, name: np.float32(np.nan)})])
+      trainer._check_finite([per_step[0], (6, {**finite, name: np.float32(np.nan)})], lambda: 4)
 
 
 @pytest.fixture(name="run_a")
@@ -298,6 +301,7 @@ def test_sigterm_then_sigkill_then_exact_resume(run_a, tmp_path, caplog):
   resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)",
                                         log_path.read_text() + caplog.text)]
   assert len(resumed) == 2 and resumed[0] == saved[0] and next_checkpoint <= resumed[1] < TOTAL, resumed
+  assert f"Finished {TOTAL:,} steps, the last {TOTAL - resumed[1]} in " in caplog.text
   logged = [r["step"] for r in read_metrics(workdir)]
   assert logged == sorted(logged)  # each resume dropped what the stopped run had logged past its checkpoint
   chex.assert_trees_all_equal(restore(workdir_a)[1], restore(workdir)[1])
@@ -401,5 +405,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     steps = ckpt.all_steps()
   assert steps and max(steps) < bad_step, (steps, bad_step)
+  assert f"the newest checkpoint, step {max(steps)}, is the last good state" in str(error.value)
   _, state = restore(tmp_path)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))

@@ -52,7 +52,9 @@ def inspect_config(data: str, split: str | None, image_size: int, batch_size: in
   """A config whose eval split is the split to inspect; `data` as the --data flag."""
   if data == "demo":
     source, name, path, default_split = "demo", "", "", "test"
-  elif os.path.exists(data) or "{split}" in data:
+  elif os.path.exists(data) or "{split}" in data or data.startswith(("/", ".", "~")) or data.endswith(".tar"):
+    # A path, existing or not (a TFDS name, e.g. cifar10/3.0.2, starts with a letter): the folder source says
+    # what is missing.
     source, name, path, default_split = "folder", "", data, ""
   else:
     source, name, path, default_split = "tfds", data, "", "train"
@@ -105,4 +107,5 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("data")
+  flags.declare_key_flag("batch_size")  # in --helpshort
   command_line.run(main)

@@ -22,8 +22,8 @@ save with a smaller step number.
 from __future__ import annotations
 
 import itertools
-import logging as std_logging
 import json
+import logging as std_logging
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +36,7 @@ from absl import logging
 from etils import epath
 
 from gaussiantoken_jax.checks import check_positive_int
-from gaussiantoken_jax.train import distributed
+from gaussiantoken_jax.train import distributed, optim
 from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -97,9 +97,11 @@ def _config_to_json_dict(config) -> dict[str, Any]:
 
 
 # What a resumed run must share with the saved one: the global batch and the seed fix the data order and every
-# random draw, the model sections the parameters' meaning. `model.splat_impl` only picks the splat's kernel.
+# random draw, the model sections the parameters' meaning. The splat's kernel, the convolutions' compute dtype
+# and recomputing GroupNorm in the backward pass change how the same parameters are computed, not what they are.
 _SAME_ON_RESUME = ("batch_size", "seed", "model", "discriminator")
-_MAY_DIFFER_ON_RESUME = ("model.splat_impl",)
+_MAY_DIFFER_ON_RESUME = ("model.splat_impl", "model.conv_dtype", "model.remat_norms")
+_OPTIMIZERS = ("optimizer", "disc_optimizer")
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, Any]:
@@ -114,16 +116,30 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
 
 def check_resumable(saved_config: Mapping[str, Any], config, where: str = "the checkpoint") -> None:
   """Raises ValueError, naming the saved and the requested values, when `config` may not continue a run
-  saved with `saved_config` (`Checkpointer.restore_config()`): a different global batch size, seed, or
-  model or discriminator field (fields only one side has, e.g. from another version, are not compared)."""
+  saved with `saved_config` (`Checkpointer.restore_config()`): a different global batch size, seed, model or
+  discriminator field, or optimizer settings whose state has another structure (`optim.state_layout`). Fields
+  only one side has, e.g. from another version, are not compared."""
   requested = _config_to_json_dict(config)
   saved = _flatten({name: saved_config[name] for name in _SAME_ON_RESUME if name in saved_config})
   wanted = _flatten({name: requested[name] for name in _SAME_ON_RESUME if name in requested})
   differ = [f"{key}: saved {saved[key]!r}, requested {wanted[key]!r}" for key in sorted(saved)
             if key in wanted and saved[key] != wanted[key] and key not in _MAY_DIFFER_ON_RESUME]
+  for name in _OPTIMIZERS:  # the optimizer state in the checkpoint has the saved settings' structure
+    if name in saved_config and name in requested:
+      layouts = optim.state_layout(saved_config[name]), optim.state_layout(requested[name])
+      if layouts[0] != layouts[1]:
+        differ.append(f"{name}'s state: saved {layouts[0]}, requested {layouts[1]}")
   if differ:
     raise ValueError(f"Cannot resume from {where}: this config differs from the run's own in {'; '.join(differ)}. "
                      "Resume with the saved values, or train in a new workdir.")
+
+
+def changed_settings(saved_config: Mapping[str, Any], config) -> list[str]:
+  """"field: saved X, now Y" for every field of `config` whose value differs from the saved run's (a resumed
+  run may change what `check_resumable` allows: durations, learning rates, data, logging ...)."""
+  saved, now = _flatten(dict(saved_config)), _flatten(_config_to_json_dict(config))
+  return [f"{key}: saved {saved[key]!r}, now {now[key]!r}" for key in sorted(now)
+          if key in saved and saved[key] != now[key]]
 
 
 def _abstract_leaf(path, leaf):
@@ -326,6 +342,11 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until every save started so far is on disk."""
     self._manager.wait_until_finished()
+
+  def newest_step(self) -> int | None:
+    """The newest complete step once the saves in flight are on disk (`latest_step` does not wait for them)."""
+    self.wait()
+    return self.latest_step()
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's background resources."""

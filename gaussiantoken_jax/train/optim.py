@@ -85,6 +85,17 @@ def make_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedul
   return schedule
 
 
+def state_layout(opt_cfg: Mapping[str, Any]) -> str:
+  """The stages `make_optimizer` chains, which fix the structure of its state: a checkpoint's optimizer state
+  restores under settings with the same layout (the learning rate, betas or decay strength may change)."""
+  stages = []
+  if opt_cfg.get("grad_clip_norm", 0) > 0:  # .get: a saved config may predate a field
+    stages.append("global-norm clipping")
+  if opt_cfg["name"] == "adam" and opt_cfg.get("weight_decay", 0) > 0:
+    stages.append("coupled L2 decay")
+  return " + ".join([*stages, opt_cfg["name"]])
+
+
 def make_optimizer(opt_cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
   """Adam or AdamW on the schedule of `make_schedule`, with optional global-norm clipping first.
 

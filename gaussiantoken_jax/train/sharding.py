@@ -30,21 +30,21 @@ def _mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int
   sizes = []
   for axis in MESH_AXES:
     if axis not in mesh_cfg:
-      raise ValueError(f"`mesh_cfg` lacks the field {axis!r}; it must have {list(MESH_AXES)}.")
+      raise ValueError(f"`config.mesh` lacks the field {axis!r}; it must have {list(MESH_AXES)}.")
     size = mesh_cfg[axis]
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-      raise ValueError(f"`mesh_cfg.{axis}` must be a positive int or -1, got {size!r}.")
+      raise ValueError(f"`config.mesh.{axis}` must be a positive int or -1, got {size!r}.")
     sizes.append(size)
   if sizes.count(-1) > 1:
-    raise ValueError(f"At most one of `mesh_cfg.data` and `mesh_cfg.fsdp` may be -1, got {sizes}.")
+    raise ValueError(f"At most one of `config.mesh.data` and `config.mesh.fsdp` may be -1, got {sizes}.")
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ValueError(f"`mesh_cfg` {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
+      raise ValueError(f"`config.mesh` {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
                        f"the fixed axis size {fixed}.")
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"`mesh_cfg` {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there "
+    raise ValueError(f"`config.mesh` {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there "
                      f"are {num_devices}.")
   return sizes[0], sizes[1]
 

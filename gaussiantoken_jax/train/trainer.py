@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -53,16 +54,18 @@ from gaussiantoken_jax.train import step as step_lib
 _FINITE_METRICS = ("loss", "disc_loss", "grad_norm", "disc_grad_norm")
 
 
-def _check_finite(per_step: list[tuple[int, dict]]) -> None:
+def _check_finite(per_step: list[tuple[int, dict]], newest_checkpoint: Callable[[], int | None]) -> None:
   """Raises FloatingPointError at the first of these (step, metrics) whose generator or discriminator loss or
-  gradient norm is NaN or Inf."""
+  gradient norm is NaN or Inf, naming `newest_checkpoint()`, the step a rerun resumes from."""
   values = jax.device_get([{name: m[name] for name in _FINITE_METRICS} for _, m in per_step])
   for (step, _), step_values in zip(per_step, values):
     bad = {name: float(value) for name, value in step_values.items() if not math.isfinite(float(value))}
     if bad:
-      raise FloatingPointError(
-          f"Non-finite loss or gradient at step {step}: {bad}. Training stopped; the newest checkpoint is the "
-          f"last good state (lower the learning rate or check the data before resuming).")
+      saved = newest_checkpoint()
+      where = ("no checkpoint was saved yet, so a rerun starts afresh" if saved is None else
+               f"the newest checkpoint, step {saved}, is the last good state and a rerun resumes from it")
+      raise FloatingPointError(f"Non-finite loss or gradient at step {step}: {bad}. Training stopped; {where} "
+                               "(lower the learning rate or check the data first).")
 
 
 def _interval_metrics(per_step: list[dict]) -> dict[str, float]:
@@ -111,15 +114,20 @@ def evaluate(evaluator: evaluator_lib.Evaluator, state: step_lib.TrainState, eva
 
 
 def _log_summary(config: ml_collections.ConfigDict, workdir: epath.Path, passes: dict[str, dict[str, float]],
-                 seconds: float, trained: bool) -> None:
+                 seconds: float, first_step: int) -> None:
   """The run's last lines: the final evaluation's figures beside the block-mean baseline, and where to look.
-  `trained`: False when this process only ran the final evaluation of a run stopped before it."""
+  `first_step`: where this process started (the total steps when it only ran the final evaluation)."""
   results = passes[""]
   step = config.total_steps
   cells = step_lib.block_baseline_cells(config)
-  done = f"Finished {step:,} steps" if trained else f"Evaluated the checkpoint of the last step, {step:,},"
-  lines = [f"{done} in {writers.format_duration(seconds)} (this process, compilation included). "
-           f"Held-out reconstructions of {results['num_images']} images with the EMA weights: PSNR "
+  took = f"{writers.format_duration(seconds)} (this process, compilation included)"
+  if first_step == 0:
+    done = f"Finished {step:,} steps in {took}."
+  elif first_step < step:
+    done = f"Finished {step:,} steps, the last {step - first_step:,} in {took}."
+  else:
+    done = f"Evaluated the checkpoint of the last step, {step:,}, in {took}."
+  lines = [f"{done} Held-out reconstructions of {results['num_images']} images with the EMA weights: PSNR "
            f"{results['psnr']:.2f} dB against {results['psnr_block_baseline']:.2f} dB for {cells}x{cells} block "
            f"means, SSIM {results['ssim']:.3f}, LPIPS {results['lpips']:.3f}."]
   if "fitted_" in passes:
@@ -130,7 +138,8 @@ def _log_summary(config: ml_collections.ConfigDict, workdir: epath.Path, passes:
     if prefix in passes:
       picture = writers.image_path(workdir, f"eval_{prefix}reconstructions", step)
       lines.append(f"Originals above their reconstructions{how}: {picture}")
-  lines.append(f"All metrics: {workdir / writers.METRICS_FILE}; checkpoints: {workdir}.")
+  lines.append(f"All metrics: {workdir / writers.METRICS_FILE}; checkpoints: "
+               f"{workdir / checkpointing.CHECKPOINT_SUBDIR}.")
   logging.info("\n".join(lines))
 
 
@@ -202,7 +211,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
   profiler = None  # created with the loop; the `finally` ends a capture the loop left open
   try:
     if checkpointer.latest_step() is not None:
-      checkpointing.check_resumable(checkpointer.restore_config(), config, where=str(checkpointer.directory))
+      saved_config = checkpointer.restore_config()
+      checkpointing.check_resumable(saved_config, config, where=str(checkpointer.directory))
+      changed = checkpointing.changed_settings(saved_config, config)
+      if changed:
+        logging.warning("Resuming with settings changed since the checkpoint: %s.%s", "; ".join(changed),
+                        " The learning-rate schedules are those of the new total_steps from here on."
+                        if any(line.startswith("total_steps:") for line in changed) else "")
       restored = checkpointer.restore(steps.abstract_state, data=data.restore_args(train_iter))
       state = restored.state
       logging.info("Resumed from the checkpoint of step %d in %s.", restored.step, checkpointer.directory)
@@ -306,7 +321,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
       log_now = stop or step % config.log_every_steps == 0 or step == config.total_steps
       save_now = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
       if log_now or save_now:
-        _check_finite(unchecked)
+        _check_finite(unchecked, checkpointer.newest_step)
         unchecked = []
       if log_now:
         writer.write_scalars(step, _interval_metrics(interval))
@@ -327,5 +342,5 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     checkpointer.close()  # waits for the last save
     writer.close()
   if is_main and final_passes is not None:
-    _log_summary(config, workdir, final_passes, time.monotonic() - start_time, trained=not evaluate_only)
+    _log_summary(config, workdir, final_passes, time.monotonic() - start_time, first_step)
   return state
