@@ -207,31 +207,33 @@ def resolve_steps(config: ml_collections.ConfigDict, train_size: int) -> ml_coll
   check_positive_int("resolve_steps", "train_size", train_size)
   check_positive_int("resolve_steps", "config.batch_size", config.batch_size)
   c = config.copy_and_resolve_references()
-  said = {}  # name -> (epochs or None, steps)
+  said = {}  # name -> (epochs or None, steps, the epochs field when the steps won over it)
   with c.unlocked():
     for name, epochs_field, steps_field in _DURATIONS:
       section, _, steps_key = steps_field.rpartition(".")
       parent = c[section] if section else c
       epochs = parent[epochs_field.rpartition(".")[2]]  # the epochs field is in the same section
-      if parent[steps_key] is not None:
-        epochs = None  # the steps win
+      overruled = None
+      if parent[steps_key] is not None:  # the steps win
+        epochs, overruled = None, (None if epochs is None else f"{epochs_field}={epochs:g}")
       elif epochs is None:
         raise ValueError(f"Set config.{epochs_field} or config.{steps_field}: the {name} has no duration.")
       else:
         parent[steps_key] = epochs_to_steps(epochs, train_size, c.batch_size)
-      said[name] = (epochs, parent[steps_key])
+      said[name] = (epochs, parent[steps_key], overruled)
 
   def say(name, unit=""):
-    epochs, steps = said[name]
+    epochs, steps, overruled = said[name]
     if epochs is None:
-      return f"{steps:,} steps{unit} (set in steps)"
+      return f"{steps:,} steps{unit} (set in steps{f'; {overruled} not used' if overruled else ''})"
     return f"{epochs:g} epoch{'' if epochs == 1 else 's'} = {steps:,} steps{unit}"
 
   warmup = say("generator warm-up")
   if said["discriminator warm-up"] != said["generator warm-up"]:
     warmup = f"{warmup} (generator), {say('discriminator warm-up')} (discriminator)"
-  gan_epochs, gan_step = said["GAN start"]
-  gan = f"step {gan_step:,} (set in steps)" if gan_epochs is None else f"epoch {gan_epochs:g} = step {gan_step:,}"
+  gan_epochs, gan_step, _ = said["GAN start"]
+  gan = f"epoch {gan_epochs:g} = step {gan_step:,}" if gan_epochs is not None else say("GAN start").replace(
+      f"{gan_step:,} steps", f"step {gan_step:,}", 1)
   logging.info("Training for %s from a training split of %s images; warm-up %s; GAN from %s.",
                say("total", unit=f" of {c.batch_size} images"), f"{train_size:,}", warmup, gan)
   return c

@@ -161,8 +161,9 @@ def make_source(data: str, *, split: str | None = None, tfds_data_dir: str | Non
     raise ValueError(f"`split` and `tfds_data_dir` are for TFDS data ('tfds:NAME'); `data` {data!r} is a folder or "
                      f"tar, got split={split!r}, tfds_data_dir={tfds_data_dir!r}.")
   if not epath.Path(data).exists():
+    example = data if data.isidentifier() else "cifar10"  # a bare name, not a path
     raise FileNotFoundError(f"`data` {data!r}: no such image folder or .tar; a prepared TFDS dataset is written "
-                            f"'{TFDS_PREFIX}NAME', e.g. '{TFDS_PREFIX}{data}'.")
+                            f"'{TFDS_PREFIX}NAME', e.g. '{TFDS_PREFIX}{example}'.")
   return sources.ImageFolderSource(data)
 
 
@@ -226,6 +227,11 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1), jax.local_devices()) if num_processes > 1 else None
   tokenizer = GaussianTokenizer.from_checkpoint(workdir, step, use_ema=use_ema, mesh=mesh)
   tokenizer.check_fit(fit_geometry_steps)  # before the manifest: a bad value must not be recorded as the export's
+  devices = tokenizer.mesh.size
+  if batch_size % devices:
+    logging.warning("Batches of %d images are not split over the %d devices (not a multiple of them); "
+                    "--batch_size=%d would be.", batch_size, devices,
+                    -(-batch_size // devices) * devices)
   config = tokenizer.config
   crop = pipeline.EvalCrop(config.data.image_size, config.data.eval_crop)
   num_batches = -(-len(source) // batch_size)

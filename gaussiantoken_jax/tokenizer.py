@@ -302,3 +302,7 @@ class GaussianTokenizer:
       if low < 0 or high >= self.codebook_size:
         raise ValueError(f"{where}: `tokens.indices` must lie in [0, {self.codebook_size}) (the codebook size), "
                          f"got values in [{low}, {high}].")
+      for name in _GEOMETRY if self.has_geometry else ():  # edited or damaged tokens would decode silently
+        bad = int(jax.device_get(jnp.sum(~jnp.isfinite(getattr(tokens, name)))))
+        if bad:
+          raise ValueError(f"{where}: `tokens.{name}` must be finite, got {bad} NaN or Inf values.")

@@ -60,8 +60,9 @@ def test_steps_given_on_the_command_line_win_over_epochs(caplog):
     resolved = config_lib.resolve_steps(config, CIFAR10_TRAIN)
   assert (resolved.total_steps, resolved.optimizer.warmup_steps, resolved.loss.gan_start_step) == (24, 3, 7)
   assert resolved.disc_optimizer.warmup_steps == 782  # not overridden: still 1 epoch
-  assert ("Training for 24 steps of 64 images (set in steps) from a training split of 50,000 images; warm-up 3 "
-          "steps (set in steps) (generator), 1 epoch = 782 steps (discriminator); GAN from step 7 (set in steps)."
+  assert ("Training for 24 steps of 64 images (set in steps; total_epochs=2 not used) from a training split of "
+          "50,000 images; warm-up 3 steps (set in steps; optimizer.warmup_epochs=1 not used) (generator), 1 epoch = "
+          "782 steps (discriminator); GAN from step 7 (set in steps; loss.gan_start_epochs=5 not used)."
           in caplog.text)
 
 

@@ -288,6 +288,8 @@ def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
   missing = tmp_path / "does_not_exist"
   with pytest.raises(FileNotFoundError, match=str(missing)):
     data.make_train_loader(_config(path=str(missing), train_split=""))
+  with pytest.raises(FileNotFoundError, match=r"image folder path is empty: set it, e.g. --config.data.path="):
+    data.sources.ImageFolderSource("")
 
 
 @pytest.mark.parametrize("field,value,match", [

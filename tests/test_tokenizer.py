@@ -284,6 +284,8 @@ def test_bad_tokens_raise_value_errors_naming_the_problem(tokenizer, images):
       (tokens.replace(indices=out_of_range), rf"must lie in \[0, {size}\) \(the codebook size\), got values in "
                                              rf"\[\d+, {size}\]"),
       (tokens.replace(indices=negative), rf"must lie in \[0, {size}\).*got values in \[-1, "),
+      (tokens.replace(means=np.where(np.arange(k)[None, :, None] == 3, np.nan, tokens.means)),
+       r"`tokens.means` must be finite, got 16 NaN or Inf values"),
       (tokens.replace(indices=tokens.indices[:, :-1]), rf"`tokens.indices` must have shape \[B, {k}\] .*got shape "
                                                        rf"\(8, {k - 1}\)"),
       (tokens.replace(indices=tokens.indices.astype(np.float32)), r"must be an integer array, got float32"),

@@ -57,6 +57,8 @@ class ImageFolderSource:
   """
 
   def __init__(self, path: str, *, subfolder: str = "", split_file: str = ""):
+    if not path:  # the folder configs leave data.path to the command line
+      raise FileNotFoundError("image folder path is empty: set it, e.g. --config.data.path=DIR_OR_TAR.")
     if not os.path.exists(path):
       raise FileNotFoundError(f"image folder path {path!r} does not exist.")
     self._path = path
@@ -75,7 +77,8 @@ class ImageFolderSource:
     where = f"{path!r}"
     if subfolder:
       prefix = subfolder.strip("/") + "/"
-      where += f" under subfolder {subfolder!r}"
+      where += (f" under subfolder {subfolder!r} (the split's name; a split of every file is '', e.g. "
+                "--config.data.train_split=)")
       keep = [i for i, n in enumerate(names) if n.startswith(prefix)]
     else:
       keep = list(range(len(names)))
