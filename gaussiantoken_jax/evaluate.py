@@ -17,6 +17,7 @@ at encode time (`geometry_fit`); the record says how many steps. `--batch_size` 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 from absl import app
@@ -56,7 +57,7 @@ def config_name(config) -> str:
 def write_outputs(output: pathlib.Path, record: dict, pictures: dict) -> list[pathlib.Path]:
   """Writes the JSON record and the pictures (`<stem>_<name>.png`); returns the picture paths."""
   output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps(record, indent=2) + "\n")
+  output.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
   paths = []
   for name, picture in pictures.items():
     path = output.with_name(f"{output.stem}_{name}.png")
@@ -86,6 +87,9 @@ def run(workdir: str, output: str | pathlib.Path, *, step: int | None = None, sp
                                       inception.load_inception_params(inception_weights) if with_fid else None,
                                       fit_geometry_steps=fit_geometry_steps)
   metrics, pictures = evaluator.evaluate(restored.params, restored.model_state, loader, max_images=num_images)
+  # A metric that is undefined (rFID of one image) is null: JSON has no NaN.
+  metrics = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in metrics.items()}
   record = {**metrics, "fit_geometry_steps": fit_geometry_steps, "step": restored.step,
             "batch_size": eval_batch,
             "config_name": config_name(config),

@@ -48,6 +48,9 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, *, batch_size:
             inception_params=None) -> dict[str, float | int]:
   """{"fid", "kid", "kid_std", "n_a", "n_b", "skipped_a", "skipped_b"} between two image sets."""
   set_a, set_b = image_sets.ImageSet(path_a), image_sets.ImageSet(path_b)  # both checked before the work
+  for image_set in (set_a, set_b):
+    if image_set.num_files < 2:
+      raise ValueError(f"{image_set.path!r} has {image_set.num_files} image files; FID needs at least 2 in each set.")
   params = inception_params if inception_params is not None else inception.load_inception_params()
   features_a = set_features(set_a, params, batch_size)
   features_b = set_features(set_b, params, batch_size)
@@ -67,8 +70,10 @@ def main(argv):
     if result[f"skipped_{side}"]:
       print(f"Skipped {result[f'skipped_{side}']} unreadable file(s) in {argv[1 if side == 'a' else 2]}.")
   print(f"FID: {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images)")
-  print(f"KID: {result['kid']:.6f} +- {result['kid_std']:.6f}")
-  print(json.dumps({"fid": result["fid"], "kid": result["kid"], "n_a": result["n_a"], "n_b": result["n_b"]}))
+  one_subset = result["n_a"] == result["n_b"] <= fid_lib.KID_SUBSET_SIZE  # every subset would be all of both
+  print(f"KID: {result['kid']:.6f}" + (" (one subset of all the images: no spread)" if one_subset else
+                                       f" +- {result['kid_std']:.6f}"))
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ def test_image_set_errors(tmp_path):
   with pytest.raises(ValueError, match="at least 2"):
     fid_command.set_features(image_sets.ImageSet(write_folder(tmp_path / "one", random_images(3, n=1))),
                              inception.init_params(0), 8)
+  # Before any features are computed (the weights are never loaded: `inception_params` would be needed).
+  with pytest.raises(ValueError, match=r"one'.* has 1 image files; FID needs at least 2 in each set"):
+    fid_command.compare(write_folder(tmp_path / "two", random_images(4, n=2)), tmp_path / "one",
+                        inception_params="never used")
 
 
 def test_fid_command_prints_one_json_object_last(tmp_path, capsys):
@@ -88,7 +92,8 @@ def test_fid_command_prints_one_json_object_last(tmp_path, capsys):
   fid_command.main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b")])
   lines = capsys.readouterr().out.strip().splitlines()
   last = json.loads(lines[-1])
-  assert set(last) == {"fid", "kid", "n_a", "n_b"} and (last["n_a"], last["n_b"]) == (8, 8)
+  assert set(last) == {"fid", "kid", "kid_std", "n_a", "n_b", "skipped_a", "skipped_b"}
+  assert (last["n_a"], last["n_b"]) == (8, 8)
   assert last["fid"] > 0 and math.isfinite(last["kid"])
 
 
@@ -119,6 +124,11 @@ def test_evaluate_command_on_a_checkpoint(tmp_path):
   assert written["batch_size"] == 16
   assert all(math.isfinite(written[k]) for k in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips"))
   assert record["rfid"] == written["rfid"]
+  # One image has no FID: null in the JSON (which has no NaN), the rest as usual. The same compiled programs.
+  one = json.loads(evaluate.run(str(tmp_path / "run"), tmp_path / "one.json", num_images=1, batch_size=16)
+                   and (tmp_path / "one.json").read_text())
+  assert (one["num_images"], one["rfid"], one["kid"], one["kid_std"]) == (1, None, None, None)
+  assert math.isfinite(one["psnr"])
 
   # Recompute the pixel metrics independently from the saved EMA parameters and the same 8 images.
   images = next(iter(data.make_eval_loader(config)))["image"][:8]

@@ -17,6 +17,7 @@ import pytest
 from gaussiantoken_jax import losses
 from gaussiantoken_jax.data import to_global_array
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
+from gaussiantoken_jax.evaluation import pictures as evaluator_pictures
 from gaussiantoken_jax.train import distributed, sharding, trainer
 from gaussiantoken_jax.train import step as step_lib
 from runs import SHARED_STEPS
@@ -400,3 +401,9 @@ def test_trainer_evaluates_the_ema_weights(demo_second_step):
   assert results["psnr"] == pytest.approx(psnr_with(state.ema_params), rel=1e-6)
   assert abs(results["psnr"] - psnr_with(state.params)) > 0.1
   assert pictures["reconstructions"].dtype == np.uint8
+  # Pictures come from as many batches as it takes: 3 unmasked images in the first, 5 shown.
+  few = {**batch, "mask": np.arange(steps.config.batch_size) < 3}
+  _, pictures = trainer.evaluate(evaluator_lib.Evaluator(steps, lpips_params, num_pictures=5), state, [few, batch])
+  size = steps.config.data.image_size
+  blank = np.zeros((5, size, size, 3), np.uint8)
+  assert pictures["reconstructions"].shape == evaluator_pictures.reconstruction_grid(blank, blank).shape

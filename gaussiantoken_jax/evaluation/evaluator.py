@@ -149,8 +149,10 @@ class Evaluator:
       if self.computes_fid:
         real.add(out["real"], batch["mask"])
         fake.add(out["fake"], batch["mask"])
-      if shown is None:
-        shown = self._pictures_of_batch(batch, out["pictures"])
+      missing = self._num_pictures - (0 if shown is None else len(shown["images"]))
+      if missing > 0:  # the same on every process: the pictures are gathered from all of them
+        more = self._pictures_of_batch(batch, out["pictures"], missing)
+        shown = more if shown is None else {name: np.concatenate([shown[name], more[name]]) for name in shown}
       if progress is not None and (index + 1) % log_every_batches == 0:
         jax.block_until_ready(out["ssim"])  # so that the rate counts finished batches, not dispatched ones
         progress.report(index + 1)
@@ -178,12 +180,12 @@ class Evaluator:
     results = {key: results[key] for key in METRIC_KEYS if key in results}
     return results, self._make_pictures(shown, counts, perplexity)
 
-  def _pictures_of_batch(self, batch, outputs) -> dict[str, np.ndarray]:
-    """Host copies of the first `num_pictures` unmasked images of a global batch, their reconstructions and
-    Gaussians (`outputs`: this batch's (reconstructions, indices, gaussians) from the metrics program)."""
+  def _pictures_of_batch(self, batch, outputs, count: int) -> dict[str, np.ndarray]:
+    """Host copies of the first `count` unmasked images of a global batch, their reconstructions and Gaussians
+    (`outputs`: this batch's (reconstructions, indices, gaussians) from the metrics program)."""
     images, mask, (x_hat, indices, gaussians) = multihost_utils.process_allgather(
         (batch["image"], batch["mask"], outputs), tiled=True)
-    chosen = np.flatnonzero(np.asarray(mask))[:self._num_pictures]
+    chosen = np.flatnonzero(np.asarray(mask))[:count]
     shown = {"images": np.asarray(images)[chosen], "reconstructions": pixels.to_uint8(np.asarray(x_hat)[chosen]),
              "indices": np.asarray(indices)[chosen]}
     if gaussians is not None:

@@ -4,7 +4,7 @@ Folders and tars are read with the data pipeline's `sources.ImageFolderSource` (
 sorted by relative path) and decoded with `transforms.decode_image`, at their native size: the FID network
 resizes every image itself. Files that fail to decode are skipped, logged and counted, as in the data
 pipeline. Batches hold images of one size: a set whose sizes vary is cut into runs of equal size (each new
-size compiles the network once more).
+batch shape compiles the network once more).
 """
 from __future__ import annotations
 
