@@ -293,7 +293,8 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
     shutil.rmtree(os.fspath(parts))
     summary.update(num_images=len(arrays["ids"]), num_skipped=len(arrays["skipped"]))
   distributed.barrier(f"{barrier}.assembled")
-  logging.info("Wrote %s: %s.", output, summary)
+  logging.info("%s %s: %s.", "Wrote" if process == 0 else f"Process {process}'s parts are in; process 0 wrote",
+               output, summary)
   return summary
 
 

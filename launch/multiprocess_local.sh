@@ -23,6 +23,7 @@ port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}"
 export GAUSSIANTOKEN_COORDINATOR_ADDRESS="127.0.0.1:${port}" GAUSSIANTOKEN_NUM_PROCESSES="${num_processes}"
 
+echo "${num_processes} processes; their logs: ${workdir}/process_<i>.log (metrics and pictures from process 0)" >&2
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   GAUSSIANTOKEN_PROCESS_ID=$i python -m gaussiantoken_jax.main --config="${config}" --workdir="${workdir}" "$@" \
@@ -32,7 +33,8 @@ done
 # A SIGTERM to this script reaches every process, which all stop at the same step and save together.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
 status=0
-for pid in "${pids[@]}"; do
+for i in "${!pids[@]}"; do
+  pid=${pids[$i]}
   code=0
   wait "${pid}" || code=$?
   # A trapped signal ends `wait` early (status > 128) while the process may still be saving: wait on. If it
@@ -46,6 +48,10 @@ for pid in "${pids[@]}"; do
     wait "${pid}" 2>/dev/null || own=$?
     ((own == 127)) || code=${own}
   fi
-  ((code == 0)) || status=${code}
+  if ((code != 0)); then
+    status=${code}
+    echo "process ${i} exited with status ${code}; the end of ${workdir}/process_${i}.log:" >&2
+    tail -n 5 "${workdir}/process_${i}.log" >&2
+  fi
 done
 exit "${status}"

@@ -387,6 +387,14 @@ def test_resuming_with_another_batch_seed_or_model_stops_naming_both_values(run_
           "(set in steps); GAN from step 5 (set in steps)." in caplog.text)
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     assert ckpt.all_steps() == [4, 6, 8]  # nothing was trained or saved
+    assert ckpt.saved_process_count() == 1
+  # The run's own config, but its data positions as two processes would have saved them.
+  data_dir = tmp_path / "checkpoints" / "8" / checkpointing.DATA
+  (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+  config = load_demo_config("runlocal")
+  config.update(dict(total_steps=2 * TOTAL))
+  with pytest.raises(ValueError, match=r"its data positions were saved by 2 processes and this run has 1"):
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

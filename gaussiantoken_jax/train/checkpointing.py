@@ -349,6 +349,13 @@ class Checkpointer:
     """Blocks until every save started so far is on disk."""
     self._manager.wait_until_finished()
 
+  def saved_process_count(self, step: int | None = None) -> int | None:
+    """How many processes saved `step`'s data positions (grain writes `process_<i>-of-<n>.json` in each), or
+    None when it has none."""
+    names = [path.name for path in (self.directory / str(self._resolve_step(step)) / DATA).glob("process_*-of-*.json")]
+    counts = {int(name.rsplit("-of-", 1)[1].removesuffix(".json")) for name in names}
+    return counts.pop() if len(counts) == 1 else None
+
   def newest_step(self) -> int | None:
     """The newest complete step once the saves in flight are on disk (`latest_step` does not wait for them)."""
     self.wait()

@@ -1,7 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`, for `main.py` and notebooks alike.
 
 Start-up (`train_and_evaluate`), then one function in sections (`_train`, big_vision's layout): mesh and steps
-(`step.make_steps`), input, restore-or-init, then the loop. Per step: next local batch -> global array -> jitted train step. Around it:
+(`step.make_steps`), input, restore-or-init, then the loop. Per step: next local batch -> global array -> jitted
+train step. Around it:
 
 * Metrics: the step's dicts of scalars stay on the device until the log step, then are averaged on the host
   (`_interval_metrics`) and written with steps/s, images/s and ETA.
@@ -213,6 +214,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, guard: checkpointing
     if checkpointer.latest_step() is not None:
       saved_config = checkpointer.restore_config()
       checkpointing.check_resumable(saved_config, config, where=str(checkpointer.directory))
+      # Each process's data position belongs to its own shard and shuffle: another process count has none.
+      saved_processes = checkpointer.saved_process_count()
+      if saved_processes not in (None, jax.process_count()):
+        raise ValueError(f"Cannot resume from {checkpointer.directory}: its data positions were saved by "
+                         f"{saved_processes} processes and this run has {jax.process_count()}; resume with "
+                         f"{saved_processes} (GAUSSIANTOKEN_NUM_PROCESSES, launch/multiprocess_local.sh), or train "
+                         "in a new workdir.")
       changed = checkpointing.changed_settings(saved_config, config)
       if changed:
         logging.warning("Resuming with settings changed since the checkpoint: %s.%s", "; ".join(changed),
