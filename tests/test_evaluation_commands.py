@@ -177,3 +177,10 @@ def test_gaussian_ellipses_are_the_splat_two_sigma_contour():
   patch = overlay[row - 2:row + 3, col - 2:col + 3].reshape(-1, 3)
   assert any(tuple(p) == pictures.code_colour(5) for p in patch)
   assert pictures.code_colour(5) != pictures.code_colour(6)
+
+  # A Gaussian reaching past its image's right edge is cut there: nothing of it on the gutter or the next image.
+  two = pictures.gaussian_overlay(np.zeros((2, 32, 32, 3), np.uint8), np.array([[[0.9, 0.0]], [[0.0, 0.0]]]),
+                                  np.zeros((2, 1)), np.array([[[3.0, 3.0]], [[0.5, 0.5]]]), np.array([[5], [6]]),
+                                  feature_shape=(h, w))
+  colour = np.all(two == np.array(pictures.code_colour(5), np.uint8), axis=-1)
+  assert colour[:, :128].any() and not colour[:, 128:].any()

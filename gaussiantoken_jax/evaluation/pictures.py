@@ -96,22 +96,22 @@ def gaussian_overlay(images, means, rotations, scales, indices, *, feature_shape
                        f"and indices, [N, K, 2] scales), got {value.shape}.")
   factor = display_scale(size, min_size)
   cell = size * factor
-  grid = writers.image_grid(upscale(images, factor), rows=1, padding=_PADDING, pad_value=_PAD_VALUE)
-  picture = Image.fromarray(grid)
-  draw = ImageDraw.Draw(picture)
   height, width = feature_shape
   # Feature-map units -> picture pixels; PIL puts integer coordinates at pixel centres, hence the -0.5.
   unit_x, unit_y = cell / width, cell / height
-  for i in range(n):
-    left = i * (cell + _PADDING)
+  tiles = []
+  for i, tile in enumerate(upscale(images, factor)):
+    tile = Image.fromarray(tile)  # drawn one image at a time: an ellipse past the edge stays off its neighbour
+    draw = ImageDraw.Draw(tile)
     # Draw the widest Gaussians first so that small ones stay visible on top.
     for g in np.argsort(-scales[i].prod(axis=-1)):
       centre_x = (means[i, g, 0] + 1.0) * 0.5 * width
       centre_y = (means[i, g, 1] + 1.0) * 0.5 * height
       points = ellipse_points(centre_x, centre_y, rotations[i, g], scales[i, g, 0], scales[i, g, 1])
-      xy = [(left + x * unit_x - 0.5, y * unit_y - 0.5) for x, y in points]
+      xy = [(x * unit_x - 0.5, y * unit_y - 0.5) for x, y in points]
       draw.line(xy + xy[:1], fill=code_colour(indices[i, g]), width=max(1, factor // 2))
-  return np.asarray(picture)
+    tiles.append(np.asarray(tile))
+  return writers.image_grid(np.stack(tiles), rows=1, padding=_PADDING, pad_value=_PAD_VALUE)
 
 
 def codebook_usage_plot(counts, *, perplexity: float | None = None, width: int = 640,

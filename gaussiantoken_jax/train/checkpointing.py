@@ -21,6 +21,7 @@ save with a smaller step number.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging as std_logging
@@ -46,15 +47,26 @@ STATE, DATA, CONFIG = "state", "data", "config"
 # per device with a jitted slice: one compilation per leaf shape. On the 8-device CPU mesh the first save of the
 # runlocal state held the step for 24 s that way and 0.2 s without (docs/training.md), for arrays small enough to
 # write at once; Orbax itself turns it off on GPUs. The handler is Orbax's global one for jax.Array, so this holds
-# for every save here. Orbax warns that the handler is overridden, in every command's first line: not here.
-def _not_the_override_warning(record) -> bool:
-  return not record.getMessage().startswith("Type handler registry")
+# for every save here.
+@contextlib.contextmanager
+def _without_orbax_warnings(*beginnings: str):
+  """Drops the log records that begin so: Orbax's warnings about what this module does on purpose, which would
+  otherwise open every command's output (the handler override, a read-only directory, the item-level metadata
+  file a CheckpointManager's items do not have)."""
+  def keep(record) -> bool:
+    return not record.getMessage().startswith(beginnings)
+
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(keep)
 
 
-logging.get_absl_logger().addFilter(_not_the_override_warning)
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                        override=True)
-logging.get_absl_logger().removeFilter(_not_the_override_warning)
+with _without_orbax_warnings("Type handler registry"):
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                          override=True)
 
 # Written by Orbax as the last act of a save (since orbax-checkpoint 0.11 for every file system).
 _COMMIT_FILE = "commit_success.txt"
@@ -220,7 +232,8 @@ class Checkpointer:
         read_only=read_only,
         create=not read_only,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
+    with _without_orbax_warnings("Given directory is read only"):
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
 
   def _set_aside_incomplete_steps(self) -> None:
     """Renames step directories without completion markers to `<step>.incomplete` (process 0 renames)."""
@@ -297,7 +310,7 @@ class Checkpointer:
     """The saved state's tree of `step` (default: the latest complete one) as Orbax metadata (shape and dtype
     per leaf, top level keyed by the TrainState's field names); reads no arrays."""
     step = self._resolve_step(step)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with ocp.PyTreeCheckpointer() as checkpointer, _without_orbax_warnings("Metadata file does not exist"):
       metadata = checkpointer.metadata(self.directory / str(step) / STATE).item_metadata
     if metadata is None:  # Orbax's answer when the state's metadata file is missing or unreadable
       raise ValueError(f"Checkpoint step {step} in {self.directory} has no readable state metadata: an incomplete "
