@@ -37,6 +37,7 @@ output in batch order. One process splits each batch over its devices (the run's
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -245,6 +246,8 @@ def export(workdir: epath.PathLike, data: str, output: epath.PathLike, *, step: 
               "num_files": len(source), "batch_size": batch_size, "fit_geometry_steps": fit_geometry_steps}
   if is_tfds:
     manifest.update(split=split or DEFAULT_TFDS_SPLIT, tfds_data_dir=tfds_data_dir)
+  else:  # the same files, not only as many: a part holds the tokens of the files its batch named then
+    manifest["files_sha256"] = hashlib.sha256("\n".join(source.names).encode()).hexdigest()
   _check_manifest(parts, manifest)
   mine = range(process, num_batches, num_processes)
   logging.info("Tokenizing %d records of %s in %d batches of %d with step %d of %s%s.", len(source), data,

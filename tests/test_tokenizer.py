@@ -398,6 +398,11 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(batch_size: before 8, "
                      r"now 4\)"):
     tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=4)
+  # As many files, but not the same ones: the parts on disk belong to the old ones.
+  (folder / "a" / "img_00.png").rename(folder / "a" / "img_00_renamed.png")
+  with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(files_sha256: before "):
+    tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=8)
+  (folder / "a" / "img_00_renamed.png").rename(folder / "a" / "img_00.png")
   # The same checkpoint and folder named another way: its step directory, a trailing slash.
   step_dir = pathlib.Path(workdir) / "checkpoints" / str(tokenizer.step)
   resumed = tokenize.export(step_dir, f"{folder}/", tmp_path / "resumed.npz", batch_size=8)

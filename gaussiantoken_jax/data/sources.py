@@ -125,6 +125,11 @@ class ImageFolderSource:
   def __len__(self) -> int:
     return len(self._names)
 
+  @property
+  def names(self) -> list[str]:
+    """The images' paths relative to the folder or tar, in record order."""
+    return list(self._names)
+
   def _tar_fd(self) -> int:
     # One descriptor per process, opened on first use: grain's worker processes receive a pickled copy.
     with self._fd_lock:
