@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.loss.gan_start_step = 1200
   # 0.999 (the reference) averages over ~1000 steps: after 850 steps 43% of the EMA would still be the init.
   c.ema_decay = 0.99
-  # The last evaluation also fits each held-out image's geometry to it (25 steps, ~20 s here): +2.2 dB
+  # The last evaluation also fits each held-out image's geometry to it (25 steps, 11 s on 2 CPU cores): +2.2 dB
   # (docs/training.md).
   c.eval_fit_geometry_steps = 25
   c.profile_steps = 0  # a CPU profile of 5 steps takes seconds to write (writers.Profiler); the demo has five minutes
