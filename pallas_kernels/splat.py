@@ -133,6 +133,9 @@ class BlockSizes:
   instead of once per pixel block, and 3 pipeline stages, were no faster. The interpreter computes every product in
   float32 whatever tf32x3 says (XLA:CPU has no TF32).
 
+  Passed as `block_sizes` to this module's `splat`; the model's splat (`gaussiantoken_jax.splat`) takes the
+  tiles of `for_shape`, so culling and the other variants are reached from here only.
+
   GPU (Triton): every tile dimension a power of 2 and the matmul operands at least 16 wide, so channels pad
   to max(16, next power of 2). TPU (Mosaic): the last two dimensions of a block in multiples of (8, 128);
   Gaussians and pixels sit on the 128-lane axis, channels on the 8-row sublane axis.
@@ -147,6 +150,13 @@ class BlockSizes:
   cull_rows: bool = False
 
   def __post_init__(self):
+    # Checked here, not by the lowering: the interpreter runs any size, so a bad one would pass on the CPU.
+    for name in ("block_k", "block_p", "block_c", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"BlockSizes: `{name}` must be a positive int, got {value!r}.")
+      if name != "num_stages" and value & (value - 1):
+        raise ValueError(f"BlockSizes: `{name}` must be a power of 2 (Triton's tiles and warps), got {value}.")
     if self.scalar_loops and self.cull_rows:
       raise ValueError("BlockSizes: cull_rows applies to the tile kernels only; the scalar loops do not cull "
                        "(got scalar_loops=True and cull_rows=True).")

@@ -45,7 +45,7 @@ def _forward_kernel(geom_ref, pix_ref, feats_t_ref, out_ref, *, layout):
 
 
 def _backward_kernel(geom_ref, pix_ref, feats_ref, cot_t_ref, dgeom_ref, dfeats_ref, *, layout):
-  """Accumulates the gradients of `splat._backward_kernel`'s docstring, one pixel block per grid step.
+  """Accumulates the gradients of `splat._geometry_grads`, one pixel block per grid step.
 
   The geometry gradients are linear in the pixel sums, so each step adds its share directly.
   """
@@ -59,12 +59,9 @@ def _backward_kernel(geom_ref, pix_ref, feats_ref, cot_t_ref, dgeom_ref, dfeats_
   dw = jnp.dot(feats_ref[...], cot_t, precision=_HIGHEST, preferred_element_type=jnp.float32)  # [Kb, P]
   dfeats_ref[...] += jax.lax.dot_general(w, cot_t, (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                          preferred_element_type=jnp.float32)
-  a = w * dw
-  au, av = a * u, a * v
-  s_au, s_av, s_audx, s_audy, s_avdy, s_avdx = (
-      jnp.sum(t, axis=1, keepdims=True) for t in (au, av, au * dx, au * dy, av * dy, av * dx))
-  _, _, a_, b, c, d = rows
-  grads = (a_ * s_au - d * s_av, b * s_au + c * s_av, -s_audx, -s_audy, -s_avdy, s_avdx)
+  # The same formulas as the GPU kernels (one definition), with the pixels along the lanes.
+  terms = splat._geometry_terms(w, u, v, dx, dy, dw)
+  grads = splat._geometry_grads(rows, [jnp.sum(t, axis=1, keepdims=True) for t in terms])
   # Lane-wise select instead of six one-lane stores: the update is one full [Kb, 8] block.
   lane = jax.lax.broadcasted_iota(jnp.int32, dgeom_ref.shape, 1)
   dgeom_ref[...] += sum(jnp.where(lane == r, g, 0.0) for r, g in enumerate(grads))

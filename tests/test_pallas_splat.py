@@ -263,9 +263,16 @@ def test_bad_options_raise(bad, match):
     pallas_splat.splat(*random_gaussians(0, 1, 2, 1), height=4, width=4, cutoff=CUTOFF, **bad)
 
 
-def test_culling_and_scalar_loops_together_is_a_clear_error():
+def test_culling_and_scalar_loops_together_or_bad_sizes_are_clear_errors():
   with pytest.raises(ValueError, match=r"cull_rows applies to the tile kernels only.*scalar_loops=True"):
     pallas_splat.BlockSizes(32, 32, 16, scalar_loops=True, cull_rows=True)
+  for fields, match in (((0, 32, 16), r"`block_k` must be a positive int, got 0"),
+                        ((32, 48, 16), r"`block_p` must be a power of 2 \(Triton's tiles and warps\), got 48"),
+                        ((32, 32, 16.0), r"`block_c` must be a positive int, got 16.0")):
+    with pytest.raises(ValueError, match=match):
+      pallas_splat.BlockSizes(*fields)
+  with pytest.raises(ValueError, match=r"`num_warps` must be a power of 2"):
+    pallas_splat.BlockSizes(32, 32, 16, num_warps=3)
 
 
 @pytest.mark.parametrize("cutoff", [CUTOFF, 0.3, 0.0])
