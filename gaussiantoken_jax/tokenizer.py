@@ -8,10 +8,10 @@
 
 The config comes from the checkpoint; only the generator's (EMA) parameters and model state are read
 (`restore.restore_model`). `encode` and `decode` check their arguments on the host (shapes, dtypes, and,
-for concrete arrays, values) and run one jitted function each (`reconstruct` is the two in turn); host arrays whose batch is a
-multiple of the mesh's device count are split over the mesh's devices. Inside a jitted function of one's own,
-either call the methods (the parameters become constants of that function) or the pure forms with the
-parameters as an argument:
+for concrete arrays, values) and run one jitted function each (`reconstruct` is the two in turn); host arrays
+whose batch is a multiple of the mesh's device count are split over the mesh's devices. Inside a jitted function
+of one's own, either call the methods (the parameters become constants of that function) or the pure forms with
+the parameters as an argument:
 
     @jax.jit
     def step(variables, images):

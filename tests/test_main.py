@@ -28,7 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ("tokenize", ["--workdir=W", "--data=W/photos", "--output=W/t.npz", "--batch_size=0"],
      "--batch_size=0: 0 is not a positive integer"),
     ("evaluate", ["--workdir=W", "--output=W/e.json"], "does not exist"),
-], ids=["no_workdir", "unknown_flag", "config_field_as_flag", "missing_config_file", "unknown_variant", "misspelt_field", "batch_not_split_evenly",
+], ids=["no_workdir", "unknown_flag", "config_field_as_flag", "missing_config_file", "unknown_variant",
+        "misspelt_field", "batch_not_split_evenly",
         "tokenize_missing_data", "tokenize_zero_batch", "evaluate_missing_run"])
 def test_bad_command_lines_exit_nonzero_with_a_clear_message(command, args, message, tmp_path):
   args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]

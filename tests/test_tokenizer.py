@@ -357,7 +357,8 @@ def test_fitting_arguments_are_checked_before_an_export_writes_anything(workdir,
     with pytest.raises(ValueError, match=rf"`fit_geometry_steps` must be a non-negative int, got {steps!r}"):
       tokenizer.check_fit(steps)
   for rate in (np.float32(0.0), float("inf"), float("nan")):
-    with pytest.raises(ValueError, match=rf"`fit_learning_rate` must be a positive finite float, got {re.escape(repr(rate))}"):
+    with pytest.raises(ValueError, match=rf"`fit_learning_rate` must be a positive finite float, got "
+                                          rf"{re.escape(repr(rate))}"):
       tokenizer.check_fit(1, rate)
   # Refused before the export's manifest is written, so that a corrected rerun is not held to the bad value.
   folder = write_image_folder(tmp_path / "images", images)

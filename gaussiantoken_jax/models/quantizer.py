@@ -1,8 +1,9 @@
 """EMA vector quantizer: k-means init, Laplace-smoothed EMA codebook, dead-code reset, rotation-trick gradient.
 
 This is the quantizer of the reference code (`vq_v2.VectorQuantize`, built on lucidrains'
-vector-quantize-pytorch): Euclidean distances, no projection, no l2-normalisation, a single head. The codebook is not a parameter: it lives in the non-trainable variable
-collection "codebook" and changes only through its EMA statistics.
+vector-quantize-pytorch): Euclidean distances, no projection, no l2-normalisation, a single head. The codebook is
+not a parameter: it lives in the non-trainable variable collection "codebook" and changes only through its EMA
+statistics.
 
 One training step (train=True and "codebook" mutable), in the reference's order:
   1. on the very first step (`initted` False): k-means on the batch sets embed, embed_avg = embed * bins and

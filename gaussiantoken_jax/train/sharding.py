@@ -61,8 +61,9 @@ def _check_mesh(mesh) -> None:
     raise ValueError(f"`mesh` must be a jax.sharding.Mesh with axes {MESH_AXES} (see make_mesh), got {mesh!r}.")
   # The model's reshapes carry no output shardings, which Explicit axes (jax.make_mesh's default) demand.
   if any(axis_type != AxisType.Auto for axis_type in mesh.axis_types):
-    raise ValueError(f"`mesh` must have Auto axes, got {tuple(t.name for t in mesh.axis_types)}: build it with make_mesh, or with "
-                     f"jax.make_mesh(shape, {MESH_AXES}, axis_types=(jax.sharding.AxisType.Auto,) * 2).")
+    raise ValueError(f"`mesh` must have Auto axes, got {tuple(t.name for t in mesh.axis_types)}: build it with "
+                     f"make_mesh, or with jax.make_mesh(shape, {MESH_AXES}, "
+                     "axis_types=(jax.sharding.AxisType.Auto,) * 2).")
 
 
 # jax.sharding's in JAX 0.10; also in the top-level namespace of later releases, which is tried first.
