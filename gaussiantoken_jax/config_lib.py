@@ -222,18 +222,17 @@ def resolve_steps(config: ml_collections.ConfigDict, train_size: int) -> ml_coll
         parent[steps_key] = epochs_to_steps(epochs, train_size, c.batch_size)
       said[name] = (epochs, parent[steps_key], overruled)
 
-  def say(name, unit=""):
+  def say(name, unit="", at=False):
+    """A duration ("30 epochs = 23,438 steps") or, `at`, a point in training ("epoch 5 = step 3,907")."""
     epochs, steps, overruled = said[name]
+    count = f"step {steps:,}" if at else f"{steps:,} steps{unit}"
     if epochs is None:
-      return f"{steps:,} steps{unit} (set in steps{f'; {overruled} not used' if overruled else ''})"
-    return f"{epochs:g} epoch{'' if epochs == 1 else 's'} = {steps:,} steps{unit}"
+      return f"{count} (set in steps{f'; {overruled} not used' if overruled else ''})"
+    return f"epoch {epochs:g} = {count}" if at else f"{epochs:g} epoch{'' if epochs == 1 else 's'} = {count}"
 
   warmup = say("generator warm-up")
-  if said["discriminator warm-up"] != said["generator warm-up"]:
+  if said["discriminator warm-up"][:2] != said["generator warm-up"][:2]:  # the same epochs and steps
     warmup = f"{warmup} (generator), {say('discriminator warm-up')} (discriminator)"
-  gan_epochs, gan_step, _ = said["GAN start"]
-  gan = f"epoch {gan_epochs:g} = step {gan_step:,}" if gan_epochs is not None else say("GAN start").replace(
-      f"{gan_step:,} steps", f"step {gan_step:,}", 1)
   logging.info("Training for %s from a training split of %s images; warm-up %s; GAN from %s.",
-               say("total", unit=f" of {c.batch_size} images"), f"{train_size:,}", warmup, gan)
+               say("total", unit=f" of {c.batch_size} images"), f"{train_size:,}", warmup, say("GAN start", at=True))
   return c

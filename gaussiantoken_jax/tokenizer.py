@@ -298,11 +298,13 @@ class GaussianTokenizer:
         raise ValueError(f"{where}: `tokens.{name}` must be a float array of shape {list(expected)} (B and K as "
                          f"in `tokens.indices`), got {value.dtype} of shape {tuple(value.shape)}.")
     if check_values and not xla_options.is_traced(indices) and indices.size:
-      low, high = (int(v) for v in jax.device_get((indices.min(), indices.max())))
+      geometry = _GEOMETRY if self.has_geometry else ()
+      # One trip to the host for all of them; non-finite geometry (edited or damaged tokens) would decode silently.
+      low, high, *non_finite = (int(v) for v in jax.device_get(
+          (indices.min(), indices.max(), *(jnp.sum(~jnp.isfinite(getattr(tokens, name))) for name in geometry))))
       if low < 0 or high >= self.codebook_size:
         raise ValueError(f"{where}: `tokens.indices` must lie in [0, {self.codebook_size}) (the codebook size), "
                          f"got values in [{low}, {high}].")
-      for name in _GEOMETRY if self.has_geometry else ():  # edited or damaged tokens would decode silently
-        bad = int(jax.device_get(jnp.sum(~jnp.isfinite(getattr(tokens, name)))))
+      for name, bad in zip(geometry, non_finite):
         if bad:
           raise ValueError(f"{where}: `tokens.{name}` must be finite, got {bad} NaN or Inf values.")

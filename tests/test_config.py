@@ -66,6 +66,14 @@ def test_steps_given_on_the_command_line_win_over_epochs(caplog):
           in caplog.text)
 
 
+def test_equal_warm_ups_are_said_once(caplog):
+  config = parse_command_line(f"--config={REPO / 'configs/cifar10.py'}", "--config.optimizer.warmup_steps=3",
+                              "--config.disc_optimizer.warmup_steps=3")
+  with caplog.at_level(logging.INFO):
+    config_lib.resolve_steps(config, CIFAR10_TRAIN)
+  assert "warm-up 3 steps (set in steps; optimizer.warmup_epochs=1 not used); GAN from epoch 5" in caplog.text
+
+
 def test_the_demo_counts_in_steps_850_of_16_with_warm_up_50_and_no_gan_before_1200():
   config = load_config("demo")
   assert config.total_epochs is None and config.loss.gan_start_epochs is None  # its "epoch" is artificial
