@@ -26,12 +26,16 @@ EPS32 = float(np.finfo(np.float32).eps)
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _strides(stride):
+  return stride if isinstance(stride, tuple) else (stride, stride)
+
+
 def plain_conv(x, w, stride, padding):
-  return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+  return jax.lax.conv_general_dilated(x, w, _strides(stride), padding, dimension_numbers=_NHWC)
 
 
 def im2col_conv(x, w, stride, padding):
-  return conv.im2col_conv(x, w, (stride, stride), padding)
+  return conv.im2col_conv(x, w, _strides(stride), padding)
 
 
 def _with_grads(fn, stride, padding):
@@ -44,8 +48,10 @@ def _with_grads(fn, stride, padding):
 
 # (x shape, kernel shape, stride, padding): the discriminator's convs on 32-pixel inputs that the CPU path
 # rewrites (conv_3 on its 4x4 map, conv_4 on 3x3), VGG16's block 5 on 2x2 maps, and two stride-2 shapes
-# (the discriminator's conv_2, which keeps the plain path, and a stride-2 window larger than its 3x3 map).
+# (the discriminator's conv_2, which keeps the plain path, and a stride-2 window larger than its 3x3 map), and
+# unequal strides (rows 2, columns 1), where a row stride used for the columns would go unseen otherwise.
 CASES = {
+    "stride_2x1_nonsquare": ((2, 5, 6, 16), (4, 4, 16, 8), (2, 1), ((1, 0), (0, 1))),
     "disc_conv3_4x4": ((2, 4, 4, 256), (4, 4, 256, 512), 1, ((1, 1), (1, 1))),
     "disc_conv4_3x3": ((2, 3, 3, 512), (4, 4, 512, 1), 1, ((1, 1), (1, 1))),
     "vgg_block5_2x2": ((2, 2, 2, 512), (3, 3, 512, 512), 1, ((1, 1), (1, 1))),
@@ -86,6 +92,7 @@ def test_im2col_equals_plain_conv_values_and_gradients(case):
     ((3, 3), (4, 4), (4, 4), False),      # VGG16 block 4 at 32 px
     ((3, 3), (2, 2), (2, 2), True),       # VGG16 block 5 at 32 px
     ((3, 3), (2, 2), (4, 4), True),       # a kernel-gradient window (the output map) larger than the input
+    ((1, 1), (2, 2), (4, 4), True),       # ... and only that one (a padded 1x1 kernel)
     ((4, 4), (31, 31), (30, 30), False),  # 256 px discriminator's last conv
 ])
 def test_window_exceeds_map(kernel, input_hw, output_hw, expected):
@@ -116,6 +123,10 @@ def test_cpu_uses_im2col_exactly_where_a_window_exceeds_its_map(monkeypatch):
   # convolutions (3 + 10, and LPIPS's five 1x1 heads) stay convolutions. 64 px: nothing changes.
   assert _discriminator_convs(32) == 3 and _discriminator_convs(64) == 5
   assert _lpips_convs(32) == 10 + 5 and _lpips_convs(64) == 13 + 5
+  # A one-pixel output (a 4x4 window over a 4x4 map, unpadded) is a window larger than its output map too.
+  one_pixel = jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.float32), jax.ShapeDtypeStruct((4, 4, 8, 8), jnp.float32)
+  assert _count_convs(lambda a, b: conv.conv_general_dilated(a, b, (1, 1), ((0, 0), (0, 0)), dimension_numbers=_NHWC),
+                      *one_pixel) == 0
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # other backends: always the plain convolution
   assert _discriminator_convs(32) == 5 and _lpips_convs(32) == 13 + 5
 
@@ -155,6 +166,63 @@ def test_cpu_takes_the_stride1_form_for_stride1_convolutions_only(monkeypatch):
   assert not form(1, ((3, 3), (1, 1)))  # padding beyond k - 1: autodiff's input gradient would need a crop
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not form(1)
+
+
+# Forms neither rewrite handles, which must reach lax unchanged: kernel and input dilation, feature groups, negative
+# padding, another layout. Each has a window larger than its map or stride 1, so a missing check would send it to
+# im2col + dot or to `_stride1_conv`. (x shape, kernel shape, keyword arguments of conv_general_dilated.)
+LAX_ONLY_FORMS = {
+    "kernel_dilation": ((1, 3, 3, 4), (3, 3, 4, 4), dict(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2))),
+    "input_dilation": ((1, 3, 3, 4), (3, 3, 4, 4), dict(padding=((1, 1), (1, 1)), lhs_dilation=(2, 2))),
+    "feature_groups": ((1, 3, 3, 4), (3, 3, 2, 4), dict(padding=((1, 1), (1, 1)), feature_group_count=2)),
+    "negative_padding": ((1, 4, 4, 4), (3, 3, 4, 4), dict(padding=((-1, 0), (0, 0)))),
+    "nchw_oihw": ((1, 4, 3, 3), (8, 4, 4, 4), dict(padding=((1, 1), (1, 1)),
+                                                   dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+}
+
+
+@pytest.mark.parametrize("form", list(LAX_ONLY_FORMS))
+def test_forms_the_rewrites_do_not_handle_equal_lax(form):
+  """Values and gradients against lax's own, within the float32 bound of the module docstring taken with n =
+  every element of x and w (more terms than any one sum has); a rewrite that ignored the form fails or is off by
+  about the outputs' own size."""
+  x_shape, w_shape, kwargs = LAX_ONLY_FORMS[form]
+  kwargs = {"dimension_numbers": _NHWC, **kwargs}
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+
+  def with_grads(fn):
+    def run(a, b, cotangent):
+      out, vjp = jax.vjp(lambda a, b: fn(a, b, (1, 1), **kwargs), a, b)
+      return (out, *vjp(cotangent))
+    return jax.jit(run)
+
+  want_fn = with_grads(jax.lax.conv_general_dilated)
+  cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, (1, 1), **kwargs), x, w).shape), jnp.float32)
+  want = want_fn(x, w, cotangent)
+  magnitude = want_fn(jnp.abs(x), jnp.abs(w), jnp.abs(cotangent))
+  got = with_grads(conv.conv_general_dilated)(x, w, cotangent)
+  bound = 4 * EPS32 * np.sqrt(x.size + w.size)
+  for name, g, r, m in zip(("output", "d x", "d w"), got, want, magnitude):
+    assert g.shape == r.shape, name
+    assert np.all(np.abs(np.asarray(g) - np.asarray(r)) <= bound * np.asarray(m)), f"{form}: {name}"
+
+
+def test_im2col_keeps_the_preferred_element_type():
+  """bfloat16 operands with float32 accumulation asked for (a 4x4 window over a 3x3 map: im2col + dot): float32
+  out, equal to lax's to float32 rounding (the products of two bfloat16 are exact in float32; n = 4*4*4 terms)."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(1, 3, 3, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(4, 4, 4, 8)), jnp.bfloat16)
+  args = ((1, 1), ((1, 1), (1, 1)))
+  got = conv.conv_general_dilated(x, w, *args, dimension_numbers=_NHWC, preferred_element_type=jnp.float32)
+  want = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=_NHWC, preferred_element_type=jnp.float32)
+  magnitude = jax.lax.conv_general_dilated(jnp.abs(x), jnp.abs(w), *args, dimension_numbers=_NHWC,
+                                           preferred_element_type=jnp.float32)
+  assert got.dtype == want.dtype == jnp.float32
+  assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= 4 * EPS32 * np.sqrt(4 * 4 * 4) * np.asarray(magnitude))
 
 
 def test_conv_module_keeps_nn_conv_parameters():

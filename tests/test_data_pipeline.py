@@ -21,7 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gaussiantoken_jax import data
-from gaussiantoken_jax.data import demo, inspect as data_inspect
+from gaussiantoken_jax.data import demo, inspect as data_inspect, transforms
 
 NUM_TRAIN, NUM_TEST = 23, 7  # Identities 0..22 in train/, 23..29 in test/.
 # ../shared/data beside the repository (development machines and CI); tests that need it skip without it.
@@ -180,6 +180,48 @@ def test_one_worker_process_gives_the_same_batches_and_resumes(image_root):
     np.testing.assert_array_equal(a, b)
 
 
+def _ramp_folder(folder, copies: int):
+  """`copies` identical 24 x 32 PNGs of a horizontal and vertical ramp: any crop or flip shows in the pixels."""
+  folder.mkdir()
+  y, x = np.mgrid[0:24, 0:32]
+  ramp = np.stack([8 * x, 10 * y, 255 - 8 * x], axis=-1).astype(np.uint8)
+  for i in range(copies):
+    Image.fromarray(ramp).save(folder / f"{i:02d}.png")
+  return ramp
+
+
+def test_random_resized_crop_augment_is_applied_and_seeded_per_process(tmp_path):
+  """augment="random_resized_crop" crops each record anew (the "none" augment gives the evaluation crop every
+  time), and the processes' augmentation seeds differ: two shards of identical images do not get the same crops
+  for their i-th records."""
+  _ramp_folder(tmp_path / "ramps", 4)
+  config = _config(path=str(tmp_path / "ramps"), train_split="", eval_split="", augment="random_resized_crop",
+                   batch_size=2)
+  shards = [iter(data.make_train_loader(config, shard_options=grain.sharding.ShardOptions(i, 2))) for i in (0, 1)]
+  first, second = (np.concatenate(_take(iterator, 6)) for iterator in shards)  # 3 epochs of 2 records each
+  center = next(iter(data.make_eval_loader(config)))["image"][0]
+  assert len({image.tobytes() for image in first}) == 6
+  assert not any(np.array_equal(image, center) for image in first)
+  assert not any(np.array_equal(a, b) for a, b in zip(first, second))
+  # The evaluation loader's augment=True (the inspection tool's view of training) applies the same transform.
+  augmented = next(iter(data.make_eval_loader(config, augment=True)))
+  assert augmented["mask"].all()
+  assert not any(np.array_equal(image, center) for image in augmented["image"])
+
+
+def test_each_configs_training_crop_is_its_documented_transform():
+  """The demo: the log-uniform scale crop; "random_resized_crop": RRC + flip; "none": the evaluation crop. Each
+  against the transforms function given a generator of the same seed (a noise image: any two crops differ)."""
+  image = np.random.default_rng(13).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+  cases = [(_config(source="demo"), lambda rng: transforms.random_scale_crop(image, rng, 8)),
+           (_config(augment="random_resized_crop"), lambda rng: transforms.random_resized_crop(image, rng, 8)),
+           (_config(), lambda rng: transforms.resize_short_side_center_crop(image, 8))]
+  for config, expected in cases:
+    train_transform, _ = data.pipeline._transforms_from_config(config)  # pylint: disable=protected-access
+    got = train_transform({"key": "noise.png", "data": image}, np.random.default_rng(7))["image"]
+    np.testing.assert_array_equal(got, expected(np.random.default_rng(7)), err_msg=config.data.augment)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation loader.
 
@@ -202,8 +244,35 @@ def test_eval_shards_are_disjoint_cover_and_have_equal_length(image_root):
     loader = data.make_eval_loader(config, shard_options=grain.sharding.ShardOptions(index, 3))
     lengths.append(len(list(loader)))
     seen += _eval_identities(loader)
-  assert lengths == [4, 4, 4]  # ceil(ceil(23 / 3) / 2): the short shards pad with an all-padding batch.
+  assert lengths == [4, 4, 4]  # ceil(ceil(23 / 3) / 2)
   assert sorted(seen) == list(range(NUM_TRAIN))
+
+
+def test_a_shorter_eval_shard_ends_with_an_all_padding_batch(image_root):
+  """Local batch 1 over 3 shards of 23 records (8, 8, 7): every shard yields ceil(23 / 3) = 8 batches, the third's
+  last one all padding; a count from the smallest shard (7) would leave shards 0 and 1 with a batch too many."""
+  config = _config(path=str(image_root), eval_split="train", batch_size=3)
+  masks = []
+  for index in range(3):
+    loader = data.make_eval_loader(config, shard_options=grain.sharding.ShardOptions(index, 3))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8
+    assert all(not b["image"][~b["mask"]].any() for b in batches)
+    masks.append([bool(b["mask"][0]) for b in batches])
+  assert masks == [[True] * 8, [True] * 8, [True] * 7 + [False]]
+
+
+def test_shards_with_drop_remainder_have_equal_sizes(image_root):
+  """ShardOptions(drop_remainder=True): the first 3 * floor(23 / 3) = 21 records in path order, 7 a shard."""
+  config = _config(path=str(image_root), eval_split="train", batch_size=3)
+  seen = []
+  for index in range(3):
+    shard = grain.sharding.ShardOptions(index, 3, drop_remainder=True)
+    delivered = _eval_identities(data.make_eval_loader(config, shard_options=shard))
+    assert len(delivered) == 7
+    seen += delivered
+  path_order = sorted(range(NUM_TRAIN), key=lambda i: (i % 3, i))
+  assert sorted(seen) == sorted(path_order[:21])
 
 
 def test_eval_center_crop_option_does_not_resize(image_root):
@@ -250,6 +319,10 @@ def test_tar_archive_reads_in_place_like_the_folder(image_root, tmp_path):
   for a, b in zip(from_tar, from_dir, strict=True):
     np.testing.assert_array_equal(a["image"], b["image"])
   assert sorted(_eval_identities(from_tar)) == list(range(NUM_TRAIN))
+  # A split file reorders the members: each name must keep its own offset in the archive.
+  split_file = tmp_path / "split.txt"
+  split_file.write_text("test/class_2/029.png\ntrain/class_0/003.png\ntest/class_0/024.png\n")
+  assert _eval_identities(data.make_eval_loader(_config(path=str(archive), split_file=str(split_file)))) == [29, 3, 24]
 
 
 def test_split_file_selects_and_orders_files(image_root, tmp_path):
@@ -257,6 +330,8 @@ def test_split_file_selects_and_orders_files(image_root, tmp_path):
   split_file.write_text("filename,label\ntest/class_2/029.png,x\ntrain/class_0/003.png,y\ntest/class_0/024.png,z\n")
   loader = data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
   assert _eval_identities(loader) == [29, 3, 24]
+  split_file.write_text("test/class_2/029.png 4\ntrain/class_0/003.png\t5\n")  # "path label" lines
+  assert _eval_identities(data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))) == [29, 3]
   split_file.write_text("train/class_0/003.png\ntrain/class_0/no_such_file.png\n")
   with pytest.raises(ValueError, match="no_such_file.png"):
     data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
@@ -272,6 +347,14 @@ def test_a_split_file_shared_by_both_splits_is_warned_about(image_root, tmp_path
   with caplog.at_level("WARNING"):
     data.make_train_loader(_config(path=str(image_root)))  # train/ and test/ subfolders: no warning
   assert "read the same records" not in caplog.text
+
+
+def test_a_split_subfolder_is_a_whole_folder_name(tmp_path):
+  """Split "train" is the folder train/, not every path that begins with "train" (train_extra/ here)."""
+  for folder in ("train", "train_extra"):
+    (tmp_path / folder).mkdir()
+    _identity_image(1, 2, 2).save(tmp_path / folder / "a.png")
+  assert data.sources.ImageFolderSource(str(tmp_path), subfolder="train").names == ["train/a.png"]
 
 
 def test_split_template_in_path(image_root):

@@ -87,7 +87,9 @@ def test_decode_grey_palette_rgba_and_16_bit():
   rgba = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
   np.testing.assert_array_equal(transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"))), rgba[:, :, :3])
 
-  wide = rng.integers(0, 65536, (6, 4), dtype=np.uint16)
+  # Every 16-bit value once (256 x 256): a scale off by one part in 65535 (255 / 65536, say) rounds some of them
+  # to the other side of a half, which a few random values would rarely hit.
+  wide = np.arange(65536, dtype=np.uint16).reshape(256, 256)
   decoded = transforms.decode_image(_encode(Image.fromarray(wide)))
   expected = np.rint(wide.astype(np.float64) * 255.0 / 65535.0)
   np.testing.assert_array_equal(decoded, np.repeat(expected[:, :, None], 3, axis=2).astype(np.uint8))
@@ -154,6 +156,26 @@ def test_center_crop_matches_torchvision_offsets_and_pads_black():
   assert out.shape == (32, 32, 3) and out.sum() == small.astype(np.int64).sum()
 
 
+@pytest.mark.parametrize("height, width", [(11, 4), (12, 4), (13, 4), (4, 11), (4, 13), (10, 14)])
+def test_center_crop_rounds_half_offsets_to_even_like_torchvision(height, width):
+  """torchvision's `int(round((n - size) / 2))` is Python's round, half to even: margins of 7 and 9 start the
+  crop at 4 (3.5 up) and 4 (4.5 down); a floor or a ceiling misses one of them."""
+  image = np.random.default_rng(height * 100 + width).integers(1, 256, (height, width, 3), dtype=np.uint8)
+  size = 4
+  top = {0: 0, 7: 4, 8: 4, 9: 4, 6: 3, 10: 5}[height - size]
+  left = {0: 0, 7: 4, 9: 4, 6: 3, 10: 5}[width - size]
+  np.testing.assert_array_equal(transforms.center_crop(image, size), image[top:top + size, left:left + size])
+
+
+def test_resize_box_of_the_output_size_is_an_exact_crop():
+  """A box of `size` x `size` pixels at whole-pixel offsets samples every source pixel at its centre: the crop
+  itself, even where the image is larger than the box (the shortcut for boxes that are the whole image must
+  not take it)."""
+  image = np.random.default_rng(11).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.resize_box(image, (3, 10, 12, 12), 12), image[3:15, 10:22])
+  np.testing.assert_array_equal(transforms.resize_box(image[:12, :12], (0, 0, 12, 12), 12), image[:12, :12])
+
+
 def test_sample_resized_crop_box_respects_scale_and_ratio():
   rng = np.random.default_rng(3)
   height, width = 300, 400
@@ -171,6 +193,26 @@ def test_sample_resized_crop_box_respects_scale_and_ratio():
   assert 0.35 < fractions.mean() < 0.54
 
 
+def test_crop_boxes_reach_every_position_and_keep_their_aspect():
+  """Placement is uniform over every position that fits, both ends included (torchvision draws
+  `randint(0, H - h + 1)`), and an asymmetric `ratio` is width / height (the default ratio range is symmetric
+  in log, so swapping the two would go unseen there)."""
+  rng = np.random.default_rng(12)
+  # scale (0.64, 0.64) and ratio (1, 1) on 10 x 10: always an 8 x 8 box, at rows and columns 0, 1 or 2.
+  boxes = [transforms.sample_resized_crop_box(rng, 10, 10, scale=(0.64, 0.64), ratio=(1.0, 1.0))
+           for _ in range(200)]
+  assert {box[2:] for box in boxes} == {(8, 8)}
+  assert {box[0] for box in boxes} == {box[1] for box in boxes} == {0, 1, 2}
+  # min_side = short side: the square is the full height, at columns 0 .. 4.
+  boxes = [transforms.sample_scale_crop_box(rng, 10, 14, 10) for _ in range(200)]
+  assert {box[0] for box in boxes} == {0} and {box[1] for box in boxes} == set(range(5))
+  boxes = [transforms.sample_scale_crop_box(rng, 14, 10, 10) for _ in range(200)]
+  assert {box[0] for box in boxes} == set(range(5)) and {box[1] for box in boxes} == {0}
+  for _ in range(200):
+    _, _, h, w = transforms.sample_resized_crop_box(rng, 300, 400, scale=(0.2, 0.5), ratio=(1.5, 2.0))
+    assert 1.5 - 0.02 <= w / h <= 2.0 + 0.02  # 0.02: sides rounded to whole pixels, as above
+
+
 def test_sample_resized_crop_box_fallback_is_central_clamped_ratio():
   rng = np.random.default_rng(4)
   # A 10 x 1000 strip admits no box of area >= 8% with aspect <= 4/3: torchvision's fallback is the central
@@ -186,6 +228,16 @@ def test_random_resized_crop_samples_then_resizes_then_flips(seed):
   # The same generator draws the box first, then the flip coin.
   rng = np.random.default_rng(seed)
   box = transforms.sample_resized_crop_box(rng, 120, 160)
+  flipped = rng.random() < 0.5
+  _assert_interior_close(out, _expected_ramp(image.shape, box, 24, flipped), margin=3)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7, 8])
+def test_random_scale_crop_samples_then_resizes_then_flips(seed):
+  image = _ramp(120, 160)
+  out = transforms.random_scale_crop(image, np.random.default_rng(seed), 24)
+  rng = np.random.default_rng(seed)
+  box = transforms.sample_scale_crop_box(rng, 120, 160, 24)  # (height, width): the image's own order
   flipped = rng.random() < 0.5
   _assert_interior_close(out, _expected_ramp(image.shape, box, 24, flipped), margin=3)
 

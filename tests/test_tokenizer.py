@@ -399,6 +399,14 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(batch_size: before 8, "
                      r"now 4\)"):
     tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=4)
+  # The parts hold one step's EMA or raw parameters' tokens, fitted or not: a rerun that changes any of these must
+  # not mix its tokens with theirs. All three in one rerun (a restore costs seconds); the error names each.
+  with pytest.raises(ValueError, match=r"interrupted export made with other arguments") as error:
+    tokenize.export(workdir, str(folder), tmp_path / "resumed.npz", batch_size=8, use_ema=False,
+                    fit_geometry_steps=1, step=TOTAL - EVERY)
+  for named in ("use_ema: before True, now False", "fit_geometry_steps: before 0, now 1",
+                f"step: before {TOTAL}, now {TOTAL - EVERY}"):
+    assert named in str(error.value), named
   # As many files, but not the same ones: the parts on disk belong to the old ones.
   (folder / "a" / "img_00.png").rename(folder / "a" / "img_00_renamed.png")
   with pytest.raises(ValueError, match=r"interrupted export made with other arguments \(files_sha256: before "):

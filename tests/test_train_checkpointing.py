@@ -64,6 +64,7 @@ def test_round_trip_keeps_last_n_and_restores_latest(tmp_path, mesh):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3]
     assert ckpt.latest_step() == 3
+    assert ckpt.saved_process_count() == 1  # grain wrote process_0-of-1.json: one process
 
   # A fresh process would do exactly this: new Checkpointer, new iterator, restore into a different sharding.
   with checkpointing.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
@@ -89,6 +90,16 @@ def test_restore_into_arrays_and_json_data_item(tmp_path, mesh):
     restored = ckpt.restore(_state(mesh, 0), data=ocp.args.JsonRestore())
   _assert_state_is(restored.state, mesh, 5, P("fsdp", None))
   assert restored.data == {"epoch": 2}
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
+    assert ckpt.saved_process_count() is None  # a JSON data item: no per-process iterator files
+
+
+def test_step_0_is_a_checkpoint_like_any_other(tmp_path, mesh):
+  """The initial state (step 0) saves and restores: a run may checkpoint before its first step."""
+  with checkpointing.Checkpointer(tmp_path, async_save=False) as ckpt:
+    assert ckpt.save(0, _state(mesh, 0))
+    assert ckpt.latest_step() == 0
+    _assert_state_is(ckpt.restore(_abstract(mesh, P())).state, mesh, 0, P())
 
 
 def test_restore_fields_reads_only_the_fields_asked_for(tmp_path, mesh):
@@ -111,6 +122,14 @@ def test_restore_fields_reads_only_the_fields_asked_for(tmp_path, mesh):
     extra = {"params": {**abstract["params"], "scale": abstract["params"]["bias"]}}
     with pytest.raises(ValueError, match=r"\['params'\]\['scale'\]: not in the checkpoint"):
       ckpt.restore_fields(extra)
+    # Another dtype (Orbax would cast silently) and a saved leaf the model lacks (Orbax would drop it silently).
+    bf16 = {"params": {**abstract["params"], "bias": jax.ShapeDtypeStruct((6,), jnp.bfloat16,
+                                                                          sharding=NamedSharding(mesh, P()))}}
+    with pytest.raises(ValueError, match=r"\['params'\]\['bias'\]: saved float32\[6\], expected bfloat16\[6\]"):
+      ckpt.restore_fields(bf16)
+    fewer = {"params": {"kernel": abstract["params"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"\['params'\]\['bias'\]: in the checkpoint only"):
+      ckpt.restore_fields(fewer)
 
 
 def _run_config(**changes):

@@ -64,6 +64,21 @@ def test_batch_sharding_splits_the_batch_over_all_devices(mesh_4x2):
     sharding.batch_sharding(explicit)
 
 
+def test_param_shardings_divide_by_the_fsdp_size():
+  """fsdp = 4: only dimensions divisible by 4 may be split (10 is even, but 10 rows do not split over 4)."""
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+  abstract = {"a": jax.ShapeDtypeStruct((8, 10), jnp.float32), "b": jax.ShapeDtypeStruct((6, 10), jnp.float32)}
+  got = sharding.param_shardings(mesh, abstract, min_weight_size=0)
+  assert (got["a"].spec, got["b"].spec) == (P("fsdp", None), P())
+
+
+def test_check_batch_size_counts_every_device_of_the_mesh(mesh_4x2):
+  """The batch is split over data x fsdp = 8 devices: 4 (a multiple of the data axis alone) does not split."""
+  sharding.check_batch_size("config.batch_size", 16, mesh_4x2)
+  with pytest.raises(ValueError, match=r"config.batch_size=4: the global batch must be a multiple of the 8 devices"):
+    sharding.check_batch_size("config.batch_size", 4, mesh_4x2)
+
+
 def test_param_shardings_rule(mesh_4x2):
   abstract = {
       "dense": jax.ShapeDtypeStruct((16, 8), jnp.float32),  # largest divisible dim: 0
@@ -84,5 +99,8 @@ def test_param_shardings_rule(mesh_4x2):
     assert s.spec == P()
   with pytest.raises(ValueError, match="leaf \\['bad'\\]"):
     sharding.param_shardings(mesh_4x2, {"bad": "not an array"})
+  # "At least min_weight_size elements": a weight of exactly that many is split.
+  exact = sharding.param_shardings(mesh_4x2, {"w": jax.ShapeDtypeStruct((2, 5), jnp.float32)}, min_weight_size=10)
+  assert exact["w"].spec == P("fsdp", None)
   with pytest.raises(ValueError, match="mesh"):
     sharding.param_shardings("not a mesh", abstract)
