@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaussiantoken_jax.models.gaussian_embedder import (GaussianEmbedder, Gaussians, _IdenticalInitStack,
+from gaussiantoken_jax.models.gaussian_embedder import (GaussianEmbedder, Gaussians, _FeedForward, _IdenticalInitStack,
                                                         anchor_init, sine_position_embedding)
 from test_deformable_attention import _numpy_softmax, numpy_bilinear_sample, numpy_deformable_attention
 
@@ -111,6 +111,23 @@ def test_stacked_copies_draw_their_own_dropout_masks():
     np.testing.assert_array_equal(mask, same)  # and the draws are the key's, reproducibly
 
 
+def test_feed_forward_drops_out_both_the_hidden_layer_and_the_residual_branch():
+  """LN(x + Drop(W2 Drop(ReLU(W1 x)))) in training, with W1 = W2 = I, zero biases and rate 0.5 (a kept value is
+  doubled): on x = (1, 1, 0, 0) the LayerNorm's input is (f1, f2, 0, 0), f = 1 + 4 m1 m2 in {1, 5}, and its output
+  z gives f1 / f2 = (z0 - z2) / (z1 - z2). Either dropout alone would give f in {1, 3}."""
+  module = _FeedForward(dim=4, hidden_dim=4, dropout=0.5, train=True)
+  eye = jnp.eye(4)
+  params = {"Dense_0": {"kernel": eye, "bias": jnp.zeros(4)}, "Dense_1": {"kernel": eye, "bias": jnp.zeros(4)},
+            "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}
+  x = jnp.tile(jnp.array([1.0, 1.0, 0.0, 0.0]), (64, 1))
+  z = np.asarray(jax.jit(module.apply)({"params": params}, x, rngs={"dropout": jax.random.key(6)}), np.float64)
+  ratios = (z[:, 0] - z[:, 2]) / (z[:, 1] - z[:, 2])
+  # float32 LayerNorm of O(1) values: the ratio to ~1e-6; the wrong factor 3 is 0.4 away from 5 or 1/5.
+  nearest = np.array([5.0, 1.0, 0.2])[np.argmin(np.abs(ratios[:, None] - np.array([5.0, 1.0, 0.2])), axis=1)]
+  np.testing.assert_allclose(ratios, nearest, rtol=1e-4)
+  assert set(nearest.tolist()) == {5.0, 1.0, 0.2}  # 64 rows draw every case (P(miss one) < 1e-5)
+
+
 def test_range_scheduler_follows_the_formula_over_three_steps(variables, feature_map):
   state = {"scale_max": 4.0, "scale_mean": 2.05}
   # Default start, then a start far above the range midpoint so that the decay is large and hits the floor.
@@ -177,22 +194,25 @@ def test_anchor_init_layout():
   assert np.abs(anchors[:, :5]).max() <= np.log(0.9999 / 1e-4) + 1e-3  # the logit's clamp
 
 
-def test_the_centre_moves_residually_through_every_block(variables, feature_map):
+@pytest.mark.parametrize("shift", [(0.3, -0.2), (12.0, -12.0)])
+def test_the_centre_moves_residually_through_every_block(variables, feature_map, shift):
   """With the refinement head's centre outputs fixed at a bias d (kernel 0), each block adds d to the centre's
-  logit: means = 2 sigmoid(anchor_xy + num_blocks * d) - 1, whatever the image. A refinement that replaced the
-  centre instead would give 2 sigmoid(d) - 1."""
+  logit: means = 2 sigmoid(clip(anchor_xy + num_blocks * d, -9.21, 9.21)) - 1, whatever the image. A refinement
+  that replaced the centre instead would give 2 sigmoid(d) - 1. The large shift drives the logits to about +-36,
+  past the clamp, where an unclamped float32 sigmoid would round to exactly 1 and put the centre on the map's edge
+  instead of inside (-1, 1) (0.9998 at the clamp, 1e4 times the tolerance away)."""
   params = flax.core.unfreeze(variables["params"])
   head = params["blocks"]["refine"]["Dense_0"]  # stacked over the blocks: kernel [num_blocks, D', 5 + D']
   num_blocks = head["kernel"].shape[0]
-  shift = np.array([0.3, -0.2])
+  shift = np.array(shift)
   head["kernel"] = head["kernel"].at[..., :2].set(0.0)
   head["bias"] = head["bias"].at[..., :2].set(shift)
   gaussians, _ = _apply({**variables, "params": params}, feature_map, jax.random.key(0), train=False)
   anchors_xy = np.asarray(params["anchors"][:, :2], np.float64)
   step_scale = np.asarray(params["blocks"]["refine"]["scale"][:, :2], np.float64)  # learnable, 1 at init
-  logits = anchors_xy + (shift * step_scale).sum(axis=0)
+  logits = np.clip(anchors_xy + (shift * step_scale).sum(axis=0), -9.21, 9.21)
   expected = 2.0 / (1.0 + np.exp(-logits)) - 1.0
-  assert num_blocks == 3
+  assert num_blocks == 3 and np.all(np.abs(gaussians.means) < 1.0)
   np.testing.assert_allclose(np.asarray(gaussians.means), np.broadcast_to(expected, (BATCH,) + expected.shape),
                              atol=1e-6)
 

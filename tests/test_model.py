@@ -119,38 +119,61 @@ def optax_global_norm(tree):
 
 def test_decoding_tokens_reproduces_the_forward_pass():
   """Tokens (indices + geometry) carry everything the decoder needs: decode(encode(x)) == model(x)."""
-  _, model, images, variables = runlocal_setup("demo", "runlocal")
+  config, model, images, variables = runlocal_setup("demo", "runlocal")
+  # A random codebook: the initial one is all zeros, under which every token decodes to the same zero features.
+  codebook = dict(variables["codebook"]["quantizer"])
+  codebook["embed"] = jax.random.normal(jax.random.key(5), codebook["embed"].shape)
+  variables = {**variables, "codebook": {"quantizer": codebook}}
   out = jitted_apply(model, train=False)(variables, images)
-  g = out.gaussians
-  decoded = jitted_apply(model, "decode_indices")(variables, out.indices, g.means, g.rotations, g.scales)
+  indices, g = jitted_apply(model, "encode_tokens")(variables, images)
+  np.testing.assert_array_equal(indices, out.indices)
+  assert len(np.unique(indices)) > 1  # the tokens differ, so a mix-up of them shows
+  # The tokens' Gaussians are the forward pass's, features quantized (the codes of their indices). Two programs
+  # (jits) of the same float32 graph: equal up to a few roundings of values of size ~1.
+  for name in ("means", "rotations", "scales", "features"):
+    np.testing.assert_allclose(getattr(g, name), getattr(out.gaussians, name), atol=1e-6, err_msg=name)
+  np.testing.assert_array_equal(g.features, np.asarray(codebook["embed"])[np.asarray(indices)])
+  decoded = jitted_apply(model, "decode_indices")(variables, indices, g.means, g.rotations, g.scales)
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(out.reconstruction), atol=1e-5)
+  assert_statistics_are_those_of_the_tokens(out, config.model.codebook_size)
+
+
+def assert_statistics_are_those_of_the_tokens(out, codebook_size):
+  """The perplexity and usage a forward pass reports, each in its own field, from the histogram of its indices."""
+  counts = np.bincount(np.asarray(out.indices).ravel(), minlength=codebook_size)
+  probs = counts[counts > 0] / counts.sum()
+  np.testing.assert_allclose(out.perplexity, np.exp(-np.sum(probs * np.log(probs))), rtol=1e-5)
+  np.testing.assert_allclose(out.usage, np.mean(counts > 0), rtol=1e-6)
 
 
 def test_decode_splats_each_gaussian_field_in_its_own_slot():
   """decode = decoder(splat(means, rotations, scales, features)), the splat taken from the float64 formula.
 
   Means and scales have the same shape, so only values tell a swap apart: random Gaussians with scales of 0.4-3
-  pixels and centres across the map make any mix-up of the fields change the decoder's input.
+  pixels and centres across the map make any mix-up of the fields change the decoder's input. The model's cutoff
+  is set to 0.1, not the splat's default 1/255, so that a cutoff the model does not pass on shows as well.
   """
   from test_splatting import random_gaussians, splat_np
   config, model, _, variables = runlocal_setup("demo", "runlocal")
+  model = model.clone(splat_cutoff=0.1)
   means, rotations, scales, features = random_gaussians(0, 2, config.model.num_gaussians, config.model.feature_dim)
   gaussians = models.Gaussians(means=jnp.asarray(means), rotations=jnp.asarray(rotations),
                                scales=jnp.asarray(scales), features=jnp.asarray(features))
   decoded = jitted_apply(model, "decode")(variables, gaussians)
   h, w = model.feature_shape
   feature_map = splat_np(*(np.asarray(a, np.float64) for a in (means, rotations, scales, features)), h, w,
-                         cutoff=config.model.splat_cutoff)
+                         cutoff=0.1)
   expected = jitted_apply(model, lambda m, f: m.decoder(f))(variables, jnp.asarray(feature_map, jnp.float32))
   # float32 splat against float64 (relative ~1e-6), carried through a small conv decoder: 1e-4 is generous.
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(expected), atol=1e-4)
 
 
 def test_baseline_tokens_decode_to_the_forward_pass():
-  _, model, images, variables = runlocal_setup("demo", "runlocal,baseline=vq")
+  config, model, images, variables = runlocal_setup("demo", "runlocal,baseline=vq")
   out = jitted_apply(model, train=False)(variables, images)
   decoded = jitted_apply(model, "decode_indices")(variables, out.indices)
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(out.reconstruction), atol=1e-5)
+  assert_statistics_are_those_of_the_tokens(out, config.model.codebook_size)
 
 
 @pytest.mark.parametrize("images, match", [

@@ -132,6 +132,31 @@ class TestSplatGpu:
     for name, g, want in zip(NAMES, grads, want_grads):
       assert relative_error(g, want) < 1e-5, f"{name}: relative error {relative_error(g, want):.2e}"
 
+  def test_culling_at_the_last_row_and_past_the_last_gaussian_block(self):
+    """Two edge cases of the culled ranges (`_block_ranges`), on an 8 x 4 map in 16-pixel (4-row) blocks, 16-Gaussian
+    blocks. Sorted by centre row: 20 small Gaussians in rows 0-3, 16 in rows 4-7, and last one centred a row below
+    the map whose band is row 7 alone. The bottom pixel block's range then starts at sorted Gaussian 20 and must
+    run 2 blocks to reach Gaussian 36: (1) the band of the map's last row counts (leaving it out ends the range at
+    Gaussian 35, one block); (2) the second block reads sorted Gaussians 36-51, past the 48 of the K blocks, which
+    the extra block of `padded_k` keeps in bounds (without it the read is shifted back onto Gaussians 32-35 by the
+    interpreter, or out of bounds on a GPU)."""
+    b, k, h, w, c = 1, 37, 8, 4, 2
+    rng = np.random.default_rng(9)
+    rows = np.concatenate([rng.uniform(0.5, 2.5, 20), rng.uniform(5.5, 7.5, 16), [h + 0.5]])  # centre rows, pixels
+    means = np.stack([rng.uniform(-0.9, 0.9, k), rows / h * 2 - 1], -1)
+    # Scales <= 0.5 px keep each band within 1.67 rows of its centre (rho = sqrt(2 ln 255) = 3.33).
+    scales = rng.uniform(0.3, 0.5, (k, 2))
+    order = rng.permutation(k)  # the caller's order is not the sorted one
+    args = tuple(a[None, order].astype(np.float32) for a in (means, rng.uniform(-4.0, 4.0, k), scales,
+                                                              rng.normal(size=(k, c))))
+    blocks = pallas_splat.BlockSizes(16, 16, 16, cull_rows=True)
+    (_, out), grads = value_and_grads(h, w, c, self.BACKEND, interpret=self.INTERPRET, block_sizes=blocks)(*args)
+    (_, want_out), want_grads = value_and_grads(h, w, c, "xla")(*args)
+    assert np.abs(np.asarray(want_out)[0, -1]).max() > 0.1  # the last row holds weight
+    assert relative_error(out, want_out) < 1e-5
+    for name, g, want in zip(NAMES, grads, want_grads):
+      assert relative_error(g, want) < 1e-5, f"{name}: relative error {relative_error(g, want):.2e}"
+
   def test_xla_backward_pass_equals_kernel_backward(self):
     _, _, grads = self.run(SHAPES[0], seed=1)
     _, _, want = self.run(SHAPES[0], seed=1, backward_pass_impl="xla")
@@ -147,7 +172,7 @@ class TestSplatTpu(TestSplatGpu):
   BACKEND = "tpu"
   # GPU kernel options, which the TPU kernel does not have.
   test_scalar_loops_match_xla_path = test_culled_tiles_match_xla_path = None
-  test_culling_skips_tiles_and_matches_xla_path = None
+  test_culling_skips_tiles_and_matches_xla_path = test_culling_at_the_last_row_and_past_the_last_gaussian_block = None
 
 
 class TestSplatTpuInterpret(TestSplatTpu):

@@ -47,12 +47,12 @@ def np_lloyd(vectors, centres, num_iters):
   return centres, bins
 
 
-def np_ema(embed_avg, cluster_size, vectors, indices):
+def np_ema(embed_avg, cluster_size, vectors, indices, eps=EPS):
   counts, sums = np_cluster_stats(vectors, indices)
   cluster_size = DECAY * cluster_size + (1 - DECAY) * counts
   embed_avg = DECAY * embed_avg + (1 - DECAY) * sums
   total = cluster_size.sum()
-  smoothed = (cluster_size + EPS) / (total + NUM_CODES * EPS) * total
+  smoothed = (cluster_size + eps) / (total + NUM_CODES * eps) * total
   return embed_avg / smoothed[:, None], embed_avg, cluster_size
 
 
@@ -160,6 +160,29 @@ def test_training_step_quantizes_then_applies_ema():
   assert bool(new["initted"])
 
 
+def test_ema_update_applies_laplace_smoothing():
+  """embed = avg / ((cs + eps) / (sum(cs) + N eps) * sum(cs)), with an eps large enough to see.
+
+  At the default eps = 1e-5 both eps terms move the codes by ~1e-6 relative, under float32 tolerance; with eps = 0.5
+  and cluster sizes of order 1 they move them by tens of percent, so dropping either term fails here. Dead-code
+  resets are off (threshold 0) so every code goes through the smoothing formula.
+  """
+  eps = 0.5
+  module = VectorQuantizer(dim=DIM, codebook_size=NUM_CODES, eps=eps, dead_code_threshold=0.0)
+  rng = np.random.default_rng(14)
+  codebook = make_codebook(rng.normal(size=(NUM_CODES, DIM)), rng.uniform(0.1, 1.0, size=NUM_CODES))
+  x = make_batch(15)
+  _, new = jax.jit(lambda cb, x: module.apply({"codebook": cb}, x, train=True, rngs={"quantizer": KEY},
+                                              mutable=["codebook"]))(codebook, x)
+  vectors = f64(x).reshape(-1, DIM)
+  indices = np_nearest(vectors, f64(codebook["embed"]))
+  expected = np_ema(f64(codebook["embed_avg"]), f64(codebook["cluster_size"]), vectors, indices, eps=eps)
+  unsmoothed = expected[1] / expected[2][:, None]
+  assert np.abs(expected[0] - unsmoothed).max() > 0.1 * np.abs(unsmoothed).max()  # the smoothing shows
+  for name, value in zip(("embed", "embed_avg", "cluster_size"), expected):
+    np.testing.assert_allclose(new["codebook"][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_mask_excludes_rows_from_statistics_and_update():
   x, codebook = make_batch(), trained_codebook()
   mask = np.random.default_rng(3).uniform(size=(8, 5)) > 0.35
@@ -194,13 +217,32 @@ def test_perplexity_usage_and_commitment_without_mask():
     np.testing.assert_allclose(out.commitment_loss, ((embed[indices] - vectors) ** 2).mean(), rtol=1e-5)
 
 
+def test_commitment_loss_pulls_unmasked_inputs_towards_their_codes():
+  """d commitment / dx = 2 mask (x - q) / (num_valid * dim): the loss trains the encoder, never the (buffer) codes.
+
+  A stop_gradient on the wrong side (sg(x) instead of sg(q)) leaves the loss's value unchanged but its gradient 0.
+  float32 differences of O(1) values: rtol 1e-5 is a few roundings.
+  """
+  x, codebook = make_batch(16), trained_codebook()
+  mask = np.random.default_rng(17).uniform(size=(8, 5)) > 0.3
+  grad = jax.jit(jax.grad(lambda x: QUANTIZER.apply({"codebook": codebook}, x, train=False, mask=mask)[1]
+                          .commitment_loss))(x)
+  embed = f64(codebook["embed"])
+  quantized = embed[np_nearest(f64(x).reshape(-1, DIM), embed)].reshape(x.shape)
+  expected = 2.0 * mask[..., None] * (f64(x) - quantized) / (mask.sum() * DIM)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_dead_codes_are_reset_to_distinct_unmasked_batch_vectors():
   x, codebook = make_batch(), trained_codebook()
-  dead_codes = [1, 5]
+  dead_codes, at_threshold = [1, 5], 3
   embed = np.asarray(codebook["embed"]).copy()
-  embed[dead_codes] = 100.0 + np.arange(len(dead_codes))[:, None]  # far away: they get no vectors
+  embed[dead_codes + [at_threshold]] = 100.0 + np.arange(3)[:, None]  # far away: they get no vectors
   cluster_size = np.asarray(codebook["cluster_size"]).copy()
   cluster_size[dead_codes] = 0.5
+  # A code with no vectors whose EMA size lands exactly on the threshold (0.8 * 2.5 = 2 in float32 and float64):
+  # dead means strictly below it (vector-quantize-pytorch's `cluster_size < threshold_ema_dead_code`), so it stays.
+  cluster_size[at_threshold] = 2.5
   codebook = make_codebook(embed, cluster_size)
   mask = np.random.default_rng(5).uniform(size=(8, 5)) > 0.3
   (_, _), new = run(codebook, x, mask, KEY, train=True)
@@ -210,6 +252,7 @@ def test_dead_codes_are_reset_to_distinct_unmasked_batch_vectors():
   expected = np_ema(f64(codebook["embed_avg"]), f64(cluster_size), vectors[valid], indices[valid])
   dead = expected[2] < THRESHOLD
   np.testing.assert_array_equal(np.flatnonzero(dead), dead_codes)
+  assert expected[2][at_threshold] == THRESHOLD and new["cluster_size"][at_threshold] == THRESHOLD
   for name, value in zip(("embed", "embed_avg", "cluster_size"), expected):
     np.testing.assert_allclose(np.asarray(new[name])[~dead], value[~dead], rtol=1e-5, atol=1e-6, err_msg=name)
   np.testing.assert_array_equal(np.asarray(new["cluster_size"])[dead], THRESHOLD)
