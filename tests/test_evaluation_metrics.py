@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 from skimage import metrics as skimage_metrics
 
+from gaussiantoken_jax import pixels
 from gaussiantoken_jax.evaluation import fid, image_metrics
 
 RNG = np.random.default_rng(0)
@@ -155,3 +156,64 @@ def test_block_average_baseline_against_numpy():
     image_metrics.block_average(jnp.asarray(images), 5)
   with pytest.raises(ValueError, match="must be positive, got 0 and 32"):
     image_metrics.block_baseline_cells(0, 32)
+
+
+def test_kid_with_unequal_set_sizes_is_unbiased_over_subsets_and_seeded():
+  """Subsets of min(N, M) features: with M < N the whole smaller set is in every subset, and the mean over subsets
+  estimates the U-statistic MMD^2 of all the features (a random subset's mean over distinct pairs is unbiased for
+  the mean over all distinct pairs)."""
+  rng = np.random.default_rng(8)
+  a, b = rng.normal(size=(30, 4)), rng.normal(size=(20, 4)) + 0.4
+
+  def k(x, y):
+    return (x @ y.T / 4 + 1.0) ** 3
+
+  n, m = len(a), len(b)
+  xx, yy = k(a, a), k(b, b)
+  full = ((xx.sum() - np.trace(xx)) / (n * (n - 1)) + (yy.sum() - np.trace(yy)) / (m * (m - 1))
+          - 2.0 * k(a, b).mean())
+  result = fid.kernel_inception_distance(a, b, num_subsets=400, subset_size=1000, seed=3)
+  assert result.subset_size == 20 and result.std > 0
+  # Only the a-subsets vary; their mean is within 4 standard errors (std / sqrt(400)) of its expectation.
+  assert abs(result.mean - full) < 4 * result.std / math.sqrt(400)
+  # Reproducible from its seed, and the seed matters.
+  again = fid.kernel_inception_distance(a, b, num_subsets=400, subset_size=1000, seed=3)
+  other = fid.kernel_inception_distance(a, b, num_subsets=400, subset_size=1000, seed=4)
+  assert again == result and other.mean != result.mean
+
+
+def test_psnr_caps_at_100_db():
+  # MSE floored at 1e-10: identical images give 100 dB, per image and pooled (not inf, not another cap).
+  a = jnp.asarray(RNG.uniform(size=(2, 8, 8, 3)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(image_metrics.psnr(a, a)), [100.0, 100.0])
+  assert image_metrics.pooled_psnr(np.zeros(3)) == pytest.approx(100.0, abs=1e-12)
+
+
+def test_ssim_data_range_scales_the_constants():
+  """Images in [0, 255] with data_range 255: C1 = (K1 L)^2 and C2 = (K2 L)^2 in the units of the images.
+
+  Dark images of different brightness, so that C1 counts next to the local means (sqrt(C1) = 2.55) and C2 next
+  to the local variances (sqrt(C2) = 7.65).
+  """
+  rng = np.random.default_rng(9)
+  a = rng.uniform(0, 30, size=(2, 10, 10, 3))
+  b = np.clip(0.5 * a + 3.0 + rng.normal(scale=4.0, size=a.shape), 0, 255)
+  got = np.asarray(image_metrics.ssim(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), data_range=255.0))
+  expected = [skimage_metrics.structural_similarity(x, y, data_range=255.0, channel_axis=-1) for x, y in zip(a, b)]
+  # Moments and constants both scale with L^2, so the float32 error of the ratio is that of data range 1: 2e-5.
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_pixel_conversions_against_numpy():
+  """pixels: uint8 -> [-1, 1]; [-1, 1] -> float pixels clipped to [0, 255]; -> uint8 rounded (pictures) or
+  truncated (the reference's metrics)."""
+  levels = np.array([0, 1, 127, 128, 254, 255], np.uint8)
+  np.testing.assert_allclose(np.asarray(pixels.to_model_input(jnp.asarray(levels).reshape(1, 2, 1, 3))).ravel(),
+                             levels / 127.5 - 1.0, rtol=0, atol=1e-7)  # float32 rounding of values <= 1
+  # Values past both ends, and values whose pixel is 10.6 (rounds to 11, truncates to 10) and 200.2.
+  x = np.array([-1.5, -1.0, 10.6 / 127.5 - 1.0, 200.2 / 127.5 - 1.0, 1.0, 1.7], np.float32)
+  want = np.clip((x.astype(np.float64) + 1.0) * 127.5, 0.0, 255.0)
+  np.testing.assert_allclose(np.asarray(pixels.to_pixels(jnp.asarray(x))), want, rtol=0, atol=1e-4)
+  np.testing.assert_array_equal(pixels.to_uint8(x), [0, 0, 11, 200, 255, 255])
+  np.testing.assert_array_equal(np.asarray(pixels.truncate_to_uint8(pixels.to_pixels(jnp.asarray(x)))),
+                                [0, 0, 10, 200, 255, 255])

@@ -61,3 +61,35 @@ def test_bad_steps_or_learning_rate_are_refused():
   for rate in (0.0, float("inf"), float("nan")):
     with pytest.raises(ValueError, match=rf"fit_geometry: `learning_rate` must be positive and finite, got {rate!r}"):
       geometry_fit.fit_geometry(*args, steps=3, learning_rate=rate, scale_bounds=(0.1, 3.0))
+
+
+def test_three_steps_are_adam_on_a_cosine_schedule():
+  """The fit's trajectory against Adam written out in float64 (optax's defaults b1 0.9, b2 0.999, eps 1e-8) with
+  the learning rate lr * (1 + cos(pi t / steps)) / 2 at step t, on gradients of the objective written here. A
+  step too few, another learning rate or schedule, or a reset moment estimate gives another point."""
+  target = splat_decode(*TRUE)
+
+  def loss(geometry):  # the fit's objective: per-image mean absolute error, summed over images
+    return jnp.sum(jnp.mean(jnp.abs(splat_decode(*geometry) - target), axis=(1, 2, 3)))
+
+  gradient = jax.jit(jax.grad(loss))
+  steps, lr = 3, 0.01
+  point = [np.asarray(x, np.float64) for x in START]
+  m = [np.zeros_like(x) for x in point]
+  v = [np.zeros_like(x) for x in point]
+  for t in range(steps):
+    grads = gradient(tuple(jnp.asarray(x, jnp.float32) for x in point))
+    rate = lr * 0.5 * (1.0 + np.cos(np.pi * t / steps))
+    for i, g in enumerate(grads):
+      g = np.asarray(g, np.float64)
+      m[i] = 0.9 * m[i] + 0.1 * g
+      v[i] = 0.999 * v[i] + 0.001 * g * g
+      point[i] = point[i] - rate * (m[i] / (1 - 0.9 ** (t + 1))) / (np.sqrt(v[i] / (1 - 0.999 ** (t + 1))) + 1e-8)
+  # Centres stay inside [-1, 1] and scales inside (0.1, 3.0) along the way, so the clips are no-ops here.
+  fitted = fit(START, target, steps=steps, learning_rate=lr)
+  for name, got, want, start in zip(("means", "rotations", "scales"), fitted, point, START):
+    # Each step moves a coordinate by at most ~lr (Adam), and a step's gradient is float32 (~1e-6 relative): the
+    # two trajectories agree to ~1e-7; 2e-6 also allows float32 rounding of coordinates <= 3. The fit must have
+    # moved by far more (~lr) than that.
+    assert float(jnp.min(jnp.abs(np.asarray(got) - np.asarray(start)))) > 1e-3, name
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6, err_msg=name)

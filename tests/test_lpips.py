@@ -55,12 +55,13 @@ def _np_conv3x3(x, kernel, bias):
   return np.tensordot(patches, kernel.transpose(2, 0, 1, 3), axes=([3, 4, 5], [0, 1, 2])) + bias
 
 
-def _np_lpips(tree, x, y):
+def _np_lpips_terms(tree, x, y):
+  """Each tap's summands of the distance, w_c (n(f)_hwc - n(g)_hwc)^2 / (h w), as [B, h, w, C] arrays."""
   vgg = {k: {n: v.astype(np.float64) for n, v in p.items()} for k, p in tree["VGG16_0"].items()}
   shift = np.array([-0.030, -0.088, -0.188])
   scale = np.array([0.458, 0.448, 0.450])
   h = (np.concatenate([x, y]).astype(np.float64) - shift) / scale
-  batch, conv_index, total = x.shape[0], 0, np.zeros(x.shape[0])
+  batch, conv_index, terms = x.shape[0], 0, []
   for tap, num_convs in enumerate((2, 2, 3, 3, 3)):
     if tap:
       b, hh, ww, c = h.shape
@@ -71,8 +72,12 @@ def _np_lpips(tree, x, y):
       conv_index += 1
     f = h / (np.sqrt(np.sum(h * h, axis=-1, keepdims=True)) + 1e-10)
     head = tree[f"NetLinLayer_{tap}"]["Conv_0"]["kernel"].astype(np.float64)[0, 0, :, 0]
-    total += np.mean(np.square(f[:batch] - f[batch:]) @ head, axis=(1, 2))
-  return total
+    terms.append(np.square(f[:batch] - f[batch:]) * head / (f.shape[1] * f.shape[2]))
+  return terms
+
+
+def _np_lpips(tree, x, y):
+  return sum(np.sum(term, axis=(1, 2, 3)) for term in _np_lpips_terms(tree, x, y))
 
 
 def test_matches_float64_numpy_lpips(params, checkpoint_tree):
@@ -130,10 +135,17 @@ def test_identity_symmetry_and_noise_order(property_distances):
 def test_bfloat16_compute_is_close(params, property_batch, property_distances):
   low = np.asarray(lpips_distance(params, *property_batch, dtype=jnp.bfloat16))
   np.testing.assert_allclose(low[1:], property_distances[1:], rtol=0.05)
+  # ...and the convolutions really ran in bfloat16 (8 significant bits: the distances move by ~1e-3 relative).
+  assert np.all(low[1:] != property_distances[1:])
 
 
-def test_dropout_is_unbiased(params):
-  """The heads are linear after the dropout, so its expectation is the deterministic distance."""
+def test_dropout_is_unbiased_with_the_variance_of_rate_one_half(params, checkpoint_tree):
+  """The heads are linear after the dropout, so its expectation is the deterministic distance.
+
+  Its variance tells the rate p: the distance is sum_i t_i m_i / (1 - p) over the summands t_i of the NumPy
+  LPIPS (`_np_lpips_terms`) with independent keep masks m_i ~ Bernoulli(1 - p), so its variance is
+  p / (1 - p) * sum_i t_i^2: sum_i t_i^2 for LPIPS's p = 0.5, a quarter of that for p = 0.2.
+  """
   x, y = _photo("astronaut", 32)[None], _photo("coffee", 32)[None]
   keys = jax.random.split(jax.random.key(0), 64)
   # Params and images go in as arguments (in_axes None), not closed over: XLA would constant-fold VGG16.
@@ -142,6 +154,11 @@ def test_dropout_is_unbiased(params):
   deterministic = float(lpips_distance(params, x, y)[0])
   assert samples.std() > 1e-3 * deterministic  # Dropout is active (about 3% spread per sample)...
   np.testing.assert_allclose(samples.mean(), deterministic, rtol=0.03)  # ...and unbiased (0.4% standard error).
+  predicted_std = np.sqrt(sum(np.sum(term ** 2) for term in _np_lpips_terms(checkpoint_tree, x, y)))
+  # The sample std of 64 draws is within 1 / sqrt(2 * 63) = 9% of the true one (one standard error; a sum of
+  # Bernoulli(1/2) terms has negative excess kurtosis, which only narrows it): 30% is over 3 standard errors, and
+  # p = 0.2 would give half the predicted std.
+  np.testing.assert_allclose(samples.std(ddof=1), predicted_std, rtol=0.3)
 
 
 def test_gradient_matches_float64_finite_difference(params, checkpoint_tree):

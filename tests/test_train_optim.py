@@ -144,6 +144,15 @@ def test_ema_update_matches_numpy():
     want = 0.999 * np.asarray(e, np.float64) + 0.001 * np.asarray(p, np.float64)
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-6, atol=1e-7)
+  # A bfloat16 EMA of float32 parameters stays bfloat16 (each result keeps its EMA leaf's dtype), rounded once:
+  # within half a bfloat16 ulp (7 stored mantissa bits: at most 2^-8 relative) of the float64 formula on the
+  # bfloat16 inputs.
+  ema16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ema)
+  for g, e, p in zip(jax.tree.leaves(optim.ema_update(ema16, params, 0.9)), jax.tree.leaves(ema16),
+                     jax.tree.leaves(params)):
+    assert g.dtype == jnp.bfloat16
+    want = 0.9 * np.asarray(e, np.float64) + 0.1 * np.asarray(p, np.float64)
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=2 ** -8, atol=1e-30)
 
 
 def test_ema_update_rejects_bad_input():

@@ -82,6 +82,23 @@ def check_loss_arithmetic(config, metrics):
                              rtol=1e-5)
 
 
+def check_lpips_term(steps, before, images, metrics):
+  """The step's LPIPS metric is the batch mean of LPIPS(x, x_hat) on its own train-mode reconstructions, with
+  the head dropout drawn from the step's third key, recomputed here on one device from the state before."""
+  config = steps.config
+  x = images.astype(np.float32) / 127.5 - 1.0
+  dropout_key, quantizer_key, lpips_key = jax.random.split(jax.random.fold_in(before.rng, before.step), 3)
+  reconstruct = jax.jit(lambda params, model_state, x: steps.model.apply(
+      {"params": params, **model_state}, x, train=True, mutable=list(model_state),
+      rngs={"dropout": dropout_key, "quantizer": quantizer_key})[0].reconstruction)
+  x_hat = reconstruct(before.params, before.model_state, x)
+  lpips_each = losses.lpips_distance(losses.load_lpips_params(), x, x_hat, dtype=config.model.conv_dtype,
+                                     dropout_rng=lpips_key)
+  # Float32 reduction order (8 devices in the step, 1 here) moves the losses by ~1e-6 relative (the 8 vs 1 device
+  # test holds them to 2e-5); 1e-4 allows for it. A sum over the batch, or no dropout, misses by far more.
+  np.testing.assert_allclose(metrics["lpips"], np.mean(np.asarray(lpips_each, np.float64)), rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def demo_first_step():
   """The demo runlocal config's first step on 8 devices: (steps, state before (host), state after, metrics)."""
@@ -112,6 +129,8 @@ def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, de
   assert bool(after.model_state["codebook"]["quantizer"]["initted"])  # k-means ran on the first batch
   check_loss_arithmetic(config, metrics)
   assert metrics["gan_weight"] == 0.0  # step 0 < gan_start_step
+  if (name, arg) == ("cifar10", "runlocal"):  # one config with an LPIPS term (the demo's weight is 0)
+    check_lpips_term(steps, before, random_images(config, 0), metrics)
   np.testing.assert_allclose(metrics["learning_rate"], timm_cosine_lr(config.optimizer, config.total_steps, 0),
                              rtol=1e-6)
 
@@ -158,8 +177,13 @@ def test_gan_term_switches_on_at_gan_start_step_with_the_scheduled_learning_rate
   steps, _, after, _ = demo_first_step
   config = steps.config
   start = config.loss.gan_start_step
-  state = jax.device_put(jax.device_get(after).replace(step=np.int32(start)), jax.tree.map(lambda x: x.sharding,
-                                                                                           steps.abstract_state))
+  shardings = jax.tree.map(lambda x: x.sharding, steps.abstract_state)
+  # One step before gan_start_step the term is still off (the start is not one step early)...
+  state = jax.device_put(jax.device_get(after).replace(step=np.int32(start - 1)), shardings)
+  _, _, metrics = run_step(steps, lpips_params_on("demo", "runlocal"), state, random_images(config, 1))
+  assert metrics["gan_weight"] == 0.0 and metrics["gan"] > 0
+  # ...and at gan_start_step it is on.
+  state = jax.device_put(jax.device_get(after).replace(step=np.int32(start)), shardings)
   _, new_state, metrics = run_step(steps, lpips_params_on("demo", "runlocal"), state, random_images(config, 1))
   assert int(new_state.step) == start + 1
   assert metrics["gan_weight"] == pytest.approx(config.loss.gan_weight)
@@ -198,6 +222,11 @@ def test_adaptive_gan_weight_equals_vqgan_formula_on_full_gradients():
   assert expected > 0
   np.testing.assert_allclose(metrics["gan_weight"], expected, rtol=1e-4)
   check_loss_arithmetic(config, metrics)
+  # The adaptive weight multiplies the switch: one step before gan_start_step there is no GAN term.
+  early = steps.init()
+  early = early.replace(step=jax.device_put(np.int32(config.loss.gan_start_step - 1), early.step.sharding))
+  _, _, metrics = run_step(steps, lpips_params, early, images)
+  assert metrics["gan_weight"] == 0.0
 
 
 def assert_same_first_step(first, second):
@@ -381,6 +410,30 @@ def test_discriminator_step_equals_its_formulas_on_independently_computed_logits
   np.testing.assert_allclose([metrics["hinge"], metrics["lecam"], float(after.lecam_ema_real),
                               float(after.lecam_ema_fake)], [hinge, lecam, ema_real, ema_fake], rtol=1e-4)
   np.testing.assert_allclose(metrics["disc_loss"], hinge + config.loss.lecam_weight * lecam, rtol=1e-4)
+  # The generator's GAN loss is on D(x_hat) in train mode too (BatchNorm on the batch's own statistics, so the
+  # running statistics it starts from do not matter): softplus(-mean logit) per image, averaged over images.
+  per_image = fake.mean(axis=(1, 2, 3))
+  gan = np.mean(np.logaddexp(0.0, -per_image))
+  np.testing.assert_allclose(metrics["gan"], gan, rtol=1e-4)
+
+
+def test_weight_ema_moves_towards_the_updated_parameters(demo_second_step):
+  """ema <- decay * ema + (1 - decay) * params after the update, on step 2, where the learning rate (2e-4, against
+  1e-6 on step 1) moves the parameters enough for an EMA towards the old ones to show."""
+  steps, before, after, _ = demo_second_step
+  decay = steps.config.ema_decay
+  moved = 0.0
+  for (path, ema0), ema1, param0, param1 in zip(jax.tree_util.tree_leaves_with_path(before.ema_params),
+                                                jax.tree.leaves(after.ema_params), jax.tree.leaves(before.params),
+                                                jax.tree.leaves(after.params)):
+    ema0, ema1, param0, param1 = (np.asarray(x, np.float64) for x in (ema0, ema1, param0, param1))
+    # float32 rounds ema - params, (1 - decay) and their product (2^-24 relative each, on (1 - decay) |ema -
+    # params|) and the new EMA (2^-24 |ema1|): 2^-22 of the two magnitudes bounds it with a margin.
+    bound = 2 ** -22 * (np.abs(ema1) + (1 - decay) * np.abs(ema0 - param1)) + 1e-30
+    error = np.abs(ema1 - (decay * ema0 + (1 - decay) * param1))
+    assert np.all(error <= bound), (jax.tree_util.keystr(path), float(np.max(error / bound)))
+    moved = max(moved, float(np.max((1 - decay) * np.abs(param1 - param0) / bound)))
+  assert moved > 100  # an EMA of the old parameters would miss by this many bounds
 
 
 def test_trainer_evaluates_the_ema_weights(demo_second_step):
