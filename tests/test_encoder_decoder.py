@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussiantoken_jax import xla_options
 from gaussiantoken_jax.models.discriminator import PatchDiscriminator
-from gaussiantoken_jax.models.encoder_decoder import (AdaptiveGroupNorm, Decoder, Encoder, ResBlock,
+from gaussiantoken_jax.models.encoder_decoder import (AdaptiveGroupNorm, Decoder, Encoder, GroupNorm, ResBlock,
                                                       depth_to_space)
 
 GN_EPS = 1e-6
@@ -186,6 +187,37 @@ def test_depth_to_space_is_dcr_order():
   np.testing.assert_array_equal(np.asarray(depth_to_space(x3, 3)), np_depth_to_space(np.asarray(x3), 3))
 
 
+# The CPU sums per channel then per group, other platforms in one reduction: both are checked here, on the CPU,
+# by making the module see the other platform while it traces.
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_group_norm_matches_numpy_on_both_reductions_and_at_small_variances(monkeypatch, platform):
+  monkeypatch.setattr(xla_options, "platform", lambda: platform)
+  norm = GroupNorm(num_groups=4)
+  # Activations with variance 1e-6, the size of the epsilon (1e-6, the reference's): a wrong epsilon moves the
+  # result by tens of percent, and an offset of 5 standard deviations checks the two-pass variance. float32 keeps
+  # ~1e-6 of the centred values' relative precision here, far inside assert_close's 2e-4.
+  x = 5e-3 + 1e-3 * rand(30, (2, 5, 6, 8))
+  params = perturb(norm.init(jax.random.key(31), x)["params"], seed=32)
+  out = norm.apply({"params": params}, x)
+  p = to_f64(params)
+  assert_close(out, np_group_norm(np.asarray(x, np.float64), 4, p["scale"], p["bias"]))
+
+
+def test_encoder_init_is_pytorchs_default_uniform_over_the_fan_in():
+  """Kernels and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = k * k * in_channels (PyTorch's Conv2d
+  default, what the reference trains from), on the downsampler: 3 x 3 x 32 in."""
+  encoder = Encoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, out_channels=5, num_groups=4)
+  params = jax.jit(encoder.init)(jax.random.key(40), jnp.zeros((1, 8, 8, 3)))["params"]
+  layer = params["down_0_downsample"]
+  bound = 1.0 / np.sqrt(3 * 3 * 32)
+  kernel, bias = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+  assert kernel.shape == (3, 3, 32, 32) and bias.shape == (32,)
+  # 9216 uniform draws: the standard deviation bound / sqrt(3) to ~0.5% (one standard error); 3% is 6 of them.
+  assert np.abs(kernel).max() <= bound and kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.03)
+  # 32 draws: all inside the bound and spread over it (a zero or a wider init fails one of these).
+  assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
+
+
 @pytest.mark.parametrize("in_channels,out_channels", [(8, 16), (8, 8)])
 def test_resblock_matches_numpy(in_channels, out_channels):
   block = ResBlock(out_channels, num_groups=4)
@@ -338,6 +370,12 @@ def test_discriminator_init_distribution(tiny_discriminator):
   scales = np.concatenate([np.asarray(p[f"norm_{i}"]["scale"]) for i in (1, 2, 3)])  # 112 draws
   assert abs(scales.mean() - 1.0) < 0.01 and scales.std() == pytest.approx(0.02, rel=0.3)
   assert all(not np.asarray(p[f"norm_{i}"]["bias"]).any() for i in (1, 2, 3))
+  # taming's weights_init leaves conv biases alone: the first and last convs keep PyTorch's default bias init,
+  # U(+-1/sqrt(fan_in)) over their 4 x 4 x in_channels inputs.
+  for name, fan_in in (("conv_0", 4 * 4 * 3), ("conv_4", 4 * 4 * 64)):
+    bias, bound = np.asarray(p[name]["bias"]), 1.0 / np.sqrt(fan_in)
+    assert 0 < np.abs(bias).max() <= bound, (name, bias, bound)
+  assert np.abs(np.asarray(p["conv_0"]["bias"])).max() > 0.5 * 1.0 / np.sqrt(4 * 4 * 3)  # 8 draws spread over it
   for i in (1, 2, 3):
     stats = variables["batch_stats"][f"norm_{i}"]
     assert (np.asarray(stats["mean"]) == 0).all() and (np.asarray(stats["var"]) == 1).all()

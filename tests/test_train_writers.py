@@ -101,12 +101,17 @@ def test_logged_record_finds_a_scalar_at_its_step_only(tmp_path):
                                                                            "eval_ssim": 0.5}
   assert writers.logged_record(tmp_path, 2, "eval_psnr") is None and writers.logged_record(tmp_path, 3, "loss") is None
   assert writers.logged_record(tmp_path, 4, "eval_psnr") is None
+  # Logged twice at one step (a rerun's pass after an earlier one): the later record is the one that counts.
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write("\n")  # ends the cut line, as a resume's discard_metrics_after would have dropped it
+  writer.write_scalars(3, {"eval_psnr": 21.0})
+  assert writers.logged_record(tmp_path, 3, "eval_psnr")["eval_psnr"] == 21.0
 
 
 def test_progress_reporter_eta(tmp_path):
   writer = writers.JsonlWriter(tmp_path)
   progress = writers.ProgressReporter(total_steps=1000, batch_size=8, writer=writer, first_step=100,
-                                      clock=_FakeClock([50.0, 70.0, 80.0, 80.0]))
+                                      clock=_FakeClock([50.0, 70.0, 80.0, 80.0, 80.0]))
   # 100 -> 150 in 20 s: 2.5 steps/s, 20 images/s, 850 steps left = 340 s.
   first = progress.report(150)
   assert first == pytest.approx({"steps_per_sec": 2.5, "images_per_sec": 20.0, "eta_seconds": 340.0})
@@ -116,13 +121,21 @@ def test_progress_reporter_eta(tmp_path):
   # No time and no step: no speed in this interval; the ETA keeps the average since the start.
   third = progress.report(250)
   assert third["steps_per_sec"] == 0.0 and third["eta_seconds"] == pytest.approx(150.0)
+  # Steps but no time on the clock: an infinite speed, not a zero one.
+  assert progress.report(260)["steps_per_sec"] == math.inf
   lines = _read_jsonl(tmp_path / "metrics.jsonl")
-  assert [line["step"] for line in lines] == [150, 250, 250]
+  assert [line["step"] for line in lines] == [150, 250, 250, 260]
   assert lines[1]["eta_seconds"] == pytest.approx(150.0)
-  with pytest.raises(ValueError, match="previously reported step 250"):
+  with pytest.raises(ValueError, match="previously reported step 260"):
     progress.report(200)
   with pytest.raises(ValueError, match="batch_size"):
     writers.ProgressReporter(total_steps=10, batch_size=0)
+
+
+def test_format_duration_is_hours_minutes_seconds():
+  for seconds, text in ((0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"), (90061, "25:01:01")):
+    assert writers.format_duration(seconds) == text, seconds
+  assert writers.format_duration(math.inf) == "?"
 
 
 def test_progress_of_an_evaluation_counts_batches(caplog):

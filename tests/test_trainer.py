@@ -26,6 +26,7 @@ from PIL import Image
 from skimage import metrics as skimage_metrics
 
 from gaussiantoken_jax import config_lib, data, losses, models, pixels, weights
+from gaussiantoken_jax import restore as restore_lib
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import inception, pictures
 from gaussiantoken_jax.train import checkpointing, sharding, trainer
@@ -95,6 +96,20 @@ def test_end_to_end_training_writes_metrics_pictures_and_checkpoints(run_a):
   step, state = restore(workdir)
   assert step == int(state.step) == TOTAL
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
+
+
+def test_restore_model_takes_the_raw_or_ema_weights_of_the_step_directory_given(run_a):
+  """`restore.restore_model` on one of run A's step directories: that step's raw parameters with use_ema=False
+  (its EMA ones by default, as the tokenizer tests check), and a `step` contradicting the directory is refused."""
+  workdir, _ = run_a
+  step_dir = workdir / "checkpoints" / str(TOTAL - EVERY)
+  _, state = restore(workdir, TOTAL - EVERY)
+  raw = restore_lib.restore_model(step_dir, use_ema=False)
+  assert (raw.step, raw.use_ema) == (TOTAL - EVERY, False)
+  chex.assert_trees_all_equal(jax.device_get(raw.params), state.params)
+  assert restore_lib.locate_checkpoint(step_dir) == (workdir, TOTAL - EVERY)
+  with pytest.raises(ValueError, match=f"`step`={TOTAL} contradicts the step directory"):
+    restore_lib.locate_checkpoint(step_dir, TOTAL)
 
 
 def first_eval_images(config, count):
