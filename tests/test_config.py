@@ -118,11 +118,17 @@ def test_each_config_file_applies_its_variants(name, vq_mult):
   assert both.to_dict() == load_config(name, "baseline=vq,runlocal").to_dict()
   assert (both.model.type, tuple(both.model.encoder_ch_mult), both.model.ch) == ("vq", vq_mult, 16)
   assert (both.total_steps, both.batch_size, both.data.image_size) == (20, 8, 32)
+  # runlocal's docstring: warm-up and GAN from step 5, the discriminator's warm-up too (the files' own warm-ups
+  # are 1 epoch or, in the demo, 50 steps: a forgotten field would keep them).
+  assert both.optimizer.warmup_steps == both.disc_optimizer.warmup_steps == both.loss.gan_start_step == 5
+  # shrink_for_cpu's docstring: 16 eval images, no worker processes, no profile (9 s and 73 MB per CPU run).
+  assert (both.num_eval_images, both.data.num_workers, both.profile_steps) == (16, 0, 0)
 
 
 @pytest.mark.parametrize("arg, match", [
     ("fast", r"Unknown config variant 'fast' in 'fast'"),
     ("baseline=vqvae", r"Unknown baseline 'vqvae'"),
+    ("baseline=VQ", r"Unknown baseline 'VQ'"),  # values are taken as written, not case-folded
     ("baseline", r"write it as 'baseline=VALUE'"),
     ("runlocal=1", r"write it as 'runlocal'"),
 ])
@@ -132,8 +138,65 @@ def test_unknown_or_malformed_variants_are_errors(arg, match, name):
     load_config(name, arg)
 
 
+def test_a_variant_another_file_declares_is_an_error_here():
+  """The demo has no `:paper` (its recipe is its own): asking for it must fail, not train the demo unchanged."""
+  with pytest.raises(ValueError, match=r"Unknown config variant 'paper' in 'runlocal,paper'; expected any of "
+                     r"\('runlocal', 'baseline'\)"):
+    load_config("demo", "runlocal,paper")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's settings (Table 1 and Sec. 4.1), each one variant away from the reference code's.
+
+
+# reference-implementation.md, the numbers per config: section 2.1 (data, K, z, codebook), 2.3 (ch, res blocks,
+# GroupNorm groups, D' = 64), 2.5 (the embedder: 4 heads, 4 points, 3 blocks, 2 + 2 layers, MLPs of 256, dropout
+# 0.1, scale range 0.1 .. 4 annealed to 3), 2.6 (EMA VQ: decay 0.8, eps 1e-5, 10 k-means iterations, dead codes
+# below 2, the rotation trick), 2.7 (PatchGAN ndf 64 with 3 layers; L1 1.0 + LPIPS 1.0, GAN 0.1 fixed from epoch 5,
+# LeCAM 0.05 with EMA decay 0.999, commitment 0.25) and 2.8 (batch 6 GPUs x 64 or 4; timm cosine from 1e-6 over a
+# 1-epoch warm-up; 30 epochs; weight EMA 0.999; no gradient clipping). The deliberate departures of
+# docs/differences.md (centre_feature, grid_anchors, initial_scale, the evaluation crop) are not listed.
+REFERENCE_MODEL = dict(ch=128, num_res_blocks=4, num_groups=32, embed_dim=64, codebook_size=1024)
+REFERENCE_EMBEDDER = dict(num_heads=4, num_points=4, num_blocks=3, num_encoder_layers=2, num_decoder_layers=2,
+                          mlp_dim=256, ffn_dim=256, dropout=0.1, scale_min=0.1, scale_max_init=4.0,
+                          scale_max_final=3.0)
+REFERENCE_QUANTIZER = dict(decay=0.8, eps=1e-5, kmeans_iters=10, dead_code_threshold=2.0, gradient="rotation")
+REFERENCE_LOSS = dict(l1_weight=1.0, lpips_weight=1.0, gan_weight=0.1, gan_start_epochs=5.0, lecam_weight=0.05,
+                      lecam_decay=0.999, commitment_weight=0.25, adaptive_gan_weight=False)
+
+
+@pytest.mark.parametrize("name, data_fields, ch_mult, k_z, batch_size", [
+    ("cifar100", dict(train_split="train", eval_split="test", image_size=32, augment="none"), (1, 2), (64, 3), 384),
+    ("mini_imagenet", dict(source="folder", train_split="train", eval_split="val", image_size=256,
+                           augment="random_resized_crop"), (1, 2, 2, 4), (256, 8), 24),
+    ("imagenet", dict(name="imagenet2012", train_split="train", eval_split="validation", image_size=256,
+                      augment="random_resized_crop"), (1, 2, 2, 4), (256, 8), 24),
+])
+def test_each_reference_config_is_the_reference_recipe(name, data_fields, ch_mult, k_z, batch_size):
+  config = load_config(name)
+  assert {k: config.data[k] for k in data_fields} == data_fields
+  model = config.model
+  assert {k: model[k] for k in REFERENCE_MODEL} == REFERENCE_MODEL
+  assert (tuple(model.encoder_ch_mult), tuple(model.decoder_ch_mult)) == (ch_mult, ch_mult)
+  assert (model.type, model.num_gaussians, model.feature_dim) == ("gaussiantoken", *k_z)
+  assert {k: model.embedder[k] for k in REFERENCE_EMBEDDER} == REFERENCE_EMBEDDER
+  assert model.quantizer.to_dict() == REFERENCE_QUANTIZER
+  assert config.discriminator.to_dict() == dict(ndf=64, n_layers=3)
+  assert {k: config.loss[k] for k in REFERENCE_LOSS} == REFERENCE_LOSS
+  assert (config.batch_size, config.total_epochs, config.ema_decay) == (batch_size, 30.0, 0.999)
+  for opt in (config.optimizer, config.disc_optimizer):  # the schedule, the same for G and D
+    assert (opt.init_learning_rate, opt.warmup_epochs, opt.grad_clip_norm) == (1e-6, 1.0, 0.0)
+  assert config.disc_optimizer.to_dict() == config.optimizer.to_dict()
+  # Section 10: the plain-VQ baseline is GaussianToken's recipe with one more downsampling level (same codebook of
+  # 1024, same losses, optimizers and data); only the model's type and levels differ.
+  vq = load_config(name, "baseline=vq").to_dict()
+  plain = config.to_dict()
+  vq_model, plain_model = vq.pop("model"), plain.pop("model")
+  assert vq == plain
+  changed = {k for k in plain_model if vq_model[k] != plain_model[k]}
+  assert changed <= {"type", "encoder_ch_mult", "decoder_ch_mult", "feature_dim"}, changed
+  assert len(vq_model["encoder_ch_mult"]) == len(ch_mult) + 1
+  assert vq_model["feature_dim"] == (4 if name == "cifar100" else 8)  # Table 1's CIFAR VQGAN row: 4; section 10: 8
 
 
 @pytest.mark.parametrize("name, dataset", [("cifar100", "cifar100"), ("cifar10", "cifar10")])
@@ -148,6 +211,32 @@ def test_cifar_configs_read_their_tfds_dataset_with_the_reference_recipe(name, d
   other = load_config("cifar10" if name == "cifar100" else "cifar100")
   other.data.name = dataset
   assert other.to_dict() == config.to_dict()  # nothing but the dataset differs
+
+
+def reference_encoder_params(ch, ch_mult, num_res_blocks, out_channels):
+  """The encoder of reference-implementation.md section 2.3, counted by hand: conv_in 3x3 without bias; per level
+  `num_res_blocks` ResBlocks (two affine GroupNorms, two 3x3 convs without bias, a 1x1 shortcut without bias when
+  the width changes) and, but for the last level, a strided 3x3 conv with bias; `num_res_blocks` mid ResBlocks;
+  GroupNorm and a 1x1 conv with bias to `out_channels`."""
+  def res_block(c_in, c_out):
+    return 2 * c_in + 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + (c_in * c_out if c_in != c_out else 0)
+  total, width = 9 * 3 * ch, ch
+  for level, mult in enumerate(ch_mult):
+    for _ in range(num_res_blocks):
+      total, width = total + res_block(width, ch * mult), ch * mult
+    if level < len(ch_mult) - 1:
+      total += 9 * width * width + width
+  total += num_res_blocks * res_block(width, width)
+  return total + 2 * width + width * out_channels + out_channels
+
+
+def reference_discriminator_params(ndf, n_layers):
+  """The PatchGAN of section 2.7: 4x4 convs 3 -> ndf (bias), then n_layers convs to ndf * min(2^n, 8) without bias,
+  each with BatchNorm's scale and offset, then to 1 logit (bias)."""
+  total, width = 16 * 3 * ndf + ndf, ndf
+  for n in range(1, n_layers + 1):
+    total, width = total + 16 * width * ndf * min(2 ** n, 8) + 2 * ndf * min(2 ** n, 8), ndf * min(2 ** n, 8)
+  return total + 16 * width + 1
 
 
 def test_cifar_vq_baseline_is_the_papers_vqgan_row_64_tokens_of_dimension_4():
@@ -165,7 +254,14 @@ def test_cifar_vq_baseline_is_the_papers_vqgan_row_64_tokens_of_dimension_4():
   assert vq_summary["params"]["quantizer"] == 1024 * 4
   _, gt_summary = overview.dry_run(load_config("cifar10", "runlocal"))
   assert (gt_summary["tokens"], gt_summary["token_dim"]) == (16, 3)  # runlocal's K = 16
-  for variant in ("baseline=vq", "runlocal"):
+  # Each component counted alone (ch 16, one res block, D' = 32, ndf 8): the discriminator's BatchNorm running
+  # statistics are state, not parameters, and no component's count includes another's.
+  # The formulas at the reference's sizes give its section 8 figures, 10.53M and 2.77M.
+  assert round(reference_encoder_params(128, (1, 2), 4, 64) / 1e6, 2) == 10.53
+  assert round(reference_discriminator_params(64, 3) / 1e6, 2) == 2.77
+  assert gt_summary["params"]["encoder"] == reference_encoder_params(16, (1, 2), 1, 32)
+  assert gt_summary["params"]["discriminator"] == reference_discriminator_params(8, 3)
+  for variant in ("baseline=vq", "runlocal", "paper"):  # the paper's 30 CIFAR epochs in both (Sec. 4.1)
     cifar100 = load_config("cifar100", variant)
     cifar100.data.name = "cifar10"
     assert cifar100.to_dict() == load_config("cifar10", variant).to_dict(), variant

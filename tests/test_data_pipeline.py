@@ -4,6 +4,7 @@ The folder and TFDS images are flat colours that encode their identity (red = 8 
 image can be traced back to its file whatever the crop or resize: that is how shuffling, sharding, resuming
 and the evaluation pass are checked without calling the code under test for the expected values.
 """
+import collections
 import io
 import json
 import logging
@@ -482,6 +483,12 @@ def test_demo_trains_on_eight_or_more_photos_and_holds_out_others():
     assert not any(photo.shape == other.shape and np.array_equal(photo, other) for other in held_out)
   distinct = {photo.tobytes() for photo in photos.values()}
   assert len(distinct) == len(photos)
+  # The module's docstring: nine photos, each as many records (an epoch that leaves one out, or favours one, would
+  # still pass the checks above).
+  counts = collections.Counter(source[i]["key"] for i in range(len(source)))
+  assert counts == {name: demo.CROPS_PER_PHOTO for name in (
+      "astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle_left",
+      "motorcycle_right", "china")}
   eval_keys = {demo.demo_source("test", 32)[i]["key"].split("[")[0] for i in range(3)}
   assert eval_keys <= set(demo.HELD_OUT_PHOTOS)
 
@@ -514,6 +521,35 @@ def test_demo_eval_is_a_fixed_grid_of_held_out_crops():
   coarse_photo = chelsea.reshape(4, 75, 4, 75, 3).mean(axis=(1, 3))
   coarse_crop = images[0].astype(np.float64).reshape(4, 16, 4, 16, 3).mean(axis=(1, 3))
   np.testing.assert_allclose(coarse_crop, coarse_photo, atol=3.0)
+  # A zoom level whose side equals the crop size is kept ("while side >= size"): chelsea's 75 at size 75.
+  assert len(demo.demo_source("test", 75)) == 38 + 49
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_demo_eval_crops_are_distinct_squares_that_tile_each_held_out_photo_at_every_zoom(size):
+  """Each key names its photo and its (top, left, side, side) box: at every zoom level (side = short side, halved
+  while >= size) the boxes must lie inside the photo, be distinct, and together cover every pixel of it."""
+  source = demo.demo_source("test", size)
+  boxes = collections.defaultdict(list)
+  for i in range(len(source)):
+    name, _, box = source[i]["key"].partition("[")
+    top, left, height, width = (int(v) for v in box.rstrip("]").split(","))
+    boxes[name, height].append((top, left, height, width))
+  for name in demo.HELD_OUT_PHOTOS:
+    photo_height, photo_width = _independent_photo(name).shape[:2]
+    side, sides = min(photo_height, photo_width), []
+    while side >= size:
+      sides.append(side)
+      side //= 2
+    assert sorted(side for n, side in boxes if n == name) == sorted(sides), name
+    for side in sides:
+      level = boxes[name, side]
+      assert len(set(level)) == len(level), (name, side)
+      covered = np.zeros((photo_height, photo_width), bool)
+      for top, left, height, width in level:
+        assert height == width == side and 0 <= top <= photo_height - side and 0 <= left <= photo_width - side
+        covered[top:top + side, left:left + side] = True
+      assert covered.all(), (name, side)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +570,18 @@ def test_inspect_reads_a_missing_path_as_a_folder_and_a_versioned_name_as_tfds(t
   for flag, source in ((str(tmp_path / "missing"), "folder"), ("./missing.tar", "folder"), ("cifar10", "tfds"),
                        ("cifar10/3.0.2", "tfds")):
     assert data_inspect.inspect_config(flag, None, 16, 4).data.source == source, flag
+  # --data=demo without --split shows the held-out crops (the flag's help), not the training photos.
+  demo_config = data_inspect.inspect_config("demo", None, 16, 4)
+  assert (demo_config.data.source, demo_config.data.eval_split) == ("demo", "test")
+
+
+def test_inspect_grid_puts_ceil_sqrt_n_images_in_a_row():
+  images = np.stack([np.asarray(_identity_image(identity, 4, 4)) for identity in range(1, 6)])
+  grid = data_inspect.image_grid(images)
+  # 5 images: 3 a row (ceil(sqrt(5))), 2 rows; each 4 px plus a 2-pixel gutter, and a 2-pixel outer border.
+  assert grid.shape == (2 + 2 * 6, 2 + 3 * 6, 3)
+  assert _identities(grid[2:6, 2 + 2 * 6:6 + 2 * 6][None]) == [3]  # row 0, column 2
+  assert _identities(grid[8:12, 2:6][None]) == [4]  # row 1, column 0
 
 
 def test_inspect_command_line_prints_json_last(image_root):

@@ -4,6 +4,7 @@
   codebook of one process with the same 4 devices (4 of the pytest process's 8).
 * The training loop: `python -m gaussiantoken_jax.main` launched as two processes (the variables of
   `launch/multiprocess_local.sh`) trains, checkpoints and exits 0, with metrics from process 0 only.
+* Start-up: the launch variables reach `jax.distributed.initialize` unchanged (recorded, not started).
 
 Two devices per process, not four: CPU collectives run one gloo rank per device, and a step of `:runlocal`
 took 1.85 s over 2 x 4 devices against 0.75 s over 2 x 2 (a scratch timing of this worker's step, 2 CPU cores);
@@ -19,6 +20,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from runs import SHARED_STEPS, load_demo_config, run_processes
 
@@ -100,6 +102,31 @@ def test_two_processes_reach_the_parameters_of_one_process(tmp_path):
   for key in (k for k in one if k.startswith(f"step{NUM_STEPS}['params']") or
               k.startswith(f"step{NUM_STEPS}['disc_params']")):
     np.testing.assert_allclose(two[key], one[key], rtol=1e-3, atol=2 * total_lr, err_msg=key)
+
+
+def test_the_launch_variables_reach_jax_distributed_initialize(monkeypatch):
+  """What `launch/` scripts set must arrive as they are: host:port, process count and index (process 1 of 4, so
+  that swapping the two is seen), once; JAX's own detection for GAUSSIANTOKEN_DISTRIBUTED=auto. Recorded, not
+  started: a real start is the two tests around this one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from gaussiantoken_jax.train import distributed  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+  environ = {distributed.ENV_COORDINATOR: "10.1.2.3:8476", distributed.ENV_NUM_PROCESSES: "4",
+             distributed.ENV_PROCESS_ID: "1"}
+  assert distributed.initialize_from_env(environ) is True
+  assert calls == [((), dict(coordinator_address="10.1.2.3:8476", num_processes=4, process_id=1))]
+  assert distributed.initialize_from_env(environ) is False  # already initialised (a second run in one process)
+  assert len(calls) == 1
+  calls.clear()
+  assert distributed.initialize_from_env({distributed.ENV_AUTO: "auto"}) is True
+  assert calls == [((), {})]
+  calls.clear()
+  for name in environ:  # any two of the three are as incomplete as one
+    with pytest.raises(ValueError, match="Set all of"):
+      distributed.initialize_from_env({k: v for k, v in environ.items() if k != name})
+  assert not calls
 
 
 def test_training_loop_on_two_processes(tmp_path):

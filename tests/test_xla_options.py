@@ -33,9 +33,21 @@ def test_cpu_options_take_convolutions_from_ynnpack_and_leave_it_dots_and_reduct
   assert ynn_fused_opcodes(_compiled_text(lambda a: jnp.tanh(a).sum(axis=0), a, options=options))["reduce"] == 1
 
 
-def test_other_platforms_get_no_options(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_other_platforms_get_no_options(monkeypatch, backend):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   assert xla_options.compiler_options() is None
+
+
+def test_a_cpu_mesh_gets_the_cpu_options_whatever_the_default_backend(monkeypatch):
+  """The mesh's devices decide, not the default backend: the CPU programs of a GPU machine (e.g. a CPU evaluation
+  mesh) still get the CPU options, and a caller that edits the dict it got does not change the next caller's."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  options = xla_options.compiler_options(sharding.make_mesh(dict(data=1, fsdp=1), jax.devices("cpu")[:1]))
+  assert options == xla_options.CPU_OPTIONS
+  options["xla_cpu_experimental_ynn_fusion_type"] = "edited by a caller"
+  monkeypatch.undo()
+  assert xla_options.compiler_options()["xla_cpu_experimental_ynn_fusion_type"].startswith("LIBRARY_FUSION_TYPE")
 
 
 def test_a_refused_option_falls_back_to_the_defaults_with_a_warning(monkeypatch, caplog):
@@ -64,6 +76,10 @@ def test_jit_compiles_with_the_options_at_top_level_and_plainly_inside_a_callers
   assert jnp.array_equal(jax.grad(lambda x: square(x).sum())(x), 2.0 * x)
   with pytest.raises(Exception, match="xla_no_such_option"):
     square(x)
+  # One traced argument among concrete ones, or a traced keyword argument, is still a call inside a trace.
+  multiply, two = xla_options.jit(lambda a, b: a * b), jnp.full(3, 2.0)  # `two` made here: a concrete array
+  assert jnp.array_equal(jax.jit(lambda x: multiply(x, two))(x), 2.0 * x)
+  assert jnp.array_equal(jax.jit(lambda x: multiply(a=two, b=x))(x), 2.0 * x)
 
 
 def test_the_platform_is_the_context_meshs_so_a_cpu_mesh_on_a_gpu_machine_gets_the_cpu_forms(monkeypatch):
