@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -208,6 +209,12 @@ def test_random_resized_crop_augment_is_applied_and_seeded_per_process(tmp_path)
   augmented = next(iter(data.make_eval_loader(config, augment=True)))
   assert augmented["mask"].all()
   assert not any(np.array_equal(image, center) for image in augmented["image"])
+  # ... seeded by config.seed, as training is: the same seed the same crops, another seed others.
+  again = next(iter(data.make_eval_loader(config, augment=True)))["image"]
+  config.seed = 1
+  reseeded = next(iter(data.make_eval_loader(config, augment=True)))["image"]
+  np.testing.assert_array_equal(again, augmented["image"])
+  assert not any(np.array_equal(a, b) for a, b in zip(reseeded, augmented["image"]))
 
 
 def test_each_configs_training_crop_is_its_documented_transform():
@@ -245,6 +252,7 @@ def test_eval_shards_are_disjoint_cover_and_have_equal_length(image_root):
     loader = data.make_eval_loader(config, shard_options=grain.sharding.ShardOptions(index, 3))
     lengths.append(len(list(loader)))
     seen += _eval_identities(loader)
+    assert loader.num_records == NUM_TRAIN  # the whole split (what evaluation counts), not this shard's 7 or 8
   assert lengths == [4, 4, 4]  # ceil(ceil(23 / 3) / 2)
   assert sorted(seen) == list(range(NUM_TRAIN))
 
@@ -302,7 +310,10 @@ def test_bad_files_are_skipped_and_counted_the_rest_load(bad_root, caplog):
   assert len(skipped) == 3
   for name in ("truncated.jpg", "empty.jpg", "text.png"):
     assert sum(name in message for message in skipped) == 1
-  assert all("skipped so far in this process" in message for message in skipped)
+  # The running count of the process: the counter is process-wide (earlier tests' skips count too), so the three
+  # messages carry three consecutive counts, whatever order the reader threads logged them in.
+  counts = sorted(int(re.search(r"; (\d+) skipped so far in this process", message).group(1)) for message in skipped)
+  assert counts == list(range(counts[0], counts[0] + 3)), skipped
 
 
 def test_training_on_a_folder_with_bad_files_keeps_going(bad_root):
@@ -326,12 +337,42 @@ def test_tar_archive_reads_in_place_like_the_folder(image_root, tmp_path):
   assert _eval_identities(data.make_eval_loader(_config(path=str(archive), split_file=str(split_file)))) == [29, 3, 24]
 
 
+def test_listed_files_and_their_bytes_in_a_folder_and_in_a_tar(tmp_path):
+  """Every image extension in any case, files at the top (keys without "./") and in a linked folder; each record's
+  data is the file's bytes exactly, in place from a tar too (an image may well decode with its last byte cut off or
+  a byte of the archive's padding added: only the bytes show a wrong member size). A compressed tar is refused: its
+  members have no offsets in the file."""
+  folder, elsewhere = tmp_path / "folder", tmp_path / "elsewhere"
+  (folder / "sub").mkdir(parents=True)
+  elsewhere.mkdir()
+  files = {"top.PNG": folder / "top.PNG", "sub/b.jpeg": folder / "sub" / "b.jpeg",
+           "sub/c.JPG": folder / "sub" / "c.JPG", "linked/d.bmp": elsewhere / "d.bmp"}
+  for identity, path in enumerate(files.values()):
+    _identity_image(identity, 3, 5 + identity).save(path)
+  (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+  (folder / "notes.txt").write_text("not an image")
+  expected = sorted(files)  # Python's sort of the relative paths: upper case first
+  archive = tmp_path / "folder.tar"
+  with tarfile.open(archive, "w", dereference=True) as tar:  # the linked folder's files stored as files
+    tar.add(folder, arcname=".")
+  for path in (folder, archive):
+    source = data.sources.ImageFolderSource(str(path))
+    assert source.names == expected, path
+    for index, name in enumerate(expected):
+      assert source[index] == {"key": name, "data": files[name].read_bytes()}, (path, name)
+  with tarfile.open(tmp_path / "folder.tar.gz", "w:gz") as tar:
+    tar.add(folder, arcname=".")
+  with pytest.raises(ValueError, match="as an uncompressed tar archive"):
+    data.sources.ImageFolderSource(str(tmp_path / "folder.tar.gz"))
+
+
 def test_split_file_selects_and_orders_files(image_root, tmp_path):
   split_file = tmp_path / "split.csv"
   split_file.write_text("filename,label\ntest/class_2/029.png,x\ntrain/class_0/003.png,y\ntest/class_0/024.png,z\n")
   loader = data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))
   assert _eval_identities(loader) == [29, 3, 24]
-  split_file.write_text("test/class_2/029.png 4\ntrain/class_0/003.png\t5\n")  # "path label" lines
+  # "path label" lines; a commented-out entry is not read (it would be a missing file if it were).
+  split_file.write_text("test/class_2/029.png 4\n#test/class_0/024.png\ntrain/class_0/003.png\t5\n")
   assert _eval_identities(data.make_eval_loader(_config(path=str(image_root), split_file=str(split_file)))) == [29, 3]
   split_file.write_text("train/class_0/003.png\ntrain/class_0/no_such_file.png\n")
   with pytest.raises(ValueError, match="no_such_file.png"):
@@ -361,6 +402,8 @@ def test_a_split_subfolder_is_a_whole_folder_name(tmp_path):
 def test_split_template_in_path(image_root):
   config = _config(path=os.path.join(str(image_root), "{split}"))
   assert sorted(_eval_identities(data.make_eval_loader(config))) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
+  # An explicit split (the evaluate command's --split) wins over config.data.eval_split.
+  assert sorted(_eval_identities(data.make_eval_loader(config, split="train"))) == list(range(NUM_TRAIN))
 
 
 def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
@@ -382,6 +425,9 @@ def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
     ("eval_crop", "five_crop", "config.data.eval_crop"),
     ("image_size", 0, "config.data.image_size"),
     ("num_workers", -1, "config.data.num_workers"),
+    ("prefetch_buffer_size", 0, "config.data.prefetch_buffer_size"),
+    ("eval_batch_size", -1, "config.data.eval_batch_size"),
+    ("seed", -1, "config.seed"),
 ])
 def test_config_errors_name_the_field(image_root, field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -391,6 +437,10 @@ def test_config_errors_name_the_field(image_root, field, value, match):
 def test_global_batch_must_split_over_processes(image_root):
   with pytest.raises(ValueError, match="config.batch_size=4.*divisible.*3"):
     data.make_train_loader(_config(path=str(image_root)), shard_options=grain.sharding.ShardOptions(0, 3))
+  # 7 test images over 8 processes: the last shard would have nothing to repeat.
+  with pytest.raises(ValueError, match="shard 7 of 8 of the training data is empty: fewer records than processes"):
+    data.make_train_loader(_config(path=str(image_root), train_split="test", batch_size=8),
+                           shard_options=grain.sharding.ShardOptions(7, 8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,10 +470,30 @@ class GaussiantokenTestImages(tfds.core.GeneratorBasedBuilder):
       yield identity, {"image": encoded, "label": identity % 2}
 
 
+class GaussiantokenNamedImages(tfds.core.GeneratorBasedBuilder):
+  """2 train PNGs with a `file_name` feature, as imagenet2012's records have."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for identity in (3, 4):
+      buf = io.BytesIO()
+      _identity_image(identity, 5, 6).save(buf, "PNG")
+      yield identity, {"image": buf.getvalue(), "file_name": f"n0{identity}/img_{identity}.JPEG"}
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   GaussiantokenTestImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  GaussiantokenNamedImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   assert "tensorflow" not in sys.modules
   return str(data_dir)
 
@@ -435,6 +505,17 @@ def test_tfds_source_train_and_eval(tfds_dir):
   assert sorted(epoch) == list(range(10))
   seen = _eval_identities(data.make_eval_loader(config))
   assert sorted(seen) == [10, 11, 13, 14]  # Record 12 does not decode: skipped, and its slot is padding.
+
+
+def test_tfds_keys_are_the_records_file_names_where_they_have_one(tfds_dir):
+  """A record's `file_name` names it (in skip logs and in token exports); without one, "name/split[index]"."""
+  source = data.sources.TfdsImageSource("gaussiantoken_named_images", "train", tfds_dir)
+  records = [source[index] for index in range(len(source))]
+  keys = {record["key"]: _identities(transforms.decode_image(record["data"])[None])[0] for record in records}
+  assert keys == {"n03/img_3.JPEG": 3, "n04/img_4.JPEG": 4}
+  unnamed = data.sources.TfdsImageSource("gaussiantoken_test_images", "test", tfds_dir)
+  assert [unnamed[index]["key"] for index in range(len(unnamed))] == [
+      f"gaussiantoken_test_images/test[{index}]" for index in range(5)]
 
 
 def test_train_split_size_counts_the_training_records_of_each_source(tfds_dir, image_root, tmp_path):

@@ -68,8 +68,12 @@ def _assert_interior_close(out, expected, margin):
 
 def test_decode_rgb_png_is_exact():
   rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-  out = transforms.decode_image(_encode(Image.fromarray(rgb)))
+  png = _encode(Image.fromarray(rgb))
+  out = transforms.decode_image(png)
   np.testing.assert_array_equal(out, rgb)
+  # Any bytes-like buffer (a reader may hand over a bytearray or a view of a larger buffer).
+  for data in (bytearray(png), memoryview(b"prefix" + png)[6:]):
+    np.testing.assert_array_equal(transforms.decode_image(data), rgb)
 
 
 def test_decode_grey_palette_rgba_and_16_bit():
@@ -93,6 +97,16 @@ def test_decode_grey_palette_rgba_and_16_bit():
   decoded = transforms.decode_image(_encode(Image.fromarray(wide)))
   expected = np.rint(wide.astype(np.float64) * 255.0 / 65535.0)
   np.testing.assert_array_equal(decoded, np.repeat(expected[:, :, None], 3, axis=2).astype(np.uint8))
+  # CMYK (print JPEGs): flat cyan, magenta and white come out as RGB (0, 255, 255), (255, 0, 255) and white, up to
+  # the JPEG's rounding of a flat colour (a level or two).
+  for cmyk, rgb in (((255, 0, 0, 0), (0, 255, 255)), ((0, 255, 0, 0), (255, 0, 255)), ((0, 0, 0, 0), (255,) * 3)):
+    decoded = transforms.decode_image(_encode(Image.new("CMYK", (8, 8), cmyk), "JPEG", quality=95))
+    assert decoded.shape == (8, 8, 3)
+    np.testing.assert_allclose(decoded.reshape(-1, 3), np.broadcast_to(rgb, (64, 3)), atol=3)
+  # A 16-bit PGM opens in Pillow's 32-bit mode "I", not "I;16": scaled the same way, not clipped at 255.
+  pgm = _encode(Image.fromarray(wide[::16, ::16].copy()), "PPM")
+  assert Image.open(io.BytesIO(pgm)).mode == "I"
+  np.testing.assert_array_equal(transforms.decode_image(pgm)[..., 0], expected[::16, ::16].astype(np.uint8))
 
 
 @pytest.mark.parametrize("orientation,expected_fn", [
@@ -136,6 +150,11 @@ def test_resize_short_side_center_crop_geometry():
   out = transforms.resize_short_side_center_crop(image, 30)
   assert out.shape == (30, 30, 3)
   _assert_interior_close(out, _expected_ramp(image.shape, (0.0, 30.0, 90, 90), 30), margin=2)
+  # An odd margin: the square is central to the half pixel (columns from 30.5); starting it at a whole pixel moves
+  # the ramp by DX / 2 = 0.66 levels.
+  image = _ramp(90, 151)
+  _assert_interior_close(transforms.resize_short_side_center_crop(image, 30),
+                         _expected_ramp(image.shape, (0.0, 30.5, 90, 90), 30), margin=2)
 
 
 def test_resize_box_fractional_box_and_upsampling():
@@ -143,6 +162,16 @@ def test_resize_box_fractional_box_and_upsampling():
   box = (3.5, 10.25, 20.0, 30.0)
   _assert_interior_close(transforms.resize_box(image, box, 12), _expected_ramp(image.shape, box, 12), margin=2)
   _assert_interior_close(transforms.resize_box(image, box, 50), _expected_ramp(image.shape, box, 50), margin=3)
+  # Bilinear, not another filter (bicubic and Lanczos reproduce a ramp too): a row [0, 200] doubled samples it at
+  # -0.25, 0.25, 0.75 and 1.25, weights 3/4 and 1/4 between the two pixels (PIL renormalises the weights of the
+  # pixels inside at the borders), which bicubic puts at 41 and 159 instead of 50 and 150. PIL's fixed-point
+  # arithmetic: within a level.
+  two = np.repeat(np.array([[0, 200]] * 2, np.uint8)[:, :, None], 3, axis=2)
+  doubled = transforms.resize_box(two, (0, 0, 2, 2), 4)
+  np.testing.assert_allclose(doubled[:, :, 0], np.broadcast_to([0, 50, 150, 200], (4, 4)), atol=1)
+  for empty in ((3, 10, 0, 5), (3, 10, 5, -1)):
+    with pytest.raises(ValueError, match="`box` must have positive height and width"):
+      transforms.resize_box(image, empty, 4)
 
 
 def test_center_crop_matches_torchvision_offsets_and_pads_black():
@@ -211,6 +240,44 @@ def test_crop_boxes_reach_every_position_and_keep_their_aspect():
   for _ in range(200):
     _, _, h, w = transforms.sample_resized_crop_box(rng, 300, 400, scale=(0.2, 0.5), ratio=(1.5, 2.0))
     assert 1.5 - 0.02 <= w / h <= 2.0 + 0.02  # 0.02: sides rounded to whole pixels, as above
+
+
+def _torchvision_get_params(rng, height, width, scale, ratio):
+  """torchvision's `RandomResizedCrop.get_params` (torchvision/transforms/transforms.py, 0.15-0.20) as published,
+  its torch draws (`uniform_`, `randint`) taken from `rng` in the same order."""
+  area = height * width
+  log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = np.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(np.sqrt(target_area * aspect_ratio)))
+    h = int(round(np.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      i = int(rng.integers(0, height - h + 1))
+      j = int(rng.integers(0, width - w + 1))
+      return i, j, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", [
+    (300, 400, transforms.RRC_SCALE, transforms.RRC_RATIO),
+    (10, 60, transforms.RRC_SCALE, transforms.RRC_RATIO),  # a strip: 10-25% of the tries fit, the fallback is common
+    (10, 20, (0.75, 0.75), (1.5, 1.5)),  # always a 10 x 15 box: the full height must count as fitting
+])
+def test_sample_resized_crop_box_is_torchvisions_get_params(height, width, scale, ratio):
+  """The same boxes, draw for draw, as torchvision's algorithm: ten tries, sides rounded, boxes that fill a side
+  accepted, then the fallback (the draws continue from where the previous box left the generator)."""
+  ours, reference = np.random.default_rng(14), np.random.default_rng(14)
+  for _ in range(300):
+    assert (transforms.sample_resized_crop_box(ours, height, width, scale, ratio)
+            == _torchvision_get_params(reference, height, width, scale, ratio))
 
 
 def test_sample_resized_crop_box_fallback_is_central_clamped_ratio():

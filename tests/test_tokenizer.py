@@ -188,6 +188,13 @@ def test_uint8_and_the_equivalent_floats_give_the_same_tokens(tokenizer, images)
   np.testing.assert_array_equal(np.asarray(floats.indices), np.asarray(tokens.indices))
   for name in ("means", "rotations", "scales"):
     np.testing.assert_allclose(np.asarray(getattr(floats, name)), np.asarray(getattr(tokens, name)), atol=1e-5)
+  # A batch that does not divide over the 8 devices (12) is encoded as it is, not split: each image's tokens as in
+  # the batch of 8 (the geometry up to another program's rounding, as above).
+  twelve = tokenizer.encode(np.concatenate([images, images[:4]]))
+  assert twelve.indices.shape == (12, tokenizer.num_tokens)
+  for name in ("indices", "means", "rotations", "scales"):
+    np.testing.assert_allclose(np.asarray(getattr(twelve, name)),
+                               np.concatenate([getattr(tokens, name), getattr(tokens, name)[:4]]), atol=1e-5)
 
 
 def test_tokens_save_and_load_bit_exactly(tokenizer, images, tmp_path):
@@ -264,6 +271,7 @@ def _bad_images(images):
       (too_large, r"must lie in \[-1, 1\] .*got values in \[-3, 1.5\]"),
       (jnp.asarray(images, jnp.float32), r"must lie in \[-1, 1\] .*got values in \[\d+, \d+\]"),
       (with_nan, r"`images` contains NaN"),
+      (jnp.asarray(with_nan), r"`images` contains NaN"),  # device arrays are summarised on the device
       (images.tolist(), r"must be an array of shape \[B, 32, 32, 3\], got list"),
   ]
 
@@ -286,6 +294,8 @@ def test_bad_tokens_raise_value_errors_naming_the_problem(tokenizer, images):
       (tokens.replace(indices=negative), rf"must lie in \[0, {size}\).*got values in \[-1, "),
       (tokens.replace(means=np.where(np.arange(k)[None, :, None] == 3, np.nan, tokens.means)),
        r"`tokens.means` must be finite, got 16 NaN or Inf values"),
+      (tokens.replace(rotations=np.where(np.arange(k)[None, :] == 5, -np.inf, tokens.rotations)),
+       r"`tokens.rotations` must be finite, got 8 NaN or Inf values"),  # infinite, not NaN
       (tokens.replace(indices=tokens.indices[:, :-1]), rf"`tokens.indices` must have shape \[B, {k}\] .*got shape "
                                                        rf"\(8, {k - 1}\)"),
       (tokens.replace(indices=tokens.indices.astype(np.float32)), r"must be an integer array, got float32"),
@@ -378,14 +388,15 @@ def test_fitting_arguments_are_checked_before_an_export_writes_anything(workdir,
 def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, images, tmp_path, capsys):
   photos = np.concatenate([images, images[:3, ::-1]])  # 11 images of the trained size (the crop keeps them)
   folder = write_image_folder(tmp_path / "images", photos)
+  (folder / "b" / "zz_broken.jpg").write_bytes(b"")  # unreadable files in the first batch and in the last
   expected_ids = sorted(f"{'b' if i % 2 else 'a'}/img_{i:02d}.png" for i in range(len(photos)))
   order = [int(name[-6:-4]) for name in expected_ids]
 
   whole = tokenize.export(workdir, str(folder), tmp_path / "whole.npz", batch_size=8)
-  assert whole == {"num_images": 11, "num_skipped": 1, "batches_encoded": 2, "batches_reused": 0, "complete": True}
+  assert whole == {"num_images": 11, "num_skipped": 2, "batches_encoded": 2, "batches_reused": 0, "complete": True}
   ids, tokens = tokenize.load_export(tmp_path / "whole.npz")
   assert list(ids) == expected_ids
-  assert list(np.load(tmp_path / "whole.npz")["skipped"]) == ["a/broken.png"]
+  assert list(np.load(tmp_path / "whole.npz")["skipped"]) == ["a/broken.png", "b/zz_broken.jpg"]
   assert not tokenize.parts_dir(tmp_path / "whole.npz").exists()
   direct = tokenizer.encode(photos[order[:8]])  # the first batch as the tokenizer encodes it
   np.testing.assert_array_equal(tokens.indices[:8], np.asarray(direct.indices))
@@ -424,6 +435,8 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
   # Read back batch by batch through grain: in order, every row once.
   batches = list(tokenize.token_dataset(tmp_path / "whole.npz", 4))
   assert [len(batch_ids) for batch_ids, _ in batches] == [4, 4, 3]
+  dropped = tokenize.token_dataset(tmp_path / "whole.npz", 4, drop_remainder=True)
+  assert [list(batch_ids) for batch_ids, _ in dropped] == [expected_ids[:4], expected_ids[4:8]]
   assert [i for batch_ids, _ in batches for i in batch_ids] == expected_ids
   for name in ("indices", "means", "rotations", "scales"):
     np.testing.assert_array_equal(np.concatenate([getattr(t, name) for _, t in batches]), a[name], err_msg=name)
@@ -432,7 +445,7 @@ def test_tokenize_exports_every_image_once_and_resumes(workdir, tokenizer, image
 
   # ArrayRecord: one record per image, the same rows; read back whole or through grain.
   records = tokenize.export(workdir, str(folder), tmp_path / "tokens.array_record", batch_size=8)
-  assert records["num_images"] == 11 and records["num_skipped"] == 1
+  assert records["num_images"] == 11 and records["num_skipped"] == 2
   record_ids, record_tokens = tokenize.load_export(tmp_path / "tokens.array_record")
   assert list(record_ids) == expected_ids
   assert_tokens_equal(record_tokens, Tokens(**{name: a[name] for name in ("indices", "means", "rotations", "scales")}))
@@ -484,6 +497,15 @@ def test_tokenize_a_prepared_tfds_split(workdir, tokenizer, tfds_dir, tmp_path):
   np.testing.assert_array_equal(tokens.indices, np.asarray(direct.indices))
   for name in ("means", "rotations", "scales"):
     np.testing.assert_allclose(getattr(tokens, name), np.asarray(getattr(direct, name)), atol=1e-5, err_msg=name)
+
+  # An interrupted export of one split is not resumed with another of as many records: its parts hold other images.
+  # (The restores are this module's tokenizer: the manifest is what is checked, and each restore costs a second.)
+  args = dict(tfds_data_dir=tfds_dir, batch_size=4)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(GaussianTokenizer, "from_checkpoint", classmethod(lambda cls, *_, **__: tokenizer))
+    tokenize.export(workdir, f"tfds:{TFDS_NAME}", tmp_path / "split.npz", split="test", stop_after_batches=0, **args)
+    with pytest.raises(ValueError, match=r"other arguments \(split: before 'test', now 'train\[:5\]'\)"):
+      tokenize.export(workdir, f"tfds:{TFDS_NAME}", tmp_path / "split.npz", split="train[:5]", **args)
 
   with pytest.raises(FileNotFoundError, match=f"TFDS dataset '{TFDS_NAME}' is not prepared in '{tmp_path}"):
     tokenize.export(workdir, f"tfds:{TFDS_NAME}", tmp_path / "none.npz", tfds_data_dir=str(tmp_path))
