@@ -239,6 +239,24 @@ def test_evaluator_skips_padding_and_stops_at_max_images_across_batches(demo_ini
   for column, index in enumerate(kept[:8]):
     left = column * (128 + 2)
     np.testing.assert_array_equal(grid[:128, left:left + 128], pictures.upscale(images[index:index + 1], 4)[0])
+  # A loader that knows its batch size and length (as data.EvalLoader does) is run no further than max_images
+  # needs: 11 images in batches of 8 are 2 batches, and a third, which would not even fit the model, is never
+  # evaluated; the figures are those of the pass above, whose third batch counted no image.
+  class Loader:
+    batch_size = 8
+
+    def __len__(self):
+      return 3
+
+    def __iter__(self):
+      yield from batches[:2]
+      yield {"image": np.zeros((8, 16, 16, 3), np.uint8), "mask": np.ones(8, bool)}
+
+  again, _ = evaluator.evaluate(state.ema_params, state.model_state, Loader(), max_images=11)
+  assert again == pytest.approx(results, rel=1e-6)
+  # So is `num_batches`: one batch, its 7 unmasked images.
+  first, _ = evaluator.evaluate(state.ema_params, state.model_state, Loader(), num_batches=1)
+  assert first["num_images"] == 7
   # Fewer images than pictures: only those images are shown.
   _, few = evaluator.evaluate(state.ema_params, state.model_state, batches[:1], max_images=3)
   assert few["reconstructions"].shape == (2 * 128 + 2, 3 * 128 + 2 * 2, 3)

@@ -122,6 +122,9 @@ def test_one_step_of_every_config_is_finite_and_updates_everything(name, arg, de
     assert metrics["scale_max"] == float(after.model_state["range_scheduler"]["embedder"]["scale_max"])
   after = jax.device_get(after)
   assert int(after.step) == 1
+  # The state keeps the run's key: step t draws from fold_in(key, t), a function of t alone, so a resumed run
+  # (or a state set to another step, as the tests below do) draws what an uninterrupted one draws at that step.
+  np.testing.assert_array_equal(after.rng, before.rng)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(after))
   # Every trainable leaf of both networks moved (AdamW's decay alone would move the zero-gradient ones).
   for old, new in ((before.params, after.params), (before.disc_params, after.disc_params)):
@@ -434,6 +437,22 @@ def test_weight_ema_moves_towards_the_updated_parameters(demo_second_step):
     assert np.all(error <= bound), (jax.tree_util.keystr(path), float(np.max(error / bound)))
     moved = max(moved, float(np.max((1 - decay) * np.abs(param1 - param0) / bound)))
   assert moved > 100  # an EMA of the old parameters would miss by this many bounds
+
+
+def test_the_optimizer_states_the_step_updated_are_the_ones_it_returns(demo_second_step):
+  """G's and D's optax states after the second step count two updates, and their Adam moments moved: the next
+  step, and a run resumed from a checkpoint, continue from the state this step updated. (A step that returned the
+  state it started from would still train, each update taken as Adam's first at the schedule's first rate, and
+  an uninterrupted and a resumed run would agree; the checks above read the parameters and the metrics only.)"""
+  _, before, after, _ = demo_second_step
+  assert int(before.step) == 1 and int(after.step) == 2
+  for name in ("opt_state", "disc_opt_state"):
+    # Adam's bias-correction count and the schedule's count (optax's own step counters), one per update.
+    counts = optax.tree_utils.tree_get_all_with_path(getattr(after, name), "count")
+    assert len(counts) == 2 and all(int(count) == 2 for _, count in counts), (name, counts)
+    for moment in ("mu", "nu"):
+      old, new = (jax.tree.leaves(optax.tree_utils.tree_get(getattr(state, name), moment)) for state in (before, after))
+      assert any(not np.array_equal(a, b) for a, b in zip(old, new)), (name, moment)
 
 
 def test_trainer_evaluates_the_ema_weights(demo_second_step):

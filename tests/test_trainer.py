@@ -19,6 +19,7 @@ import time
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -104,9 +105,22 @@ def test_restore_model_takes_the_raw_or_ema_weights_of_the_step_directory_given(
   workdir, _ = run_a
   step_dir = workdir / "checkpoints" / str(TOTAL - EVERY)
   _, state = restore(workdir, TOTAL - EVERY)
-  raw = restore_lib.restore_model(step_dir, use_ema=False)
+  # Onto the mesh given (one device here; the tokenizer tests restore onto the run's own 8-device mesh).
+  one_device = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
+  raw = restore_lib.restore_model(step_dir, use_ema=False, mesh=one_device)
   assert (raw.step, raw.use_ema) == (TOTAL - EVERY, False)
   chex.assert_trees_all_equal(jax.device_get(raw.params), state.params)
+  assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in jax.tree.leaves((raw.params, raw.model_state)))
+  # A run whose mesh does not fit the devices here (fsdp=16 on 8) restores with the batch over all of them and the
+  # weights replicated on each: the same values.
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    config = ml_collections.ConfigDict(ckpt.restore_config(TOTAL - EVERY))
+  config.mesh.fsdp = 16
+  ema = restore_lib.restore_model(step_dir, config=config)
+  chex.assert_trees_all_equal(jax.device_get(ema.params), state.ema_params)
+  assert dict(ema.steps.mesh.shape) == {"data": 8, "fsdp": 1}
+  assert all(leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(jax.devices())
+             for leaf in jax.tree.leaves(ema.params))
   assert restore_lib.locate_checkpoint(step_dir) == (workdir, TOTAL - EVERY)
   with pytest.raises(ValueError, match=f"`step`={TOTAL} contradicts the step directory"):
     restore_lib.locate_checkpoint(step_dir, TOTAL)
@@ -249,6 +263,8 @@ def test_in_training_rfid_needs_eval_fid_min_images_and_the_weights(caplog):
   class Loader:
     num_records = 321
   assert trainer.eval_image_count(config, Loader()) == 16  # runlocal: num_eval_images 16
+  config.num_eval_images = 1000  # more than the split has: the split (what decides on rFID is what is evaluated)
+  assert trainer.eval_image_count(config, Loader()) == 321
   config.num_eval_images = 0
   assert trainer.eval_image_count(config, Loader()) == 321
   # The demo (64 images) stays without Inception; the CIFAR defaults (10k test images) compute rFID.
@@ -346,10 +362,25 @@ def test_a_run_stopped_before_its_final_evaluation_resumes_into_it(run_a, tmp_pa
     expected = [r[key] for r in records_a if key in r][-1]
     assert [r["step"] for r in records if key in r][-1] == TOTAL
     assert [r[key] for r in records if key in r][-1] == pytest.approx(expected, rel=1e-5), key
+  assert "Resuming with settings changed" not in caplog.text  # the run's own settings
+  # Restarted with another learning rate (which a resume may change): the change is named, and nothing is done.
+  config.optimizer.learning_rate = 5e-4
   caplog.clear()
   with caplog.at_level(logging.INFO):
     trainer.train_and_evaluate(config, str(tmp_path))
+  assert ("Resuming with settings changed since the checkpoint: optimizer.learning_rate: saved 0.001, now 0.0005.\n"
+          in caplog.text + "\n"), caplog.text  # no word on total_steps, which stayed
   assert f"Nothing to train: the checkpoint in {tmp_path} is at step {TOTAL}" in caplog.text
+  assert read_metrics(tmp_path) == records
+  # A shorter run than the checkpoint's: its new length is named with what it does to the schedules.
+  config.total_steps = TOTAL - 2
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert (f"Resuming with settings changed since the checkpoint: optimizer.learning_rate: saved 0.001, now 0.0005; "
+          f"total_steps: saved {TOTAL}, now {TOTAL - 2}. The learning-rate schedules are those of the new total_steps "
+          "from here on.") in caplog.text, caplog.text
+  assert f"Nothing to train: the checkpoint in {tmp_path} is at step {TOTAL} >= total_steps={TOTAL - 2}" in caplog.text
   assert read_metrics(tmp_path) == records
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     assert ckpt.all_steps() == [4, 6, 8]  # nothing was trained or saved
@@ -369,12 +400,14 @@ def test_a_run_killed_during_an_evaluation_runs_it_on_resume(run_a, tmp_path, ca
       if json.loads(line)["step"] <= 6))
   config = load_demo_config("runlocal")
   config.update(dict(total_steps=TOTAL, checkpoint_every_steps=EVERY, log_every_steps=EVERY, eval_every_steps=6,
-                     eval_fit_geometry_steps=0))
+                     eval_fit_geometry_steps=SHARED_FIT_STEPS))
   with caplog.at_level(logging.INFO):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert "The checkpoint of step 6 has no evaluation in" in caplog.text
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records if "eval_psnr" in r] == [6, TOTAL]
+  # The pass with the geometry fitted is the last evaluation's only, not the one of step 6 (its cost).
+  assert [r["step"] for r in records if "eval_fitted_psnr" in r] == [TOTAL]
   order = [(r["step"], "eval_psnr" in r) for r in records]
   assert order.index((6, True)) < order.index((TOTAL, False))  # evaluated before the steps after it were trained
   expected = [r["eval_psnr"] for r in records_a if "eval_psnr" in r][-1]
@@ -427,7 +460,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   with checkpointing.Checkpointer(tmp_path, read_only=True) as ckpt:
     steps = ckpt.all_steps()
-  assert steps and max(steps) < bad_step, (steps, bad_step)
+  # Checkpoints every step, each step checked before its save: the step named is the first one not saved, the
+  # one right after the newest checkpoint (not the step before it, nor the one after).
+  assert steps and bad_step == max(steps) + 1, (steps, bad_step)
   assert f"the newest checkpoint, step {max(steps)}, is the last good state" in str(error.value)
   _, state = restore(tmp_path)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
