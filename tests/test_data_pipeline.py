@@ -189,7 +189,6 @@ def _ramp_folder(folder, copies: int):
   ramp = np.stack([8 * x, 10 * y, 255 - 8 * x], axis=-1).astype(np.uint8)
   for i in range(copies):
     Image.fromarray(ramp).save(folder / f"{i:02d}.png")
-  return ramp
 
 
 def test_random_resized_crop_augment_is_applied_and_seeded_per_process(tmp_path):
