@@ -48,6 +48,15 @@ def fit_geometry(decode: Callable, means, rotations, scales, target, *, steps: i
 
   Each image's loss is the mean absolute error over its own pixels and the batch's losses are summed, so an
   image's fit does not depend on the batch it is encoded with.
+
+  Adam's first steps move every coordinate by about the learning rate whatever its gradient. On a better-trained
+  model that overshoots: on the demo trained for 2550 steps, plain Adam at 0.02 left every held-out crop worse
+  after 5 steps and 31.12 dB against 31.43 as encoded after 25 (docs/tokenizer.md). So each image's step is
+  checked: a step that raised the image's loss above its best so far is undone (the image goes back to its best
+  point) and the image's later steps are halved. The result is, per image, the lowest-loss point among the start
+  and every step's result, so a fit never leaves an image with a larger loss than it was encoded with. (On the
+  2550-step demo 25 steps then gain 0.7 dB; on the 850-step demo, where Adam rarely overshoots, they give what
+  plain Adam gives to 0.01 dB.)
   """
   check_non_negative_int("fit_geometry", "steps", steps)
   if not 0 < learning_rate < float("inf"):  # NaN fails too
@@ -57,20 +66,41 @@ def fit_geometry(decode: Callable, means, rotations, scales, target, *, steps: i
   low, high = scale_bounds
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
+  def image_losses(geometry):  # [B]
+    return jnp.mean(jnp.abs(decode(*geometry) - target), axis=(1, 2, 3))
+
   def loss(geometry):
-    error = jnp.abs(decode(*geometry) - target)
-    return jnp.sum(jnp.mean(error, axis=(1, 2, 3)))
+    losses = image_losses(geometry)
+    return jnp.sum(losses), losses
+
+  def per_image(values, x):  # [B] -> broadcastable against x [B, ...]
+    return values.reshape(values.shape + (1,) * (x.ndim - 1))
+
+  def keep_lower(losses, geometry, best_losses, best):
+    lower = losses < best_losses  # False for a NaN loss: that image keeps its best so far
+    pick = lambda new, old: jnp.where(per_image(lower, new), new, old)
+    return jnp.where(lower, losses, best_losses), jax.tree.map(pick, geometry, best)
 
   def update(carry, _):
-    geometry, opt_state = carry
-    updates, opt_state = tx.update(jax.grad(loss)(geometry), opt_state)
+    geometry, opt_state, best_losses, best, step_scale = carry
+    (_, losses), grads = jax.value_and_grad(loss, has_aux=True)(geometry)
+    rose = ~(losses <= best_losses)  # NaN counts as a rise
+    step_scale = jnp.where(rose, step_scale * 0.5, step_scale)
+    best_losses, best = keep_lower(losses, geometry, best_losses, best)
+    updates, opt_state = tx.update(grads, opt_state)
+    updates = jax.tree.map(lambda u: u * per_image(step_scale, u), updates)
     means, rotations, scales = optax.apply_updates(geometry, updates)
-    geometry = (jnp.clip(means, -1.0, 1.0), rotations, jnp.clip(scales, low, high))
-    return (geometry, opt_state), None
+    stepped = (jnp.clip(means, -1.0, 1.0), rotations, jnp.clip(scales, low, high))
+    geometry = jax.tree.map(lambda b, g: jnp.where(per_image(rose, g), b, g), best, stepped)
+    return (geometry, opt_state, best_losses, best, step_scale), None
 
   geometry = (means, rotations, scales)
-  (geometry, _), _ = jax.lax.scan(update, (geometry, tx.init(geometry)), None, length=steps, unroll=unroll)
-  return geometry
+  no_loss_yet = jnp.full(means.shape[:1], jnp.inf, jnp.float32)
+  carry = (geometry, tx.init(geometry), no_loss_yet, geometry, jnp.ones(means.shape[:1], jnp.float32))
+  (geometry, _, best_losses, best, _), _ = jax.lax.scan(update, carry, None, length=steps, unroll=unroll)
+  # The last step's result has not been scored yet: one more decode.
+  _, best = keep_lower(image_losses(geometry), geometry, best_losses, best)
+  return best
 
 
 def fit_gaussians(model, variables, gaussians, images, *, steps: int, learning_rate: float = LEARNING_RATE):
