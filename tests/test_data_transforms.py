@@ -342,6 +342,8 @@ def test_to_model_input_maps_uint8_to_unit_interval():
     data.to_model_input(jnp.zeros((1, 2, 2, 3), jnp.float32))
   with pytest.raises(ValueError, match=r"`images`.*\[B, H, W, 3\]"):
     data.to_model_input(jnp.zeros((2, 2, 3), jnp.uint8))
+  with pytest.raises(ValueError, match=r"`images`.*\[B, H, W, 3\], got \(1, 2, 2, 4\)"):  # RGBA: 3 channels only
+    data.to_model_input(jnp.zeros((1, 2, 2, 4), jnp.uint8))
 
 
 def test_to_global_array_shards_the_batch_over_devices():

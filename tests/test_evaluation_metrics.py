@@ -218,6 +218,12 @@ def test_pixel_conversions_against_numpy():
   np.testing.assert_array_equal(pixels.to_uint8(x), [0, 0, 11, 200, 255, 255])
   np.testing.assert_array_equal(np.asarray(pixels.truncate_to_uint8(pixels.to_pixels(jnp.asarray(x)))),
                                 [0, 0, 10, 200, 255, 255])
+  # A bfloat16 model output is scaled in float32: in bfloat16, 200.2 would round to a whole level (its ulp is 1).
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  got = pixels.to_pixels(x16)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.clip((np.asarray(x16, np.float64) + 1.0) * 127.5, 0.0, 255.0),
+                             rtol=0, atol=1e-4)
 
 
 def _subset_kid(a, b, num_subsets, m, seed):

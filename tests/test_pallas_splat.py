@@ -9,14 +9,19 @@ Tolerance: both sides compute in float32; each output or gradient element is a s
 products, so the difference is a few float32 roundings (6e-8) times the sum's length in the worst case and
 its square root typically; 1e-5 of the norm covers these shapes (K <= 130, H * W <= 384) with margin.
 """
+import base64
 import dataclasses
 import functools
+import itertools
+import json
 import re
 import subprocess
 import sys
 
 import jax
 from jax.experimental import pallas as pl
+from jax.extend.mlir import ir as mlir_ir
+from jaxlib.mosaic.python import tpu as mosaic_tpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,6 +162,15 @@ class TestSplatGpu:
     for name, g, want in zip(NAMES, grads, want_grads):
       assert relative_error(g, want) < 1e-5, f"{name}: relative error {relative_error(g, want):.2e}"
 
+  def test_bfloat16_inputs_are_computed_in_float32(self):
+    """The op casts its inputs to float32 before the geometry (its docstring); computed in bfloat16, the centres and
+    1/s (2^-9 relative) would move the weights by percents. The oracle: the XLA path on the same rounded values."""
+    b, k, h, w, c = 1, 9, 5, 4, 3
+    args = [jnp.asarray(a, jnp.bfloat16) for a in random_gaussians(11, b, k, c)]
+    got = pallas_splat.splat(*args, height=h, width=w, cutoff=CUTOFF, backend=self.BACKEND, interpret=self.INTERPRET)
+    want = pallas_splat.splat_xla(*(jnp.asarray(a, jnp.float32) for a in args), height=h, width=w, cutoff=CUTOFF)
+    assert got.dtype == jnp.float32 and relative_error(got, want) < 1e-5
+
   def test_xla_backward_pass_equals_kernel_backward(self):
     _, _, grads = self.run(SHAPES[0], seed=1)
     _, _, want = self.run(SHAPES[0], seed=1, backward_pass_impl="xla")
@@ -210,6 +224,8 @@ def test_the_interpreter_needs_no_triton(monkeypatch):
   got = splat(*args, height=5, width=6, impl="pallas_interpret")
   assert relative_error(got, splat(*args, height=5, width=6, impl="xla")) < 1e-5
   assert splatting._resolve("auto", "gpu") == ("xla", None)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"impl='pallas' needs a GPU with the Pallas Triton lowering"):
+    splatting._resolve("pallas", "gpu")  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("backend, platform, target, blocks", [
@@ -230,6 +246,42 @@ def test_forward_and_backward_lower_without_hardware(backend, platform, target, 
       lowering_platforms=(platform,))
   calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line]
   assert len(calls) == 2 and all(target in line for line in calls), calls  # the forward and the backward kernel
+
+
+def _mosaic_kernels(lowered_text):
+  """The Mosaic modules of a TPU lowering's tpu_custom_calls, as MLIR text."""
+  modules = []
+  for config in re.findall(r'tpu_custom_call.*?backend_config = "(.*?)"', lowered_text):
+    body = base64.b64decode(json.loads(config.replace("\\22", '"'))["custom_call_config"]["body"])
+    with mlir_ir.Context() as context:
+      # The TPU dialect for its attributes; the serialized ops are named "stable_mosaic.*", which no dialect
+      # registers, so they are read in the generic form.
+      mosaic_tpu.register_dialect(context)
+      context.allow_unregistered_dialects = True
+      modules.append(str(mlir_ir.Module.parse(body)))
+  return modules
+
+
+def test_the_tpu_kernels_accumulate_on_one_core_in_float32():
+  """What the interpreter cannot show, read from the lowered Mosaic kernels: the last grid axis, the one each kernel
+  sums over (Gaussian blocks forward, pixel blocks backward), is "arbitrary", so one core owns each output block
+  while it accumulates (one marked "parallel" may be split between a megacore's two cores, each writing back its
+  own partial sums over the other's), and every product is float32 (`contract_precision<fp32>`; a default-precision
+  dot is one bfloat16 pass on the MXU, errors near 1e-3 against the XLA path)."""
+  b, k, h, w, c = 1, 5, 4, 4, 2
+  args = [jnp.zeros(s, jnp.float32) for s in [(b, k, 2), (b, k), (b, k, 2), (b, k, c)]]
+
+  def loss(*a):
+    return jnp.sum(pallas_splat.splat(*a, height=h, width=w, cutoff=CUTOFF, backend="tpu") ** 2)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  kernels = _mosaic_kernels(text)
+  assert len(kernels) == 2  # the forward and the backward
+  semantics = ", ".join(f"#tpu.dimension_semantics<{s}>" for s in ("parallel", "parallel", "arbitrary"))
+  for kernel, num_products in zip(kernels, (1, 2)):
+    assert f"dimension_semantics = [{semantics}]" in kernel
+    products = [line for line in kernel.splitlines() if "tpu.matmul" in line]
+    assert len(products) == num_products and all("precision = #tpu.contract_precision<fp32>" in p for p in products)
 
 
 def test_on_a_batch_split_mesh_each_device_splats_its_own_images():
@@ -290,12 +342,26 @@ def test_bad_options_raise(bad, match):
     pallas_splat.splat(*random_gaussians(0, 1, 2, 1), height=4, width=4, cutoff=CUTOFF, **bad)
 
 
+def test_default_tiles_meet_the_hardware_rules():
+  """`BlockSizes.for_shape` against the rules of its docstring, which the interpreter does not enforce (it runs any
+  tile) and the lowering without hardware does not check: GPU (Triton) tiles are powers of 2 and the products'
+  operands at least 16 wide, so the channels pad to max(16, next power of 2); TPU (Mosaic) blocks are multiples
+  of (8, 128), with the Gaussians and pixels on the 128 lanes and the channels on the 8 sublanes."""
+  for k, p, c in itertools.product([1, 16, 17, 33, 130], [1, 128, 129, 257, 1024], [1, 3, 8, 16, 17, 64]):
+    gpu = pallas_splat.BlockSizes.for_shape(k, p, c, "gpu")
+    assert gpu.block_c == max(16, 2 ** int(np.ceil(np.log2(c)))), (k, p, c)
+    assert min(gpu.block_k, gpu.block_p) >= 16 and not (gpu.scalar_loops or gpu.cull_rows), (k, p, c)
+    tpu = pallas_splat.BlockSizes.for_shape(k, p, c, "tpu")
+    assert tpu.block_k % 128 == tpu.block_p % 128 == tpu.block_c % 8 == 0 and not tpu.cull_rows, (k, p, c)
+
+
 def test_culling_and_scalar_loops_together_or_bad_sizes_are_clear_errors():
   with pytest.raises(ValueError, match=r"cull_rows applies to the tile kernels only.*scalar_loops=True"):
     pallas_splat.BlockSizes(32, 32, 16, scalar_loops=True, cull_rows=True)
   for fields, match in (((0, 32, 16), r"`block_k` must be a positive int, got 0"),
                         ((32, 48, 16), r"`block_p` must be a power of 2 \(Triton's tiles and warps\), got 48"),
-                        ((32, 32, 16.0), r"`block_c` must be a positive int, got 16.0")):
+                        ((32, 32, 16.0), r"`block_c` must be a positive int, got 16.0"),
+                        ((True, 32, 16), r"`block_k` must be a positive int, got True")):
     with pytest.raises(ValueError, match=match):
       pallas_splat.BlockSizes(*fields)
   with pytest.raises(ValueError, match=r"`num_warps` must be a power of 2"):

@@ -75,6 +75,15 @@ def test_cutoff_zeroes_small_weights():
   assert np.any(out == 0) and np.any(out > 0.5)
 
 
+def test_a_zero_cutoff_keeps_every_weight():
+  """cutoff = 0 is allowed (the range is [0, 1)) and then nothing is zeroed: the float64 formula without a cutoff."""
+  args = random_gaussians(7, 1, 3, 2)
+  got = np.asarray(splat(*args, height=6, width=5, cutoff=0.0, impl="xla"))
+  want = splat_np(*[a.astype(np.float64) for a in args], 6, 5, cutoff=0.0)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+  assert np.linalg.norm(splat_np(*[a.astype(np.float64) for a in args], 6, 5) - want) > 1e-3 * np.linalg.norm(want)
+
+
 def _finite_difference_grads(args64, cotangent, h, w, eps=1e-6):
   """Central differences of sum(cotangent * splat_np(...)) for every element of every input."""
   grads = []
@@ -144,9 +153,13 @@ def test_output_dtype_follows_features_and_computes_in_float32():
     (dict(scales=np.zeros((2, 3), np.float32)), r"`scales` must have shape \[B, K, 2\]"),
     (dict(features=np.zeros((1, 3, 4), np.float32)), r"`features` must share the leading"),
     (dict(features=np.zeros((2, 3, 4), np.int32)), r"`features` must be a floating-point array, got dtype int32"),
+    (dict(features=np.zeros((2, 3, 4), np.complex64)), r"`features` must be a floating-point array, got dtype complex"),
+    (dict(scales=np.ones((2, 4, 2), np.float32)), r"`scales` must share the leading \[B, K\] = \[2, 3\]"),
     (dict(height=0), r"`height` must be a positive Python int, got 0"),
+    (dict(height=True), r"`height` must be a positive Python int, got True"),
     (dict(width=4.0), r"`width` must be a positive Python int"),
     (dict(cutoff=1.5), r"`cutoff` must be a float in \[0, 1\)"),
+    (dict(cutoff=1.0), r"`cutoff` must be a float in \[0, 1\)"),  # would keep no weight but a centre's
     (dict(cutoff=True), r"`cutoff` must be a float in \[0, 1\)"),
     (dict(impl="cuda"), r"`impl` must be one of"),
     (dict(means=np.zeros((2, 0, 2), np.float32), rotations=np.zeros((2, 0), np.float32),
