@@ -20,8 +20,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
      "Unknown command line flag 'nonsense'\nPass --helpshort"),
     ("main", ["--config=configs/demo.py:runlocal", "--workdir=W", "--total_steps=4"],
      "Unknown command line flag 'total_steps' (a config field is set as --config.total_steps)"),
-    ("main", ["--config=configs/demo.py:runlocal", "--workdir=W", "--model.codebook_size=4"],
-     "Unknown command line flag 'model.codebook_size' (a config field is set as --config.model.codebook_size)"),
     ("main", ["--config=configs/no_such_config.py:runlocal", "--workdir=W"],
      "--config: no config file at 'configs/no_such_config.py'"),
     ("main", ["--config=configs/demo.py:bogus", "--workdir=W"], "Unknown config variant 'bogus'"),
@@ -33,8 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ("tokenize", ["--workdir=W", "--data=W/photos", "--output=W/t.npz", "--batch_size=0"],
      "--batch_size=0: 0 is not a positive integer"),
     ("evaluate", ["--workdir=W", "--output=W/e.json"], "does not exist"),
-], ids=["no_workdir", "unknown_flag", "config_field_as_flag", "nested_config_field_as_flag", "missing_config_file",
-        "unknown_variant", "misspelt_field", "batch_not_split_evenly",
+], ids=["no_workdir", "unknown_flag", "config_field_as_flag", "missing_config_file", "unknown_variant",
+        "misspelt_field", "batch_not_split_evenly",
         "tokenize_missing_data", "tokenize_zero_batch", "evaluate_missing_run"])
 def test_bad_command_lines_exit_nonzero_with_a_clear_message(command, args, message, tmp_path):
   args = [arg.replace("=W", f"={tmp_path / 'run'}") for arg in args]
