@@ -132,9 +132,10 @@ class GaussianTokenizer:
     self.mesh: Mesh = restored.steps.mesh
     self.variables = {"params": restored.params, **restored.model_state}
     # Also callable inside a caller's jit (xla_options.jit).
-    self._encode = xla_options.jit(sharding.traced_on(self.mesh, self.encode_fn), self.mesh,
+    conv_dtype = self.config.model.conv_dtype
+    self._encode = xla_options.jit(sharding.traced_on(self.mesh, self.encode_fn), self.mesh, conv_dtype,
                                    static_argnames=("fit_geometry_steps", "fit_learning_rate"))
-    self._decode = xla_options.jit(sharding.traced_on(self.mesh, self.decode_fn), self.mesh)
+    self._decode = xla_options.jit(sharding.traced_on(self.mesh, self.decode_fn), self.mesh, conv_dtype)
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, step: int | None = None, use_ema: bool = True,

@@ -13,14 +13,23 @@ wrapped in `jit` below, which compiles with the options when called on concrete 
 a trace. `lpips_distance` on its own keeps XLA's defaults: VGG16 ran as fast either way (118 against 125 ms for 16
 images of 32x32, 526 against 505 ms for 4 of 128x128).
 
+Programs whose convolutions run in bfloat16 or float16 keep YNNPACK's single dots only
+(`LOW_PRECISION_CPU_OPTIONS`). Whatever the options say, XLA:CPU also hands YNNPACK a convolution that sits next to
+a reduction, inside that reduction's fusion (VGG16's max-pool and the two convolutions after it, in float32 too). In
+JAX 0.11 (not 0.10) such a fusion in bfloat16 returns NaN in a varying part of its outputs: LPIPS's distances in
+bfloat16 all came out NaN (tests/test_lpips.py, `test_bfloat16_compute_is_close`; 2026-12-05, JAX 0.11.2 on Python
+3.12), and they are right with YNNPACK's dots alone. Low-precision convolutions gain nothing on a CPU anyway.
+
 The option is experimental in XLA: a JAX whose XLA no longer knows it, or its values, compiles with the defaults
 instead (one tiny probe compile per process decides, and logs a warning).
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -30,6 +39,7 @@ get_abstract_mesh = getattr(jax, "get_abstract_mesh", None) or jax.sharding.get_
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+LOW_PRECISION_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @functools.cache
@@ -45,14 +55,15 @@ def _cpu_options_accepted() -> bool:
   return True
 
 
-def compiler_options(mesh: Mesh | None = None) -> dict | None:
-  """`jax.jit`'s `compiler_options` for programs on `mesh` (None: the default backend): CPU_OPTIONS on the CPU,
-  None elsewhere. Call it after the backend is chosen (`jax.distributed.initialize` first), not at import."""
+def compiler_options(mesh: Mesh | None = None, conv_dtype: Any = jnp.float32) -> dict | None:
+  """`jax.jit`'s `compiler_options` for programs on `mesh` (None: the default backend) whose convolutions compute
+  in `conv_dtype`: on the CPU CPU_OPTIONS, or LOW_PRECISION_CPU_OPTIONS below float32; None elsewhere. Call it
+  after the backend is chosen (`jax.distributed.initialize` first), not at import."""
   if mesh is not None and not isinstance(mesh, Mesh):
     raise ValueError(f"compiler_options: `mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   if platform == "cpu" and _cpu_options_accepted():
-    return dict(CPU_OPTIONS)
+    return dict(CPU_OPTIONS if jnp.dtype(conv_dtype) == jnp.float32 else LOW_PRECISION_CPU_OPTIONS)
   return None
 
 
@@ -72,8 +83,8 @@ def is_traced(tree) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
-def jit(fn, mesh: Mesh | None = None, **jit_kwargs):
-  """`jax.jit(fn, **jit_kwargs)`, compiled with `compiler_options(mesh)` when called on concrete arrays.
+def jit(fn, mesh: Mesh | None = None, conv_dtype: Any = jnp.float32, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)`, compiled with `compiler_options(mesh, conv_dtype)` when called on concrete arrays.
 
   Inside a caller's trace the plain jit runs instead (its program becomes part of the caller's, compiled with the
   caller's options). The options are read at the first top-level call, when the backend is known.
@@ -82,7 +93,7 @@ def jit(fn, mesh: Mesh | None = None, **jit_kwargs):
 
   @functools.cache
   def with_options():
-    return jax.jit(fn, compiler_options=compiler_options(mesh), **jit_kwargs)
+    return jax.jit(fn, compiler_options=compiler_options(mesh, conv_dtype), **jit_kwargs)
 
   @functools.wraps(fn)
   def call(*args, **kwargs):

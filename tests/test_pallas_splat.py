@@ -55,6 +55,24 @@ def random_gaussians(seed, b, k, c):
   return tuple(a.astype(np.float32) for a in (means, rotations, scales, features))
 
 
+# Lowering the Triton kernels for CUDA without a GPU: JAX 0.11 reads the GPU's kind (its compute capability) from
+# the context mesh's devices, and a CPU mesh has none ("No supported GPU devices found"). These tests therefore
+# trace and lower on meshes of abstract H100s, which JAX 0.10 accepts too.
+ABSTRACT_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+
+
+def abstract_gpu_mesh(shape=(1,), axis_names=("batch",)):
+  return jax.sharding.AbstractMesh(shape, axis_names, (jax.sharding.AxisType.Auto,) * len(shape),
+                                   abstract_device=ABSTRACT_GPU)
+
+
+def lower_for_cuda(fn, args, mesh=None):
+  """`jax.jit(fn)` traced on `args` and lowered for CUDA, both with `mesh` (one abstract GPU by default) in context
+  (the lowering reads the GPU's kind from the context of the trace)."""
+  with jax.sharding.use_abstract_mesh(abstract_gpu_mesh() if mesh is None else mesh):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
 def relative_error(got, want):
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
@@ -203,16 +221,23 @@ def test_public_splat_pallas_interpret_keeps_dtype_and_matches_xla():
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
-def test_the_train_step_lowers_for_gpus_with_the_kernel_on_each_devices_images(monkeypatch):
-  """The whole `:runlocal` train step on 8 devices, with the splat dispatched as on a GPU, lowers for CUDA with
+def test_the_train_step_lowers_for_gpus_with_the_kernel_on_each_devices_images():
+  """The whole `:runlocal` train step, traced for a mesh of 8 GPUs (abstract ones, as the steps are traced on a
+  mesh: `sharding.traced_on`), takes the kernel (`impl="auto"` reads the mesh's platform) and lowers for CUDA with
   the forward and backward kernels inside `shard_map` at the local batch (8 images / 8 devices)."""
-  monkeypatch.setattr(splatting, "_resolve", lambda impl, platform: ("pallas", "gpu"))
   config = load_demo_config("runlocal")
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices("cpu")))
+  gpus = abstract_gpu_mesh(tuple(steps.mesh.shape.values()), steps.mesh.axis_names)
+
+  def on_gpus(tree, spec=None):  # the shapes, dtypes and partitioning of `tree`, on the GPU mesh
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.NamedSharding(
+        gpus, leaf.sharding.spec if spec is None else spec)), tree)
+
   dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)  # LPIPS's parameter shapes, with no weights to fetch (offline too)
   lpips_params = jax.eval_shape(lambda: losses.LPIPS().init(jax.random.key(0), dummy, dummy)["params"])
-  text = steps.train_step.trace(steps.abstract_state, steps.abstract_batch(config.batch_size), lpips_params).lower(
-      lowering_platforms=("cuda",)).as_text()
+  args = (on_gpus(steps.abstract_state), on_gpus(steps.abstract_batch(config.batch_size)),
+          on_gpus(lpips_params, jax.sharding.PartitionSpec()))
+  text = lower_for_cuda(functools.partial(step_lib.train_step, steps), args, gpus).as_text()
   assert [int(x) for x in re.findall(r"triton.*?grid_x = (\d+)", text)] == [config.batch_size // 8] * 2
   assert text.count("sdy.manual_computation") == 2
 
@@ -242,8 +267,9 @@ def test_forward_and_backward_lower_without_hardware(backend, platform, target, 
     out = pallas_splat.splat(*a, height=h, width=w, cutoff=CUTOFF, backend=backend, block_sizes=blocks)
     return jnp.sum(out ** 2)
 
-  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
-      lowering_platforms=(platform,))
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+  lowered = (lower_for_cuda(grad, args) if platform == "cuda" else
+             jax.jit(grad).trace(*args).lower(lowering_platforms=(platform,)))
   calls = [line for line in lowered.as_text().splitlines() if "custom_call" in line]
   assert len(calls) == 2 and all(target in line for line in calls), calls  # the forward and the backward kernel
 
@@ -305,17 +331,19 @@ def test_on_a_batch_split_mesh_each_device_splats_its_own_images():
     assert got.sharding.spec == batch_sharding.spec, name
     assert relative_error(got, want) < 1e-5, name
 
-  def triton_grids(fn):
+  gpus = abstract_gpu_mesh(tuple(mesh.shape.values()), mesh.axis_names)  # the same mesh of (abstract) GPUs
+
+  def triton_grids(context_mesh):
     def loss(*a):
       kernel = functools.partial(pallas_splat.splat, height=h, width=w, cutoff=CUTOFF, backend="gpu")
       return jnp.sum(splatting._split_over_context_mesh(kernel, b)(*a) ** 2)  # pylint: disable=protected-access
-    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding) for a in args]
-    text = jax.jit(fn(jax.grad(loss, argnums=(0, 1, 2, 3)))).trace(*abstract).lower(
-        lowering_platforms=("cuda",)).as_text()
+    on_mesh = jax.sharding.NamedSharding(context_mesh, batch_sharding.spec) if context_mesh.size > 1 else None
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh) for a in args]
+    text = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), abstract, context_mesh).as_text()
     return [int(x) for x in re.findall(r"triton.*?grid_x = (\d+)", text)]
 
-  assert triton_grids(functools.partial(sharding.traced_on, mesh)) == [b // mesh.size] * 2  # forward, backward
-  assert triton_grids(lambda fn: fn) == [b] * 2  # no mesh in context: the whole batch on every device
+  assert triton_grids(gpus) == [b // mesh.size] * 2  # forward, backward
+  assert triton_grids(abstract_gpu_mesh()) == [b] * 2  # one device in context: the whole batch
 
 
 @pytest.mark.parametrize("impl, platform, want", [

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from gaussiantoken_jax import losses
+from gaussiantoken_jax import losses, xla_options
 from gaussiantoken_jax.data import to_global_array
 from gaussiantoken_jax.evaluation import evaluator as evaluator_lib
 from gaussiantoken_jax.evaluation import pictures as evaluator_pictures
@@ -285,6 +285,7 @@ def test_bfloat16_convolutions_train_a_step_close_to_float32(demo_first_step):
   config = load_config("demo", "runlocal")
   config.model.conv_dtype = "bfloat16"
   steps = step_lib.make_steps(config, sharding.make_mesh(config.mesh))
+  assert steps.compiler_options == xla_options.LOW_PRECISION_CPU_OPTIONS  # no NaN from XLA:CPU 0.11 (xla_options)
   _, state, metrics = run_step(steps, steps.replicate(losses.load_lpips_params()), steps.init(),
                                random_images(config, 0))
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(state)))

@@ -33,6 +33,27 @@ def test_cpu_options_take_convolutions_from_ynnpack_and_leave_it_dots_and_reduct
   assert ynn_fused_opcodes(_compiled_text(lambda a: jnp.tanh(a).sum(axis=0), a, options=options))["reduce"] == 1
 
 
+def test_low_precision_programs_leave_every_convolution_to_xla():
+  """A max-pool and the two convolutions after it (VGG16's pattern): the CPU options still let YNNPACK take the
+  convolutions into the reduction's fusion (XLA:CPU 0.11 then returned NaN in bfloat16, the module docstring); the
+  options for bfloat16 and float16 convolutions, YNNPACK's dots alone, leave them to XLA."""
+  assert xla_options.compiler_options(conv_dtype="float32") == xla_options.CPU_OPTIONS
+  for dtype in (jnp.bfloat16, "float16"):
+    assert xla_options.compiler_options(conv_dtype=dtype) == xla_options.LOW_PRECISION_CPU_OPTIONS
+
+  def pool_then_two_convs(x, w):
+    h = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    for _ in range(2):
+      h = jax.nn.relu(lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return h
+
+  x, w = jnp.ones((2, 32, 32, 32), jnp.bfloat16), jnp.ones((3, 3, 32, 32), jnp.bfloat16)  # smaller: no fusion
+  assert ynn_fused_opcodes(_compiled_text(pool_then_two_convs, x, w, options=xla_options.CPU_OPTIONS))[
+      "convolution"] == 1
+  assert ynn_fused_opcodes(_compiled_text(pool_then_two_convs, x, w,
+                                          options=xla_options.LOW_PRECISION_CPU_OPTIONS))["convolution"] == 0
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_other_platforms_get_no_options(monkeypatch, backend):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -69,7 +90,7 @@ def test_a_mesh_that_is_not_a_mesh_is_refused():
 def test_jit_compiles_with_the_options_at_top_level_and_plainly_inside_a_callers_trace(monkeypatch):
   """An option XLA refuses makes visible which path ran: a top-level call must fail on it, a call inside a caller's
   jit or grad must not see it (JAX would raise ValueError for compiler_options on a nested jit)."""
-  monkeypatch.setattr(xla_options, "compiler_options", lambda mesh=None: {"xla_no_such_option": "1"})
+  monkeypatch.setattr(xla_options, "compiler_options", lambda mesh=None, conv_dtype=None: {"xla_no_such_option": "1"})
   square = xla_options.jit(lambda x: x * x)
   x = jnp.arange(3.0)
   assert jnp.array_equal(jax.jit(lambda x: square(x) + 1.0)(x), x * x + 1.0)

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from gaussiantoken_jax import data, pixels, xla_options
+from gaussiantoken_jax import data, pixels
 from gaussiantoken_jax.checks import check_non_negative_int, check_positive_int
 from gaussiantoken_jax.evaluation import fid, image_metrics, inception, pictures
 from gaussiantoken_jax.train import sharding
@@ -90,7 +90,7 @@ class Evaluator:
       return outputs
 
     self._batch_outputs = jax.jit(sharding.traced_on(steps.mesh, batch_outputs),
-                                  compiler_options=xla_options.compiler_options(steps.mesh))
+                                  compiler_options=steps.compiler_options)
 
   @property
   def computes_fid(self) -> bool:

@@ -18,7 +18,6 @@ are identical.
 """
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gaussiantoken_jax import weights
+from gaussiantoken_jax import weights, xla_options
 from gaussiantoken_jax.checks import check_nhwc
 from gaussiantoken_jax.models.conv import Conv
 
@@ -113,12 +112,17 @@ def _check_images(x, y) -> None:
         f"lpips_distance: `x` and `y` must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
 def _lpips_apply(params, x, y, dropout_rng, *, dtype):
   module = LPIPS(dtype=dtype)
   if dropout_rng is None:
     return module.apply({"params": params}, x, y)
   return module.apply({"params": params}, x, y, deterministic=False, rngs={"dropout": dropout_rng})
+
+
+# float32 with XLA's defaults (as fast as with the project's CPU options, `xla_options`); in bfloat16 or float16, the
+# CPU needs the low-precision options, without which XLA:CPU 0.11 returns NaN.
+_lpips_jit = jax.jit(_lpips_apply, static_argnames="dtype")
+_lpips_jit_low_precision = xla_options.jit(_lpips_apply, None, jnp.bfloat16, static_argnames="dtype")
 
 
 def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, dtype: Any = jnp.float32,
@@ -135,7 +139,8 @@ def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, dty
   _check_images(x, y)
   if jnp.dtype(dtype) not in _COMPUTE_DTYPES:
     raise ValueError(f"lpips_distance: `dtype` must be one of {[str(d) for d in _COMPUTE_DTYPES]}, got {dtype}.")
-  return _lpips_apply(params, x, y, dropout_rng, dtype=jnp.dtype(dtype).type)
+  apply = _lpips_jit if jnp.dtype(dtype) == jnp.float32 else _lpips_jit_low_precision
+  return apply(params, x, y, dropout_rng, dtype=jnp.dtype(dtype).type)
 
 
 def lpips_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
 DEFAULT_MIN_WEIGHT_SIZE = 2**20
@@ -70,16 +70,21 @@ def _check_mesh(mesh) -> None:
 _use_abstract_mesh = getattr(jax, "use_abstract_mesh", None) or jax.sharding.use_abstract_mesh
 
 
-def traced_on(mesh: Mesh, fn):
+def traced_on(mesh: Mesh | AbstractMesh, fn):
   """`fn`, traced with `mesh` as JAX's context mesh: jit this instead of `fn`.
 
   Ops that split their work over the batch themselves read the context mesh while they are traced: the Pallas
   splat, which XLA's partitioner cannot split (`gaussiantoken_jax.splatting`). The program is otherwise the
-  same: the mesh's axes are Auto, so shardings still come only from the jit's arguments.
+  same: the mesh's axes are Auto, so shardings still come only from the jit's arguments. An `AbstractMesh` of
+  devices this machine lacks (`jax.sharding.AbstractDevice`) traces the program for them, to lower it ahead of
+  time: JAX 0.11's Triton lowering reads the GPU's kind from the context mesh, so a CUDA lowering of the splat
+  kernel on a CPU-only machine needs a mesh of abstract GPUs (tests/test_pallas_splat.py).
   """
+  abstract_mesh = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    with _use_abstract_mesh(mesh.abstract_mesh):
+    with _use_abstract_mesh(abstract_mesh):
       return fn(*args, **kwargs)
   # The jitted program's name (profiles, the compilation cache): that of `fn`, also when it is a partial.
   traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",

@@ -180,6 +180,11 @@ class Steps:
     options = {"xla_backend_optimization_level": 1} if self.mesh.devices.flat[0].platform == "cpu" else None
     return init.compile(compiler_options=options)
 
+  @property
+  def compiler_options(self) -> dict | None:
+    """The compile options of the programs that run the model on the mesh (`xla_options.compiler_options`)."""
+    return xla_options.compiler_options(self.mesh, self.config.model.conv_dtype)
+
   def replicate(self, tree):
     """Puts a host pytree (e.g. the LPIPS parameters) on every device of the mesh."""
     # make_array_from_callback works with several processes too: each fills its own devices from its copy.
@@ -201,7 +206,7 @@ class Steps:
     return jax.jit(sharding.traced_on(self.mesh, functools.partial(train_step, self)),
                    in_shardings=(self.state_shardings, self.batch_sharding, self._replicated),
                    out_shardings=(self.state_shardings, self._replicated), donate_argnums=0,
-                   compiler_options=xla_options.compiler_options(self.mesh))
+                   compiler_options=self.compiler_options)
 
   @functools.cached_property
   def eval_step(self):
@@ -212,7 +217,7 @@ class Steps:
                    out_shardings=EvalOutput(metrics=self._replicated, code_counts=self._replicated,
                                             reconstructions=self.batch_sharding, indices=self.batch_sharding,
                                             gaussians=self.batch_sharding),
-                   compiler_options=xla_options.compiler_options(self.mesh))
+                   compiler_options=self.compiler_options)
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> Steps:
