@@ -87,7 +87,8 @@ def jit(fn, mesh: Mesh | None = None, conv_dtype: Any = jnp.float32, **jit_kwarg
   """`jax.jit(fn, **jit_kwargs)`, compiled with `compiler_options(mesh, conv_dtype)` when called on concrete arrays.
 
   Inside a caller's trace the plain jit runs instead (its program becomes part of the caller's, compiled with the
-  caller's options). The options are read at the first top-level call, when the backend is known.
+  caller's options). The options are read at the first top-level call, when the backend is known. `.lower(...)`
+  lowers the program a top-level call runs (`.compile()` on it applies the options), to inspect it ahead of time.
   """
   plain = jax.jit(fn, **jit_kwargs)
 
@@ -98,5 +99,7 @@ def jit(fn, mesh: Mesh | None = None, conv_dtype: Any = jnp.float32, **jit_kwarg
   @functools.wraps(fn)
   def call(*args, **kwargs):
     return (plain if is_traced((args, kwargs)) else with_options())(*args, **kwargs)
+
+  call.lower = lambda *args, **kwargs: with_options().lower(*args, **kwargs)
 
   return call

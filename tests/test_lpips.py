@@ -21,6 +21,7 @@ from skimage import data as skimage_data
 from gaussiantoken_jax import weights
 from gaussiantoken_jax.losses import lpips
 from gaussiantoken_jax.losses.lpips import load_lpips_params, lpips_distance
+from hlo import ynn_fused_opcodes
 
 EXAMPLES_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/lpips-examples"
 
@@ -137,6 +138,16 @@ def test_bfloat16_compute_is_close(params, property_batch, property_distances):
   np.testing.assert_allclose(low[1:], property_distances[1:], rtol=0.05)
   # ...and the convolutions really ran in bfloat16 (8 significant bits: the distances move by ~1e-3 relative).
   assert np.all(low[1:] != property_distances[1:])
+
+
+def test_bfloat16_leaves_every_convolution_to_xla(params, property_batch):
+  """In bfloat16 no convolution runs in a YNNPACK fusion: XLA:CPU 0.11 returned NaN for the test above from those
+  that its defaults make of VGG16's max-pools and the convolutions after them (xla_options), as in float32 here."""
+  def ynn_convolutions(dtype):
+    lowered = lpips._jitted(dtype).lower(params, *property_batch, None, dtype=dtype)  # pylint: disable=protected-access
+    return ynn_fused_opcodes(lowered.compile().as_text())["convolution"]
+  assert ynn_convolutions(jnp.float32) > 0  # the check sees them
+  assert ynn_convolutions(jnp.bfloat16) == 0
 
 
 def test_dropout_is_unbiased_with_the_variance_of_rate_one_half(params, checkpoint_tree):

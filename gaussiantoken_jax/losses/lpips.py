@@ -125,6 +125,11 @@ _lpips_jit = jax.jit(_lpips_apply, static_argnames="dtype")
 _lpips_jit_low_precision = xla_options.jit(_lpips_apply, None, jnp.bfloat16, static_argnames="dtype")
 
 
+def _jitted(dtype):
+  """The jitted `_lpips_apply` that `lpips_distance` runs for compute dtype `dtype`."""
+  return _lpips_jit if jnp.dtype(dtype) == jnp.float32 else _lpips_jit_low_precision
+
+
 def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, dtype: Any = jnp.float32,
                    dropout_rng: jax.Array | None = None) -> jax.Array:
   """LPIPS-VGG16 distance per image, float32 [B].
@@ -139,8 +144,7 @@ def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *, dty
   _check_images(x, y)
   if jnp.dtype(dtype) not in _COMPUTE_DTYPES:
     raise ValueError(f"lpips_distance: `dtype` must be one of {[str(d) for d in _COMPUTE_DTYPES]}, got {dtype}.")
-  apply = _lpips_jit if jnp.dtype(dtype) == jnp.float32 else _lpips_jit_low_precision
-  return apply(params, x, y, dropout_rng, dtype=jnp.dtype(dtype).type)
+  return _jitted(dtype)(params, x, y, dropout_rng, dtype=jnp.dtype(dtype).type)
 
 
 def lpips_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
