@@ -137,10 +137,16 @@ def test_fitting_the_geometry_lowers_every_images_error_and_is_what_evaluation_m
   assert np.all(l1_fitted < 0.995 * l1_plain), (l1_plain, l1_fitted)
   # Evaluation (`eval_step` and its pictures) reconstructs through train.step.reconstruct: the same fit. A separate
   # program fuses differently and Adam's normalised steps carry such float32 differences into the geometry
-  # (measured 4e-5 on the pixels); fitted and unfitted reconstructions differ by ~0.1.
+  # (measured 4e-5 on the pixels); fitted and unfitted reconstructions differ by ~0.1. Near a tie the difference
+  # can flip one image's keep-or-undo decision of a step, and its fit then ends at another point of nearly the
+  # same loss (JAX 0.12: one image of 8, 0.013 apart on the pixels, its L1 1.2e-5 apart, relative). One step more
+  # or fewer moves every image's L1 by more than 1e-4 (up to 0.5%) and its pixels by 0.075-0.18.
   evaluated = jax.jit(lambda variables, x: step_lib.reconstruct(tokenizer.model, variables, x, steps))(
       tokenizer.variables, x)  # jitted as eval_step jits it (eagerly each small op compiles a program of its own)
-  np.testing.assert_allclose(np.clip(np.asarray(evaluated.reconstruction), -1.0, 1.0), reconstruction, atol=1e-3)
+  evaluated = np.clip(np.asarray(evaluated.reconstruction), -1.0, 1.0)
+  apart = np.abs(evaluated - reconstruction).max(axis=(1, 2, 3))
+  assert np.sum(apart > 1e-3) <= 1, apart
+  np.testing.assert_allclose(np.abs(evaluated - x).mean(axis=(1, 2, 3)), l1_fitted, rtol=1e-4)
   assert np.abs(reconstruction - np.asarray(tokenizer.decode(plain))).max() > 0.05
   with pytest.raises(ValueError, match=r"encode: `fit_geometry_steps` must be a non-negative int, got -1"):
     tokenizer.encode(images, fit_geometry_steps=-1)
