@@ -14,8 +14,9 @@ config's image size (no data is read):
               `--encode_batch_size`;
   matmul      a 2048^3 matmul in float32 (8192^3 in bfloat16 on GPU/TPU: 2048^3 took too little time there
               for one timed call to show the chip's rate, 45 TFLOP/s median on an H200), timed once before
-              every timed step or call (so that on a shared machine it sees the same load as what it is
-              compared with); its median GFLOP/s is the peak every fraction here is taken against;
+              every timed step and `--rounds` times before each series of calls (so that on a shared machine
+              it sees the same load as what it is compared with; `timed_calls` says why not before each
+              call); its median GFLOP/s is the peak every fraction here is taken against;
   parts       (--parts) each part of the step on the step's own intermediate values, forward and
               forward+backward (gradients w.r.t. its parameters and its input; LPIPS w.r.t. the reconstruction
               only, its weights are frozen; the quantizer has no parameters): encoder, embedder, quantizer,
@@ -142,11 +143,17 @@ class MatmulProbe:
 
 
 def timed_calls(fn, *args, rounds: int, probe: MatmulProbe) -> list[float]:
-  """Wall times of `rounds` blocking calls after one warm-up call, each preceded by one matmul sample."""
+  """Wall times of `rounds` back-to-back blocking calls, after `rounds` matmul samples and one warm-up call.
+
+  Not a matmul before each call, as the steps have: a ~300 ms program right after a 2048^3 matmul ran 5-20%
+  slower than after itself (the CIFAR encoder's forward at batch 8, 2 CPU cores; docs/benchmarks.md, "Once more
+  on the AMD EPYC"), while the steps, 2.4 s each, did not slow down.
+  """
+  for _ in range(rounds):
+    probe.sample()
   jax.block_until_ready(fn(*args))
   samples = []
   for _ in range(rounds):
-    probe.sample()
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     samples.append(time.perf_counter() - start)
